@@ -1,0 +1,380 @@
+"""A byte-level automaton that admits exactly the JSON texts a compiled schema allows.
+
+The engine asks it three things per step: does this token's bytes fit (`step` over each
+byte), which bytes are forced from here (`forced`: keys, punctuation, the rest of an enum
+value; they are evaluated as one batch instead of sampled), and how to finish quickly when
+the token budget runs out (`finish_byte`). States are immutable tuples, so trying a
+candidate token never disturbs the current state.
+
+The output form is canonical: `{"key": value, "key2": value}` with one space after `:` and
+`,`, every declared property in declaration order. Numbers are plain decimals without an
+exponent (at most 15 integer and 10 fraction digits), so every number the model writes
+parses back to a finite float or an int of the same value. Strings are valid UTF-8 with no
+raw control characters and no surrogate escapes, so the result always round-trips through
+`json.loads`/`json.dumps`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.schema import LiteralNode, Node, NumberNode, ObjectNode, StringNode
+
+MAX_INT_DIGITS = 15
+MAX_FRAC_DIGITS = 10
+
+_QUOTE, _BACKSLASH, _SPACE = 0x22, 0x5C, 0x20
+_COMMA, _CLOSE_BRACKET, _MINUS, _DOT, _ZERO = 0x2C, 0x5D, 0x2D, 0x2E, 0x30
+_ESCAPABLE = frozenset(b'"\\/bfnrt')
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+@dataclass(frozen=True)
+class Fixed:
+    text: bytes
+
+
+@dataclass(frozen=True)
+class Str:
+    min_length: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class Num:
+    integer: bool
+
+
+@dataclass(frozen=True)
+class Lit:
+    texts: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Arr:
+    items: tuple[Segment, ...]
+    min_items: int
+    max_items: int
+
+
+Segment = Fixed | Str | Num | Lit | Arr
+# A frame is (segments, index of the current segment, that segment's sub-state).
+Frame = tuple[tuple[Segment, ...], int, Any]
+State = tuple[Frame, ...]
+
+
+def compile_segments(node: Node) -> tuple[Segment, ...]:
+    """Flatten a schema node into fixed text and value segments."""
+    out: list[Segment] = []
+    _emit(node, out)
+    merged: list[Segment] = []
+    for seg in out:
+        if isinstance(seg, Fixed) and merged and isinstance(merged[-1], Fixed):
+            merged[-1] = Fixed(merged[-1].text + seg.text)
+        else:
+            merged.append(seg)
+    return tuple(merged)
+
+
+def _emit(node: Node, out: list[Segment]) -> None:
+    if isinstance(node, ObjectNode):
+        out.append(Fixed(b"{"))
+        for i, (key, sub) in enumerate(node.properties):
+            sep = b", " if i else b""
+            out.append(Fixed(sep + json.dumps(key, ensure_ascii=False).encode() + b": "))
+            _emit(sub, out)
+        out.append(Fixed(b"}"))
+    elif isinstance(node, StringNode):
+        out.extend((Fixed(b'"'), Str(node.min_length, node.max_length), Fixed(b'"')))
+    elif isinstance(node, NumberNode):
+        out.append(Num(node.integer))
+    elif isinstance(node, LiteralNode):
+        out.append(Lit(tuple(t.encode() for t in node.texts)))
+    else:
+        out.append(Fixed(b"["))
+        out.append(Arr(compile_segments(node.items), node.min_items, node.max_items))
+
+
+def _initial_sub(seg: Segment) -> Any:
+    if isinstance(seg, Fixed):
+        return 0
+    if isinstance(seg, Str):
+        return (0, 0, 0)  # (characters so far, mode, aux)
+    if isinstance(seg, Num):
+        return ("start", 0, 0)  # (state, integer digits, fraction digits)
+    if isinstance(seg, Lit):
+        return (tuple(range(len(seg.texts))), 0)  # (alternatives still alive, bytes matched)
+    return ("first", 0)  # (phase, items so far)
+
+
+class JsonConstraint:
+    """The automaton for one schema; cheap to keep per schema shape."""
+
+    def __init__(self, node: ObjectNode) -> None:
+        self.segments = compile_segments(node)
+
+    def initial(self) -> State:
+        return ((self.segments, 0, _initial_sub(self.segments[0])),)
+
+    def step(self, state: State, byte: int) -> State | None:
+        """The state after `byte`, or None when the schema does not allow it here."""
+        while state:
+            segs, idx, sub = state[-1]
+            seg = segs[idx]
+            if isinstance(seg, Arr):
+                fed = self._feed_array(state, seg, sub, byte)
+                if fed is not None:
+                    return fed
+            else:
+                new_sub = _feed(seg, sub, byte)
+                if new_sub is not None:
+                    return (*state[:-1], (segs, idx, new_sub))
+            if not _can_end(seg, sub):
+                return None
+            state = _advance(state)
+        return None
+
+    def feed(self, state: State, data: bytes) -> State | None:
+        for byte in data:
+            next_state = self.step(state, byte)
+            if next_state is None:
+                return None
+            state = next_state
+        return state
+
+    def is_complete(self, state: State) -> bool:
+        while state:
+            segs, idx, sub = state[-1]
+            if not _can_end(segs[idx], sub):
+                return False
+            state = _advance(state)
+        return True
+
+    def forced(self, state: State, limit: int = 512) -> tuple[bytes, State]:
+        """The bytes the schema forces from `state` on, and the state after them."""
+        out = bytearray()
+        while len(out) < limit:
+            byte = self.only_next(state)
+            if byte is None:
+                break
+            next_state = self.step(state, byte)
+            if next_state is None:  # pragma: no cover - only_next promised this byte fits
+                break
+            out.append(byte)
+            state = next_state
+        return bytes(out), state
+
+    def only_next(self, state: State) -> int | None:
+        """The one byte allowed next, or None when there is a choice (or nothing is left)."""
+        while state:
+            segs, idx, sub = state[-1]
+            seg = segs[idx]
+            if isinstance(seg, Fixed):
+                if sub < len(seg.text):
+                    return seg.text[sub]
+            elif isinstance(seg, Lit):
+                alive, pos = sub
+                longer = [seg.texts[i][pos] for i in alive if len(seg.texts[i]) > pos]
+                ended = any(len(seg.texts[i]) == pos for i in alive)
+                if longer and not ended and len(set(longer)) == 1:
+                    return int(longer[0])
+                if longer:
+                    return None
+            elif isinstance(seg, Str | Num):
+                if not _must_end(seg, sub):
+                    return None
+            else:
+                phase, count = sub
+                if phase == "sep":
+                    return _SPACE
+                if phase == "after":
+                    if count >= seg.max_items:
+                        return _CLOSE_BRACKET
+                    return _COMMA if count < seg.min_items else None
+                if phase == "first" and seg.max_items == 0:
+                    return _CLOSE_BRACKET
+                if phase == "item" or (phase == "first" and seg.min_items > 0):
+                    return self.only_next(_push_item(state, seg))
+                if phase == "first":
+                    return None
+            state = _advance(state)
+        return None
+
+    def finish_byte(self, state: State) -> int | None:
+        """A byte that moves toward the shortest complete document (None when complete)."""
+        byte = self.only_next(state)
+        if byte is not None:
+            return byte
+        while state:
+            segs, idx, sub = state[-1]
+            seg = segs[idx]
+            if isinstance(seg, Fixed) and sub < len(seg.text):
+                return seg.text[sub]
+            if isinstance(seg, Str):
+                length, mode, aux = sub
+                if mode == 1:
+                    return ord("n")
+                if mode == 2:
+                    return _ZERO
+                if mode == 3:
+                    return int(aux[1])  # the lowest continuation byte allowed
+                if length < seg.min_length:
+                    return ord("x")
+            elif isinstance(seg, Num):
+                if sub[0] in ("start", "minus", "dot"):
+                    return _ZERO
+            elif isinstance(seg, Lit):
+                alive, pos = sub
+                shortest = min((seg.texts[i] for i in alive), key=len)
+                if len(shortest) > pos:
+                    return int(shortest[pos])
+            elif isinstance(seg, Arr):
+                phase, count = sub
+                if phase in ("first", "after"):
+                    if count >= seg.min_items:
+                        return _CLOSE_BRACKET
+                    if phase == "after":
+                        return _COMMA
+                if phase in ("first", "item"):
+                    return self.finish_byte(_push_item(state, seg))
+            if not _can_end(seg, sub):  # pragma: no cover - every case above returns
+                return None
+            state = _advance(state)
+        return None
+
+    def _feed_array(self, state: State, seg: Arr, sub: Any, byte: int) -> State | None:
+        phase, count = sub
+        segs, idx, _ = state[-1]
+        if phase in ("first", "after") and byte == _CLOSE_BRACKET and count >= seg.min_items:
+            return (*state[:-1], (segs, idx, ("closed", count)))
+        if phase == "after" and byte == _COMMA and count < seg.max_items:
+            return (*state[:-1], (segs, idx, ("sep", count)))
+        if phase == "sep" and byte == _SPACE:
+            return (*state[:-1], (segs, idx, ("item", count)))
+        if phase == "item" or (phase == "first" and seg.max_items > 0):
+            return self.step(_push_item(state, seg), byte)
+        return None
+
+
+def _push_item(state: State, seg: Arr) -> State:
+    segs, idx, (_, count) = state[-1]
+    return (*state[:-1], (segs, idx, ("in", count)), (seg.items, 0, _initial_sub(seg.items[0])))
+
+
+def _advance(state: State) -> State:
+    """Move past the current segment (which can end), popping finished frames."""
+    segs, idx, _ = state[-1]
+    if idx + 1 < len(segs):
+        return (*state[:-1], (segs, idx + 1, _initial_sub(segs[idx + 1])))
+    state = state[:-1]
+    if not state:
+        return state
+    # The finished frame was an array item: the array now expects `,` or `]`.
+    psegs, pidx, (_, count) = state[-1]
+    return (*state[:-1], (psegs, pidx, ("after", count + 1)))
+
+
+def _can_end(seg: Segment, sub: Any) -> bool:
+    if isinstance(seg, Fixed):
+        return bool(sub == len(seg.text))
+    if isinstance(seg, Str):
+        length, mode, _ = sub
+        return bool(mode == 0 and length >= seg.min_length)
+    if isinstance(seg, Num):
+        return bool(sub[0] in ("zero", "int", "frac"))
+    if isinstance(seg, Lit):
+        alive, pos = sub
+        return any(len(seg.texts[i]) == pos for i in alive)
+    return bool(sub[0] == "closed")
+
+
+def _must_end(seg: Str | Num, sub: Any) -> bool:
+    if isinstance(seg, Str):
+        length, mode, _ = sub
+        return bool(mode == 0 and length >= seg.max_length)
+    state, int_digits, frac_digits = sub
+    if seg.integer:
+        return bool(state == "zero" or (state == "int" and int_digits >= MAX_INT_DIGITS))
+    return bool(state == "frac" and frac_digits >= MAX_FRAC_DIGITS)
+
+
+def _feed(seg: Segment, sub: Any, byte: int) -> Any:
+    if isinstance(seg, Fixed):
+        return sub + 1 if sub < len(seg.text) and seg.text[sub] == byte else None
+    if isinstance(seg, Str):
+        return _feed_string(seg, sub, byte)
+    if isinstance(seg, Num):
+        return _feed_number(seg, sub, byte)
+    if isinstance(seg, Lit):
+        alive, pos = sub
+        still = tuple(i for i in alive if len(seg.texts[i]) > pos and seg.texts[i][pos] == byte)
+        return (still, pos + 1) if still else None
+    return None  # pragma: no cover - arrays are fed by JsonConstraint._feed_array
+
+
+def _feed_string(seg: Str, sub: Any, byte: int) -> Any:
+    length, mode, aux = sub
+    if mode == 0:
+        if byte == _QUOTE or byte < 0x20 or byte == 0x7F or length >= seg.max_length:
+            return None
+        if byte == _BACKSLASH:
+            return (length, 1, 0)
+        if byte < 0x80:
+            return (length + 1, 0, 0)
+        return _utf8_lead(length, byte)
+    if mode == 1:  # after a backslash
+        if byte in _ESCAPABLE:
+            return (length + 1, 0, 0)
+        return (length, 2, (0, False)) if byte == ord("u") else None
+    if mode == 2:  # inside \u: `aux` is (hex digits so far, first digit was D)
+        count, first_d = aux
+        if byte not in _HEX:
+            return None
+        if count == 1 and first_d and byte not in b"01234567":
+            return None  # D800-DFFF would be a lone surrogate, which UTF-8 cannot carry
+        if count == 3:
+            return (length + 1, 0, 0)
+        return (length, 2, (count + 1, first_d or (count == 0 and byte in b"dD")))
+    remaining, lo, hi = aux  # mode 3: inside a multi-byte UTF-8 character
+    if not lo <= byte <= hi:
+        return None
+    if remaining == 1:
+        return (length + 1, 0, 0)
+    return (length, 3, (remaining - 1, 0x80, 0xBF))
+
+
+def _utf8_lead(length: int, byte: int) -> Any:
+    # RFC 3629 well-formed sequences, so decoding never needs a replacement character.
+    if 0xC2 <= byte <= 0xDF:
+        return (length, 3, (1, 0x80, 0xBF))
+    if byte == 0xE0:
+        return (length, 3, (2, 0xA0, 0xBF))
+    if byte == 0xED:
+        return (length, 3, (2, 0x80, 0x9F))
+    if 0xE1 <= byte <= 0xEF:
+        return (length, 3, (2, 0x80, 0xBF))
+    if byte == 0xF0:
+        return (length, 3, (3, 0x90, 0xBF))
+    if 0xF1 <= byte <= 0xF3:
+        return (length, 3, (3, 0x80, 0xBF))
+    if byte == 0xF4:
+        return (length, 3, (3, 0x80, 0x8F))
+    return None
+
+
+def _feed_number(seg: Num, sub: Any, byte: int) -> Any:
+    state, int_digits, frac_digits = sub
+    digit = 0x30 <= byte <= 0x39
+    if state == "start" and byte == _MINUS:
+        return ("minus", 0, 0)
+    if state in ("start", "minus") and digit:
+        return ("zero", 1, 0) if byte == _ZERO else ("int", 1, 0)
+    if state == "int" and digit and int_digits < MAX_INT_DIGITS:
+        return ("int", int_digits + 1, 0)
+    if state in ("zero", "int") and byte == _DOT and not seg.integer:
+        return ("dot", int_digits, 0)
+    if state in ("dot", "frac") and digit and frac_digits < MAX_FRAC_DIGITS:
+        return ("frac", int_digits, frac_digits + 1)
+    return None

@@ -1,0 +1,482 @@
+"""Wire contract v1: topics, job and reply messages (docs/protocol.md is the reference).
+
+Pure: bytes and dicts in, typed values or `JobError` out. The MQTT adapter hands over the
+payload with whatever MQTT 5 properties came with it (`Delivery`); everything else is
+decided here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.errors import Code, JobError
+from edge_agent.prompt import Example, canonical_json
+from edge_agent.schema import ObjectNode, SchemaLimits, compile_schema
+
+WIRE_VERSION = 1
+KINDS = ("classify", "extract")
+Kind = Literal["classify", "extract"]
+CONTENT_TYPE = "application/json"
+MAX_ID_CHARS = 128
+MAX_TOPIC_BYTES = 1024
+
+
+class Status(StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    # progress messages, only for jobs that ask for them
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic the agent uses, built in one place."""
+
+    prefix: str
+    device_id: str
+    share_group: str
+
+    def fleet_jobs(self, kind: str) -> str:
+        return f"{self.prefix}/jobs/{kind}"
+
+    def shared_fleet_jobs(self, kind: str) -> str:
+        return f"$share/{self.share_group}/{self.prefix}/jobs/{kind}"
+
+    def device_jobs(self, kind: str) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/jobs/{kind}"
+
+    def results(self) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/results"
+
+    def status(self) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/status"
+
+    def telemetry(self) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/telemetry"
+
+    def info(self) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/info"
+
+    def fleet_cancel(self) -> str:
+        return f"{self.prefix}/jobs/cancel"
+
+    def device_cancel(self) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/cancel"
+
+    def fleet_rebirth(self) -> str:
+        return f"{self.prefix}/cmd/rebirth"
+
+    def device_rebirth(self) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/cmd/rebirth"
+
+    def all_devices(self, leaf: str) -> str:
+        """Wildcard over every device's `leaf` topic (for the fleet view)."""
+        return f"{self.prefix}/devices/+/{leaf}"
+
+    def kind_of(self, topic: str) -> str | None:
+        """The job kind a job topic names (fleet or device form), else None."""
+        levels = topic.split("/")
+        if levels[:2] == [self.prefix, "jobs"] and len(levels) == 3:
+            return levels[2]
+        if (
+            len(levels) == 5
+            and levels[:2] == [self.prefix, "devices"]
+            and levels[2] == self.device_id
+            and levels[3] == "jobs"
+        ):
+            return levels[4]
+        return None
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    max_payload_bytes: int = 65536
+    max_text_chars: int = 4000
+    max_labels: int = 32
+    max_label_chars: int = 64
+    max_instructions_chars: int = 4000
+    max_examples: int = 16
+    schema: SchemaLimits = field(default_factory=SchemaLimits)
+    reply_topic_prefixes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job message as it came off the broker."""
+
+    topic: str
+    payload: bytes
+    received_at: float  # time.time() when the agent got it
+    response_topic: str | None = None  # MQTT 5 Response Topic
+    correlation_data: bytes | None = None  # MQTT 5 Correlation Data
+    expiry_s: int | None = None  # MQTT 5 Message Expiry Interval (remaining, as forwarded)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=False)
+
+
+class ExampleIn(_Wire):
+    text: str = Field(min_length=1)
+    answer: str | dict[str, Any]
+
+
+class JobIn(_Wire):
+    """A job as sent. Unknown fields are ignored (and listed in the reply's `ignored`)."""
+
+    v: int = 1
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    kind: Kind | None = None
+    text: str
+    labels: list[str] | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    reply_to: str | None = None
+    correlation_id: str | None = Field(None, max_length=256)
+    priority: int = Field(5, ge=0, le=9)
+    deadline: datetime | None = None
+    ttl_ms: int | None = Field(None, ge=1, le=7 * 24 * 3600 * 1000)
+    progress: bool = False
+    instructions: str | None = None
+    examples: list[ExampleIn] | None = None
+    profile: str | None = Field(None, max_length=64)
+
+
+@dataclass(frozen=True)
+class ReplyRoute:
+    """Where and how a job's reply goes; known even for jobs that fail to parse."""
+
+    topic: str
+    correlation_data: bytes | None = None
+    correlation_id: str | None = None
+    job_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job, ready for the queue."""
+
+    id: str
+    kind: Kind
+    text: str
+    route: ReplyRoute
+    priority: int
+    received_at: float
+    deadline: float | None  # time.time() after which the job is answered `expired`
+    progress: bool
+    labels: tuple[str, ...] = ()
+    schema: dict[str, Any] | None = None
+    node: ObjectNode | None = None
+    instructions: str | None = None
+    examples: tuple[Example, ...] = ()
+    profile: str | None = None
+    ignored: tuple[str, ...] = ()
+
+
+def parse_job(delivery: Delivery, topics: Topics, limits: JobLimits) -> Job:
+    """Validate one job message; raises JobError with the code to reply with."""
+    topic_kind = topics.kind_of(delivery.topic)
+    data = decode_payload(delivery.payload, limits)
+    route = reply_route(delivery, data, topics, limits)
+    if route.topic == topics.results() and _asked_reply_to(delivery, data):
+        raise JobError(Code.INVALID_REPLY_TO, _reply_to_problem(delivery, data, limits))
+    version = data.get("v", WIRE_VERSION)
+    if version != WIRE_VERSION:
+        raise JobError(Code.UNSUPPORTED_VERSION, f"v: this agent speaks version {WIRE_VERSION}")
+    try:
+        raw = JobIn.model_validate(data)
+    except ValidationError as exc:
+        raise _job_error(exc) from None
+    kind = raw.kind or topic_kind
+    if kind not in KINDS:
+        raise JobError(Code.UNKNOWN_KIND, f"kind: must be one of {', '.join(KINDS)}")
+    if topic_kind is not None and raw.kind is not None and raw.kind != topic_kind:
+        raise JobError(
+            Code.INVALID_FIELD, f"kind: {raw.kind!r} sent on the {topic_kind!r} job topic"
+        )
+    if len(raw.text) > limits.max_text_chars:
+        raise JobError(
+            Code.TEXT_TOO_LONG,
+            f"text: {len(raw.text)} characters, the limit is {limits.max_text_chars}",
+        )
+    if not raw.text.strip():
+        raise JobError(Code.INVALID_FIELD, "text: must not be empty")
+    if raw.instructions is not None and len(raw.instructions) > limits.max_instructions_chars:
+        raise JobError(
+            Code.INVALID_FIELD,
+            f"instructions: longer than {limits.max_instructions_chars} characters",
+        )
+    examples = raw.examples or []
+    if len(examples) > limits.max_examples:
+        raise JobError(Code.INVALID_FIELD, f"examples: more than {limits.max_examples}")
+    deadline = _deadline(raw, delivery)
+    ignored = tuple(sorted(set(data) - set(JobIn.model_fields) - {"schema"}))
+    common: dict[str, Any] = {
+        "id": raw.id,
+        "kind": kind,
+        "text": raw.text,
+        "route": route,
+        "priority": raw.priority,
+        "received_at": delivery.received_at,
+        "deadline": deadline,
+        "progress": raw.progress,
+        "instructions": raw.instructions,
+        "profile": raw.profile,
+        "ignored": ignored,
+    }
+    if kind == "classify":
+        labels = _labels(raw.labels, limits)
+        shots = tuple(_classify_example(e, labels) for e in examples)
+        return Job(labels=labels, examples=shots, **common)
+    if raw.schema_ is None:
+        raise JobError(Code.MISSING_FIELD, "schema: an extract job needs a JSON Schema")
+    node = compile_schema(raw.schema_, limits.schema)
+    shots = tuple(_extract_example(e) for e in examples)
+    return Job(schema=raw.schema_, node=node, examples=shots, **common)
+
+
+def decode_payload(payload: bytes, limits: JobLimits) -> dict[str, Any]:
+    if len(payload) > limits.max_payload_bytes:
+        raise JobError(
+            Code.PAYLOAD_TOO_LARGE,
+            f"payload is {len(payload)} bytes, the limit is {limits.max_payload_bytes}",
+        )
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobError(Code.BAD_ENCODING, f"payload is not UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise JobError(Code.BAD_JSON, "payload nests too deeply") from None
+    except ValueError as exc:
+        raise JobError(Code.BAD_JSON, f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise JobError(Code.NOT_AN_OBJECT, "payload must be a JSON object")
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def reply_route(
+    delivery: Delivery, data: Mapping[str, Any] | None, topics: Topics, limits: JobLimits
+) -> ReplyRoute:
+    """Where to answer, from MQTT 5 properties, else the payload, else the results topic."""
+    payload = data or {}
+    job_id = payload.get("id")
+    corr_id = payload.get("correlation_id")
+    route_id = job_id if isinstance(job_id, str) and 0 < len(job_id) <= MAX_ID_CHARS else None
+    corr = corr_id if isinstance(corr_id, str) and len(corr_id) <= 256 else None
+    wanted = delivery.response_topic
+    if wanted is None and isinstance(payload.get("reply_to"), str):
+        wanted = payload["reply_to"]
+    topic = wanted if wanted is not None and valid_reply_topic(wanted, limits) else None
+    return ReplyRoute(
+        topic=topic or topics.results(),
+        correlation_data=delivery.correlation_data,
+        correlation_id=corr,
+        job_id=route_id,
+    )
+
+
+def _asked_reply_to(delivery: Delivery, data: Mapping[str, Any]) -> bool:
+    return delivery.response_topic is not None or "reply_to" in data
+
+
+def _reply_to_problem(delivery: Delivery, data: Mapping[str, Any], limits: JobLimits) -> str:
+    wanted = delivery.response_topic if delivery.response_topic is not None else data["reply_to"]
+    if not isinstance(wanted, str):
+        return "reply_to: must be a string"
+    if limits.reply_topic_prefixes and not wanted.startswith(limits.reply_topic_prefixes):
+        allowed = ", ".join(limits.reply_topic_prefixes)
+        return f"reply_to: must start with one of: {allowed}"
+    return "reply_to: not a valid topic to publish to (empty, wildcards, '$' or too long)"
+
+
+def valid_reply_topic(topic: str, limits: JobLimits) -> bool:
+    if not topic or len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        return False
+    if any(c in topic for c in "+#\x00") or topic.startswith("$"):
+        return False
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in topic):
+        return False
+    return not limits.reply_topic_prefixes or topic.startswith(limits.reply_topic_prefixes)
+
+
+def _labels(labels: list[str] | None, limits: JobLimits) -> tuple[str, ...]:
+    if labels is None:
+        raise JobError(Code.MISSING_FIELD, "labels: a classify job needs a list of labels")
+    if not labels:
+        raise JobError(Code.INVALID_LABELS, "labels: must not be empty")
+    if len(labels) > limits.max_labels:
+        raise JobError(Code.INVALID_LABELS, f"labels: more than {limits.max_labels}")
+    seen: set[str] = set()
+    for label in labels:
+        if not label.strip() or len(label) > limits.max_label_chars:
+            raise JobError(
+                Code.INVALID_LABELS,
+                f"labels: each must be 1-{limits.max_label_chars} characters, not blank",
+            )
+        if any(ord(c) < 0x20 for c in label):
+            raise JobError(Code.INVALID_LABELS, "labels: control characters are not allowed")
+        if label in seen:
+            raise JobError(Code.INVALID_LABELS, f"labels: {label!r} is listed twice")
+        seen.add(label)
+    return tuple(labels)
+
+
+def _classify_example(example: ExampleIn, labels: tuple[str, ...]) -> Example:
+    if not isinstance(example.answer, str) or example.answer not in labels:
+        raise JobError(Code.INVALID_FIELD, "examples: each answer must be one of the labels")
+    return Example(text=example.text, answer=example.answer)
+
+
+def _extract_example(example: ExampleIn) -> Example:
+    if not isinstance(example.answer, dict):
+        raise JobError(Code.INVALID_FIELD, "examples: each answer must be a JSON object")
+    return Example(text=example.text, answer=canonical_json(example.answer))
+
+
+def _deadline(raw: JobIn, delivery: Delivery) -> float | None:
+    """The earliest of: MQTT 5 message expiry, `deadline`, `ttl_ms` (all from receipt)."""
+    candidates: list[float] = []
+    if delivery.expiry_s is not None:
+        candidates.append(delivery.received_at + delivery.expiry_s)
+    if raw.deadline is not None:
+        moment = raw.deadline
+        if moment.tzinfo is None:
+            raise JobError(Code.INVALID_FIELD, "deadline: needs a time zone (e.g. ...Z)")
+        candidates.append(moment.astimezone(UTC).timestamp())
+    if raw.ttl_ms is not None:
+        candidates.append(delivery.received_at + raw.ttl_ms / 1000.0)
+    return min(candidates) if candidates else None
+
+
+def _job_error(exc: ValidationError) -> JobError:
+    err = exc.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    name = ".".join(loc) or "payload"
+    top = loc[0] if loc else ""
+    if err["type"] == "missing":
+        return JobError(Code.MISSING_FIELD, f"{name}: required")
+    if top == "labels":
+        return JobError(Code.INVALID_LABELS, f"{name}: {err['msg']}")
+    if top == "schema":
+        return JobError(Code.INVALID_SCHEMA, f"{name}: {err['msg']}")
+    if top == "kind":
+        return JobError(Code.UNKNOWN_KIND, f"kind: must be one of {', '.join(KINDS)}")
+    return JobError(Code.INVALID_FIELD, f"{name}: {err['msg']}")
+
+
+# ---- replies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    quant: str
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer to one job. `encode()` gives the wire form."""
+
+    job_id: str | None
+    status: Status
+    device: str
+    route: ReplyRoute
+    model: ModelRef | None = None
+    result: dict[str, Any] | None = None
+    error_code: Code | None = None
+    error_message: str | None = None
+    retry_after_ms: int | None = None
+    timings: dict[str, Any] | None = None
+    ignored: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        error: dict[str, Any] | None = None
+        if self.error_code is not None:
+            error = {"code": str(self.error_code), "message": self.error_message or ""}
+            if self.retry_after_ms is not None:
+                error["retry_after_ms"] = self.retry_after_ms
+        body: dict[str, Any] = {
+            "v": WIRE_VERSION,
+            "id": self.job_id,
+            "status": str(self.status),
+            "device": self.device,
+            "model": None
+            if self.model is None
+            else {"name": self.model.name, "quant": self.model.quant, "sha256": self.model.sha256},
+            "result": self.result,
+            "error": error,
+            "timings": self.timings,
+        }
+        if self.route.correlation_id is not None:
+            body["correlation_id"] = self.route.correlation_id
+        if self.ignored:
+            body["ignored"] = list(self.ignored)
+        return body
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+
+
+def rejection(
+    route: ReplyRoute, device: str, error: JobError, retry_after_ms: int | None = None
+) -> Reply:
+    return Reply(
+        job_id=route.job_id,
+        status=Status.REJECTED,
+        device=device,
+        route=route,
+        error_code=error.code,
+        error_message=error.message,
+        retry_after_ms=retry_after_ms,
+    )
+
+
+def timings_dict(
+    queue_ms: float,
+    prompt_ms: float,
+    gen_ms: float,
+    total_ms: float,
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    """The reply's `timings` member; rates are derived here so they always agree."""
+    tps = completion_tokens / (gen_ms / 1000.0) if completion_tokens and gen_ms > 0 else None
+    pps = prompt_tokens / (prompt_ms / 1000.0) if prompt_tokens and prompt_ms > 0 else None
+    return {
+        "queue_ms": _ms(queue_ms),
+        "prompt_ms": _ms(prompt_ms),
+        "gen_ms": _ms(gen_ms),
+        "total_ms": _ms(total_ms),
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
+        "completion_tokens": completion_tokens,
+        "tokens_per_second": None if tps is None else round(tps, 1),
+        "prompt_tokens_per_second": None if pps is None else round(pps, 1),
+    }
+
+
+def _ms(value: float) -> float:
+    return round(value, 1) if math.isfinite(value) else 0.0
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

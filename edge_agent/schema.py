@@ -1,0 +1,262 @@
+"""The JSON Schema subset extraction jobs may use, compiled into a small node tree.
+
+Supported (docs/protocol.md, "Extraction schemas"):
+    type: object | string | number | integer | boolean | array (or a list of types, of which
+          the first non-"null" one is used: the output then matches that member of the union)
+    object: properties, required, additionalProperties (false or true: only declared
+            properties are ever produced)
+    string: enum, const, minLength, maxLength
+    array:  items, minItems, maxItems
+    enum / const of strings, numbers or booleans on any value
+    annotations, ignored: title, description, $schema, $id, $comment, default, examples, format
+
+Every declared property is produced, in declaration order, so the output always validates
+whether or not a property is listed in `required`. Anything else (pattern, minimum, $ref,
+oneOf, ...) is rejected with `unsupported_schema` rather than silently not enforced: the
+agent promises that `data` validates against the job's schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.errors import Code, JobError
+
+ANNOTATIONS = frozenset(
+    {"title", "description", "$schema", "$id", "$comment", "default", "examples", "format"}
+)
+_KEYWORDS: dict[str, frozenset[str]] = {
+    "object": frozenset({"type", "properties", "required", "additionalProperties"}),
+    "string": frozenset({"type", "minLength", "maxLength"}),
+    "number": frozenset({"type"}),
+    "integer": frozenset({"type"}),
+    "boolean": frozenset({"type"}),
+    "array": frozenset({"type", "items", "minItems", "maxItems"}),
+}
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    """Bounds that keep a job's schema cheap to compile and its output bounded."""
+
+    max_depth: int = 6
+    max_properties: int = 64
+    max_enum: int = 64
+    max_key_chars: int = 64
+    max_string_chars: int = 256
+    max_items: int = 16
+
+
+@dataclass(frozen=True)
+class StringNode:
+    min_length: int
+    max_length: int
+
+
+@dataclass(frozen=True)
+class NumberNode:
+    integer: bool
+
+
+@dataclass(frozen=True)
+class LiteralNode:
+    """A choice among fixed JSON texts: enum, const, boolean."""
+
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArrayNode:
+    items: Node
+    min_items: int
+    max_items: int
+
+
+@dataclass(frozen=True)
+class ObjectNode:
+    properties: tuple[tuple[str, Node], ...]
+
+
+Node = StringNode | NumberNode | LiteralNode | ArrayNode | ObjectNode
+
+
+def compile_schema(schema: Any, limits: SchemaLimits) -> ObjectNode:
+    """Check `schema` against the supported subset and compile it; the root must be an object."""
+    counter = [0]
+    node = _compile(schema, limits, depth=1, path="schema", counter=counter)
+    if not isinstance(node, ObjectNode):
+        raise JobError(Code.INVALID_SCHEMA, 'schema: the root must be {"type": "object"}')
+    return node
+
+
+def _fail(code: Code, path: str, why: str) -> JobError:
+    return JobError(code, f"{path}: {why}")
+
+
+def _compile(schema: Any, limits: SchemaLimits, depth: int, path: str, counter: list[int]) -> Node:
+    if not isinstance(schema, dict):
+        raise _fail(Code.INVALID_SCHEMA, path, "must be a JSON object")
+    if depth > limits.max_depth:
+        raise _fail(Code.INVALID_SCHEMA, path, f"nested deeper than {limits.max_depth} levels")
+    known = set().union(*_KEYWORDS.values()) | ANNOTATIONS | {"enum", "const"}
+    alien = set(schema) - known
+    if alien:
+        listed = ", ".join(sorted(alien))
+        raise _fail(Code.UNSUPPORTED_SCHEMA, path, f"unsupported keyword(s): {listed}")
+    if "enum" in schema or "const" in schema:
+        return _compile_literal(schema, limits, path)
+    kind = _type_of(schema, path)
+    unknown = set(schema) - _KEYWORDS[kind] - ANNOTATIONS
+    if unknown:
+        listed = ", ".join(sorted(unknown))
+        raise _fail(Code.UNSUPPORTED_SCHEMA, path, f"unsupported keyword(s) for {kind}: {listed}")
+    if kind == "object":
+        return _compile_object(schema, limits, depth, path, counter)
+    if kind == "array":
+        if "items" not in schema:
+            raise _fail(Code.INVALID_SCHEMA, path, "an array needs `items`")
+        lo = _count(schema, "minItems", 0, limits.max_items, path)
+        hi = _count(schema, "maxItems", limits.max_items, limits.max_items, path)
+        if lo > hi:
+            raise _fail(Code.INVALID_SCHEMA, path, "minItems is greater than maxItems")
+        items = _compile(schema["items"], limits, depth + 1, f"{path}.items", counter)
+        return ArrayNode(items=items, min_items=lo, max_items=hi)
+    if kind == "string":
+        lo = _count(schema, "minLength", 0, limits.max_string_chars, path)
+        hi = _count(schema, "maxLength", limits.max_string_chars, limits.max_string_chars, path)
+        if lo > hi:
+            raise _fail(Code.INVALID_SCHEMA, path, "minLength is greater than maxLength")
+        return StringNode(min_length=lo, max_length=hi)
+    if kind == "boolean":
+        return LiteralNode(texts=("true", "false"))
+    return NumberNode(integer=kind == "integer")
+
+
+def _type_of(schema: dict[str, Any], path: str) -> str:
+    declared = schema.get("type")
+    if declared is None:
+        raise _fail(Code.INVALID_SCHEMA, path, "needs a `type` (or `enum`/`const`)")
+    candidates = declared if isinstance(declared, list) else [declared]
+    for candidate in candidates:
+        if not isinstance(candidate, str):
+            raise _fail(Code.INVALID_SCHEMA, path, "`type` must be a string or a list of strings")
+    usable = [c for c in candidates if c != "null"]
+    if not usable:
+        raise _fail(Code.UNSUPPORTED_SCHEMA, path, "a value that can only be null is not supported")
+    kind = usable[0]
+    if kind not in _KEYWORDS:
+        raise _fail(Code.INVALID_SCHEMA, path, f"unknown type {kind!r}")
+    return str(kind)
+
+
+def _count(schema: dict[str, Any], key: str, default: int, cap: int, path: str) -> int:
+    value = schema.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(Code.INVALID_SCHEMA, f"{path}.{key}", "must be a non-negative integer")
+    if value > cap and key.startswith("min"):
+        raise _fail(Code.UNSUPPORTED_SCHEMA, f"{path}.{key}", f"must be at most {cap} here")
+    return min(value, cap)
+
+
+def _compile_literal(schema: dict[str, Any], limits: SchemaLimits, path: str) -> LiteralNode:
+    unknown = set(schema) - {"enum", "const", "type"} - ANNOTATIONS
+    if unknown:
+        listed = ", ".join(sorted(unknown))
+        raise _fail(Code.UNSUPPORTED_SCHEMA, path, f"unsupported keyword(s) beside enum: {listed}")
+    if "const" in schema:
+        values = [schema["const"]]
+    else:
+        values = schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise _fail(Code.INVALID_SCHEMA, f"{path}.enum", "must be a non-empty list")
+        if len(values) > limits.max_enum:
+            raise _fail(Code.INVALID_SCHEMA, f"{path}.enum", f"more than {limits.max_enum} values")
+    texts: list[str] = []
+    for value in values:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _fail(Code.INVALID_SCHEMA, f"{path}.enum", "values must be finite")
+        if not isinstance(value, str | int | float | bool):
+            raise _fail(
+                Code.UNSUPPORTED_SCHEMA, f"{path}.enum", "only strings, numbers and booleans"
+            )
+        if isinstance(value, str) and len(value) > limits.max_string_chars:
+            raise _fail(Code.INVALID_SCHEMA, f"{path}.enum", "a value is too long")
+        text = json.dumps(value, ensure_ascii=False)
+        if text not in texts:
+            texts.append(text)
+    if "type" in schema:
+        # Keep only values the declared type admits, so `{"type": "string", "enum": [...]}`
+        # cannot produce a number; an enum left empty by its type can never validate.
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        texts = [t for t in texts if _json_type(json.loads(t)) in kinds or _is_int_number(t, kinds)]
+        if not texts:
+            raise _fail(Code.INVALID_SCHEMA, path, "no enum value matches the declared type")
+    return LiteralNode(texts=tuple(texts))
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, int):
+        return "integer"
+    return "number"
+
+
+def _is_int_number(text: str, kinds: list[Any]) -> bool:
+    value = json.loads(text)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return "number" in kinds
+    return isinstance(value, float) and value.is_integer() and "integer" in kinds
+
+
+def _compile_object(
+    schema: dict[str, Any], limits: SchemaLimits, depth: int, path: str, counter: list[int]
+) -> ObjectNode:
+    props = schema.get("properties", {})
+    if not isinstance(props, dict):
+        raise _fail(Code.INVALID_SCHEMA, f"{path}.properties", "must be an object")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise _fail(Code.INVALID_SCHEMA, f"{path}.required", "must be a list of property names")
+    missing = [r for r in required if r not in props]
+    if missing:
+        raise _fail(
+            Code.INVALID_SCHEMA, f"{path}.required", f"names undeclared properties: {missing}"
+        )
+    extra = schema.get("additionalProperties", True)
+    if not isinstance(extra, bool):
+        raise _fail(Code.UNSUPPORTED_SCHEMA, f"{path}.additionalProperties", "only true or false")
+    compiled: list[tuple[str, Node]] = []
+    for key, sub in props.items():
+        counter[0] += 1
+        if counter[0] > limits.max_properties:
+            raise _fail(
+                Code.INVALID_SCHEMA, path, f"more than {limits.max_properties} properties in all"
+            )
+        if not key or len(key) > limits.max_key_chars:
+            raise _fail(
+                Code.INVALID_SCHEMA,
+                f"{path}.properties",
+                f"keys must be 1-{limits.max_key_chars} characters",
+            )
+        compiled.append(
+            (key, _compile(sub, limits, depth + 1, f"{path}.properties.{key}", counter))
+        )
+    return ObjectNode(properties=tuple(compiled))
+
+
+def schema_for_fields(fields: dict[str, str]) -> dict[str, Any]:
+    """The JSON Schema of ../shared/eval extract rows: every field required, nothing else."""
+    return {
+        "type": "object",
+        "properties": {name: {"type": kind} for name, kind in fields.items()},
+        "required": list(fields),
+        "additionalProperties": False,
+    }

@@ -1,0 +1,421 @@
+"""The agent's settings: one frozen object from defaults, a TOML file, EDGE_AGENT_* variables,
+credential files and command-line flags (highest last).
+
+    /etc/edge-agent/config.toml        [mqtt] broker = "mqtts://broker.lan:8883"
+    EDGE_AGENT_MQTT__BROKER=...        nested fields use a double underscore
+    $CREDENTIALS_DIRECTORY/mqtt_password, tls_key_password  (systemd LoadCredential=)
+
+Every field is described here and in docs/configuration.md; `edge-agent config` prints the
+effective values with secrets masked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge_agent.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/edge-agent/config.toml")
+_TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _topic_segment(value: str) -> str:
+    if not _TOPIC_SAFE.fullmatch(value):
+        raise ValueError("use 1-64 letters, digits, '_', '-' or '.' (it becomes a topic level)")
+    return value
+
+
+TopicSegment = Annotated[str, AfterValidator(_topic_segment)]
+
+
+def _default_device_id() -> str:
+    name = socket.gethostname().split(".")[0]
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:64]
+    return cleaned or "edge-device"
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= exports STATE_DIRECTORY; otherwise a per-user directory so a
+    # developer can run the agent without root.
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/edge-agent")
+    return Path.home() / ".local" / "state" / "edge-agent"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MqttSettings(_Section):
+    """How the agent reaches its broker."""
+
+    broker: str = Field(
+        "mqtt://localhost:1883",
+        description="Broker URL: mqtt://HOST[:PORT] (default port 1883) or "
+        "mqtts://HOST[:PORT] (8883).",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="MQTT protocol version. 5 enables shared subscriptions, response topics "
+        "and flow control; 3.1.1 is for old brokers.",
+    )
+    client_id: str | None = Field(
+        None,
+        max_length=128,
+        description="MQTT client id; default `edge-agent-<device_id>`. Must be stable across "
+        "restarts so the broker keeps the agent's session.",
+    )
+    username: str | None = Field(None, description="Username for the broker, if it needs one.")
+    password: SecretStr | None = Field(
+        None,
+        description="Password for the broker. Prefer a credential file (mqtt_password in "
+        "$CREDENTIALS_DIRECTORY) to a value in the config file.",
+    )
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
+    topic_prefix: TopicSegment = Field(
+        "edge", description="First topic level of every topic the agent uses."
+    )
+    share_group: TopicSegment = Field(
+        "edge-agent",
+        description="Shared-subscription group for fleet jobs "
+        "($share/<group>/<prefix>/jobs/<kind>).",
+    )
+    session_expiry_s: int = Field(
+        3600,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="How long the broker keeps the agent's session (and its queued jobs) "
+        "after a disconnect, in seconds.",
+    )
+    receive_maximum: int = Field(
+        2,
+        ge=1,
+        le=65535,
+        description="Jobs the broker may have in flight to this agent at once (MQTT 5 "
+        "Receive Maximum). Jobs are acknowledged only when answered, so this caps what an "
+        "agent can hoard from the fleet's shared subscription.",
+    )
+    ca_file: Path | None = Field(
+        None, description="CA certificate (PEM) to verify the broker; turns TLS on."
+    )
+    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    tls_insecure: bool = Field(
+        False,
+        description="Skip the broker hostname check (never the CA check). For test labs only.",
+    )
+    reconnect_min_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="Base of the reconnect backoff: the n-th retry waits a random time "
+        "between 0 and min(reconnect_max_s, reconnect_min_s x 2^n) seconds (full jitter).",
+    )
+    reconnect_max_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait between reconnect attempts."
+    )
+    reply_topic_prefixes: tuple[str, ...] = Field(
+        (),
+        description="If set, a job's reply topic must start with one of these (e.g. "
+        "'edge/replies/'); others are answered on the device's results topic instead.",
+    )
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError("has an invalid port") from exc
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.broker).hostname or "localhost"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.broker)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.broker).scheme == "mqtts" or self.ca_file is not None
+
+
+class ModelSettings(_Section):
+    """Which model runs and how llama.cpp runs it."""
+
+    name: str | None = Field(
+        None,
+        description="A models.lock entry name or a path to a .gguf file. Unset: chosen for "
+        "this board (edge-agent select), falling back to the bundled SmolLM2-135M.",
+    )
+    lock_file: Path | None = Field(
+        None, description="models.lock to use; default: the one shipped with the agent."
+    )
+    dir: Path | None = Field(
+        None, description="Where downloaded models live; default <state_dir>/models."
+    )
+    allow_unpinned: bool = Field(
+        False, description="Load files whose models.lock entry has no sha256 (not recommended)."
+    )
+    n_ctx: int | None = Field(
+        None,
+        ge=256,
+        le=131072,
+        description="Context size in tokens; default sized from the job limits.",
+    )
+    n_threads: int | None = Field(
+        None, ge=1, le=256, description="Threads for generation; default cores - 1 (min 1)."
+    )
+    n_threads_batch: int | None = Field(
+        None, ge=1, le=256, description="Threads for prompt processing; default all cores."
+    )
+    n_ubatch: int = Field(
+        128,
+        ge=16,
+        le=4096,
+        description="Tokens per compute step. Smaller keeps the compute buffer small "
+        "(vocabulary x n_ubatch x 4 bytes of logits).",
+    )
+    prefix_cache_mb: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="Memory for saved prompt prefixes (instructions, labels, examples) of "
+        "job shapes other than the current one.",
+    )
+    reserve_mb: int = Field(
+        384,
+        ge=0,
+        le=65536,
+        description="RAM left for the OS and other services when choosing a model.",
+    )
+    exclude_families: tuple[str, ...] = Field(
+        (), description="Model families never chosen automatically (e.g. ['phi-4-mini'])."
+    )
+    min_tokens_per_second: float | None = Field(
+        None,
+        ge=0,
+        description="Prefer speed: skip models whose benchmarked generation speed on this "
+        "kind of board is below this.",
+    )
+
+
+class JobSettings(_Section):
+    """Limits on what a job may ask, and how jobs are queued."""
+
+    max_queue: int = Field(
+        16, ge=1, le=10000, description="Jobs waiting to run; more are rejected as overloaded."
+    )
+    max_payload_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024, description="Largest job message accepted."
+    )
+    max_text_chars: int = Field(
+        4000, ge=1, le=1_000_000, description="Longest `text` a job may carry."
+    )
+    max_labels: int = Field(32, ge=1, le=200, description="Most labels a classify job may list.")
+    max_label_chars: int = Field(64, ge=1, le=1000, description="Longest label.")
+    max_instructions_chars: int = Field(
+        4000, ge=0, le=100_000, description="Longest `instructions` a job may carry."
+    )
+    max_examples: int = Field(16, ge=0, le=256, description="Most few-shot examples per job.")
+    max_schema_depth: int = Field(6, ge=1, le=32, description="Deepest nesting in a schema.")
+    max_schema_properties: int = Field(
+        64, ge=1, le=1000, description="Most properties in a schema, counted over all levels."
+    )
+    max_string_chars: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Longest string the model may write for one extracted value.",
+    )
+    max_array_items: int = Field(16, ge=0, le=1000, description="Most items in an extracted array.")
+    max_enum_values: int = Field(64, ge=1, le=1000, description="Most values in a schema enum.")
+    dedup_window_s: int = Field(
+        24 * 3600,
+        ge=0,
+        description="How long a job id and its reply are remembered, so a redelivered job "
+        "gets the same reply and never runs twice.",
+    )
+
+
+class TelemetrySettings(_Section):
+    """What the agent publishes for dashboards."""
+
+    interval_s: float = Field(30.0, gt=0, le=3600, description="Telemetry period in seconds.")
+
+
+class LogSettings(_Section):
+    """Where and how the agent logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level written."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="json off a terminal, readable on one, unless forced."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything the agent reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="EDGE_AGENT_",
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    device_id: TopicSegment = Field(
+        default_factory=_default_device_id,
+        description="This board's id in topics; default the host name.",
+    )
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Writable directory for models, the job store and the reply spool.",
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Broker connection.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Model choice.")
+    jobs: JobSettings = Field(default_factory=JobSettings, description="Job limits and queue.")
+    telemetry: TelemetrySettings = Field(
+        default_factory=TelemetrySettings, description="Telemetry publishing."
+    )
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        m = self.mqtt
+        if (m.cert_file is None) != (m.key_file is None):
+            raise ValueError("mqtt.cert_file and mqtt.key_file go together")
+        if m.password is not None and m.username is None:
+            raise ValueError("mqtt.password is set but mqtt.username is not")
+        return self
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-agent-{self.device_id}"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model.dir or self.state_dir / "models"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get())
+        return (init_settings, env_settings, _CredentialSource(settings_cls), toml)
+
+
+class _ConfigFile:
+    """The TOML path for the load in progress (pydantic-settings asks the class, not us)."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+
+    def get(self) -> Path | None:
+        return self._path
+
+    def set(self, path: Path | None) -> None:
+        self._path = path
+
+
+_CONFIG_FILE = _ConfigFile()
+
+
+class _CredentialSource(PydanticBaseSettingsSource):
+    """Secrets from systemd credentials ($CREDENTIALS_DIRECTORY), never from argv."""
+
+    FILES: ClassVar[dict[str, tuple[str, str]]] = {"mqtt_password": ("mqtt", "password")}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            return {}
+        found: dict[str, Any] = {}
+        for filename, (section, key) in self.FILES.items():
+            path = Path(directory) / filename
+            if path.is_file():
+                found.setdefault(section, {})[key] = path.read_text().strip()
+        return found
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings; `config_file=None` reads /etc/edge-agent/config.toml if it exists.
+
+    `overrides` are command-line values (nested as {"mqtt": {"broker": ...}}); None values are
+    dropped so an absent flag never hides the file or the environment.
+    """
+    explicit = config_file is not None
+    path = config_file if explicit else DEFAULT_CONFIG_FILE
+    if explicit and not path.is_file():  # type: ignore[union-attr]
+        raise ConfigError(f"config file {path} does not exist")
+    _CONFIG_FILE.set(path if path is not None and path.is_file() else None)
+    cleaned = _drop_none(overrides)
+    try:
+        return Settings(**cleaned)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, _CONFIG_FILE.get())) from exc
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise ConfigError(f"cannot read config {_CONFIG_FILE.get()}: {exc}") from exc
+    finally:
+        _CONFIG_FILE.set(None)
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    source = f" (file {path}, environment EDGE_AGENT_*, or flags)" if path else ""
+    lines = [f"invalid configuration{source}:"]
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "settings"
+        lines.append(f"  {field}: {err['msg']}")
+    return "\n".join(lines)
