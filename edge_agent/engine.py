@@ -1,0 +1,741 @@
+"""The llama.cpp adapter: one model, one context, driven through llama.cpp's C API.
+
+Only this module imports llama_cpp. One `LlamaEngine` is owned by one thread (the worker);
+llama.cpp's own threads do the maths.
+
+Why the C API and not `Llama.create_completion`: classification is scored, not sampled (the
+prompt is evaluated once, every label is scored as a continuation in its own KV sequence,
+in one batch), extraction is decoded under `constraint.JsonConstraint` (greedy token checked
+first, fixed stretches evaluated as one batch), and the evaluated prompt prefix is kept in
+the KV cache and reused. See docs/performance.md for the figures.
+
+KV layout: sequence 0 holds the current prompt prefix, then the job's own tokens; sequences
+1..n hold label continuations during scoring and are cleared right after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as llama
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.constraint import JsonConstraint, State
+from edge_agent.errors import Code, EngineError, ModelLoadError
+from edge_agent.inference import Classification, Extraction, Interrupted, StopCheck, Timings
+from edge_agent.prompt import PromptPlan
+
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a chat template
+_backend_lock = threading.Lock()
+_backend_ready = False
+# llama.cpp logs through this C callback; keep a reference so it is never collected.
+_LOG_CALLBACK: Any = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int = 2048
+    n_threads: int = 1
+    n_threads_batch: int = 1
+    n_batch: int = 512
+    n_ubatch: int = 128
+    max_sequences: int = 33  # 1 for the prompt + one per scored label
+    prefix_cache_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What llama.cpp says about the loaded file."""
+
+    architecture: str
+    description: str
+    n_params: int
+    n_vocab: int
+    n_layer: int
+    n_ctx_train: int
+    n_ctx: int
+    file_bytes: int
+    chat_template: bool
+
+
+@dataclass
+class _Shape:
+    """A prompt plan rendered for this model: template text and content, alternating."""
+
+    prefix_tokens: list[int]
+    suffix_parts: list[tuple[str, bool]]  # (text, is_template) after the job's text
+    label_lead: str = ""  # put before each label: " " when the prompt ends mid-line
+    label_tokens: dict[tuple[str, ...], tuple[list[list[int]], bool]] = field(default_factory=dict)
+
+
+def _ensure_backend() -> None:
+    global _backend_ready, _LOG_CALLBACK
+    with _backend_lock:
+        if _backend_ready:
+            return
+        _LOG_CALLBACK = llama.llama_log_callback(lambda _level, _text, _data: None)
+        llama.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+class LlamaEngine:
+    """A loaded GGUF model ready to classify and extract."""
+
+    def __init__(self, path: Path, config: EngineConfig) -> None:
+        _ensure_backend()
+        self.path = path
+        self.config = config
+        params = llama.llama_model_default_params()
+        model = llama.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path} (not a GGUF file, an architecture this "
+                "build does not support, or not enough memory)"
+            )
+        self._model = model
+        self._vocab = llama.llama_model_get_vocab(model)
+        ctx_params = llama.llama_context_default_params()
+        ctx_params.n_ctx = config.n_ctx
+        ctx_params.n_batch = config.n_batch
+        ctx_params.n_ubatch = min(config.n_ubatch, config.n_batch)
+        ctx_params.n_seq_max = config.max_sequences
+        ctx_params.n_threads = config.n_threads
+        ctx_params.n_threads_batch = config.n_threads_batch
+        # One KV buffer shared by all sequences: label sequences borrow the prompt's cells
+        # (seq_cp is bookkeeping, not a copy) instead of splitting n_ctx per sequence.
+        ctx_params.kv_unified = True
+        # Keep the whole window for sliding-window models (Gemma 3) so the prefix can be
+        # trimmed back after each job.
+        ctx_params.swa_full = True
+        ctx_params.no_perf = True
+        ctx = llama.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            llama.llama_model_free(model)
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {path} (n_ctx={config.n_ctx}); "
+                "likely not enough memory"
+            )
+        self._ctx = ctx
+        self._mem = llama.llama_get_memory(ctx)
+        self._batch = llama.llama_batch_init(config.n_batch, 0, 1)
+        self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
+        self._n_ctx = int(llama.llama_n_ctx(ctx))
+        template = llama.llama_model_chat_template(model, None)
+        self._template: bytes | None = template or None
+        self._kv_tokens: list[int] = []  # what sequence 0 holds now
+        self._prefix_len = 0  # how much of it is the current shape's prefix
+        self._saved = _StateCache(config.prefix_cache_bytes)
+        self._shapes: OrderedDict[str, _Shape] = OrderedDict()
+        self._pieces = self._piece_table()
+        self._byte_tokens = self._single_byte_tokens()
+        self._turn_end = self._find_turn_end()
+        self.facts = self._facts()
+        self.stats = {"prefix_hits": 0, "prefix_restores": 0, "prefix_misses": 0}
+
+    # ---- public API -----------------------------------------------------------------
+
+    def classify(
+        self,
+        plan: PromptPlan,
+        text: str,
+        labels: Sequence[str],
+        stop: StopCheck = lambda: False,
+    ) -> Classification:
+        """Score every label as the answer to `text`; probabilities sum to 1."""
+        timings = Timings()
+        shape = self._shape(plan)
+        with self._job():
+            start = time.perf_counter()
+            logits = self._evaluate_job(shape, text, timings, stop)
+            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            start = time.perf_counter()
+            logprobs = self._score_labels(shape, tuple(labels), logits, timings)
+            timings.gen_ms = (time.perf_counter() - start) * 1000.0
+        best = max(logprobs.values())
+        weights = {label: math.exp(lp - best) for label, lp in logprobs.items()}
+        total = sum(weights.values())
+        scores = {label: w / total for label, w in weights.items()}
+        top = max(scores, key=scores.__getitem__)
+        return Classification(label=top, scores=scores, timings=timings, logprobs=logprobs)
+
+    def extract(
+        self,
+        plan: PromptPlan,
+        text: str,
+        constraint: JsonConstraint,
+        max_tokens: int,
+        stop: StopCheck = lambda: False,
+    ) -> Extraction:
+        """Generate JSON for `text` that the constraint (hence the schema) accepts."""
+        timings = Timings()
+        shape = self._shape(plan)
+        with self._job():
+            start = time.perf_counter()
+            logits = self._evaluate_job(shape, text, timings, stop)
+            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            start = time.perf_counter()
+            out, truncated = self._constrained(constraint, logits, max_tokens, timings, stop)
+            timings.gen_ms = (time.perf_counter() - start) * 1000.0
+        return Extraction(text=out.decode("utf-8"), timings=timings, truncated=truncated)
+
+    def generate_free(self, plan: PromptPlan, text: str, n_tokens: int) -> Timings:
+        """Greedy generation without any constraint, for benchmarks."""
+        timings = Timings()
+        shape = self._shape(plan)
+        with self._job():
+            start = time.perf_counter()
+            logits = self._evaluate_job(shape, text, timings, lambda: False)
+            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            start = time.perf_counter()
+            pos = len(self._kv_tokens)
+            for _ in range(min(n_tokens, self._n_ctx - pos)):
+                token = int(np.argmax(logits))
+                logits = self._decode([token], pos, stop=lambda: False)
+                pos += 1
+                timings.completion_tokens += 1
+            timings.gen_ms = (time.perf_counter() - start) * 1000.0
+        return timings
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenize(text, special=False))
+
+    def job_tokens(self, plan: PromptPlan, text: str) -> tuple[list[int], list[int]]:
+        """(prefix tokens, the job's own tokens) for a job: what the engine evaluates."""
+        shape = self._shape(plan)
+        return list(shape.prefix_tokens), self._job_tokens(shape, text)
+
+    def label_tokens(
+        self, plan: PromptPlan, labels: Sequence[str]
+    ) -> tuple[list[list[int]], int | None]:
+        """Each label's tokens, and the end-of-turn token when it is scored too."""
+        tokens, with_end = self._label_tokens(self._shape(plan), tuple(labels))
+        return [list(t) for t in tokens], self._turn_end if with_end else None
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama.llama_model_free(self._model)
+            self._model = None
+
+    # ---- prompt shapes and the prefix cache -------------------------------------------
+
+    def _shape(self, plan: PromptPlan) -> _Shape:
+        key = plan.key
+        shape = self._shapes.get(key)
+        if shape is not None:
+            self._shapes.move_to_end(key)
+            return shape
+        parts = self._render(plan)
+        # parts alternate: template text, content, template text, ... then the answer
+        # prefix; the content before the last template part is the job's text placeholder,
+        # and everything before it is the fixed prefix.
+        job_index = len(parts) - 3
+        prefix: list[int] = []
+        if llama.llama_vocab_get_add_bos(self._vocab):
+            prefix.append(int(llama.llama_vocab_bos(self._vocab)))
+        for text, is_template in parts[:job_index]:
+            prefix.extend(self._tokenize(text, special=is_template))
+        suffix = parts[job_index + 1 :]
+        tail_text = "".join(text for text, _ in suffix)
+        # A label follows the answer prefix as a word would: after a space unless the prompt
+        # ends a line (chat templates end with "assistant\n").
+        lead = " " if tail_text and not tail_text[-1].isspace() else ""
+        shape = _Shape(prefix_tokens=prefix, suffix_parts=suffix, label_lead=lead)
+        self._shapes[key] = shape
+        if len(self._shapes) > 64:
+            self._shapes.popitem(last=False)
+        return shape
+
+    def _render(self, plan: PromptPlan) -> list[tuple[str, bool]]:
+        """Render messages + a job placeholder, split into (text, is_template) parts.
+
+        Message contents come from jobs, so they are tokenized without special-token
+        parsing: a sensor cannot inject `<|im_end|>` or similar. The plan's own lead and
+        tail around the job's text count as template text (they are ours).
+        """
+        fixed = plan.fixed
+        contents = [m.content for m in fixed] + [""]
+        messages = [(m.role, _SENTINEL.format(i)) for i, m in enumerate(fixed)]
+        messages.append(("user", plan.lead + _SENTINEL.format(len(fixed)) + plan.tail))
+        rendered = self._apply_template(messages) if self._template else None
+        if rendered is None:
+            rendered = _plain_format(messages)
+        parts: list[tuple[str, bool]] = []
+        rest = rendered
+        for i in range(len(fixed) + 1):
+            marker = _SENTINEL.format(i)
+            before, found, rest = rest.partition(marker)
+            if not found:  # pragma: no cover - every template keeps message contents
+                raise EngineError(Code.INTERNAL_ERROR, "chat template dropped a message")
+            parts.append((before, True))
+            parts.append((contents[i], False))
+        parts.append((rest, True))
+        parts.append((plan.answer_prefix, False))
+        return parts
+
+    def _apply_template(self, messages: Sequence[tuple[str, str]]) -> str | None:
+        chat = (llama.llama_chat_message * len(messages))()
+        keep: list[bytes] = []  # the C strings must outlive the call
+        for i, (role, content) in enumerate(messages):
+            role_b, content_b = role.encode(), content.encode()
+            keep.extend((role_b, content_b))
+            chat[i].role = role_b
+            chat[i].content = content_b
+        size = 4096
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_chat_apply_template(
+                self._template, chat, len(messages), True, buf, size
+            )
+            if n < 0:
+                return None  # a template llama.cpp does not know: use the plain format
+            if n <= size:
+                return buf.raw[:n].decode("utf-8")
+            size = n + 1
+        return None  # pragma: no cover
+
+    def _find_turn_end(self) -> int:
+        """The token that closes an assistant turn (scored after each label)."""
+        if self._template:
+            text = self._apply_template([("user", "u"), ("assistant", "\ue002")])
+            if text and "\ue002" in text:
+                after = text.split("\ue002", 1)[1]
+                tokens = self._tokenize(after, special=True) if after else []
+                if tokens:
+                    return tokens[0]
+        return int(llama.llama_vocab_eos(self._vocab))
+
+    def _evaluate_job(
+        self, shape: _Shape, text: str, timings: Timings, stop: StopCheck
+    ) -> npt.NDArray[np.float32]:
+        """Bring sequence 0 to prefix + the job's tokens; return the last position's logits."""
+        self._ensure_prefix(shape.prefix_tokens, timings, stop)
+        job = self._job_tokens(shape, text)
+        if len(self._kv_tokens) + len(job) + 8 > self._n_ctx:
+            raise EngineError(
+                Code.CONTEXT_OVERFLOW,
+                f"prompt needs {len(self._kv_tokens) + len(job)} tokens; the context holds "
+                f"{self._n_ctx}",
+            )
+        pos = len(self._kv_tokens)
+        logits = self._decode(job, pos, stop)
+        self._kv_tokens = self._kv_tokens + job
+        timings.prompt_tokens += len(job)
+        return logits
+
+    def _job_tokens(self, shape: _Shape, text: str) -> list[int]:
+        tokens: list[int] = self._tokenize(text, special=False)
+        for part, is_template in shape.suffix_parts:
+            tokens.extend(self._tokenize(part, special=is_template))
+        return tokens
+
+    def _ensure_prefix(self, prefix: list[int], timings: Timings, stop: StopCheck) -> None:
+        current = self._kv_tokens
+        self._prefix_len = 0
+        if current == prefix:
+            self.stats["prefix_hits"] += 1
+            timings.cached_tokens = len(prefix)
+            self._prefix_len = len(prefix)
+            return
+        common = _common_prefix(current, prefix)
+        key = _token_key(prefix)
+        saved = self._saved.get(key) if common < len(prefix) else None
+        if current and _token_key(current) not in self._saved and len(current) > common:
+            self._save_current()
+        if saved is not None:
+            llama.llama_memory_seq_rm(self._mem, 0, -1, -1)
+            buf = (ctypes.c_uint8 * len(saved)).from_buffer_copy(saved)
+            if llama.llama_state_seq_set_data(self._ctx, buf, len(saved), 0) == len(saved):
+                self._kv_tokens = list(prefix)
+                self._prefix_len = len(prefix)
+                self.stats["prefix_restores"] += 1
+                timings.cached_tokens = len(prefix)
+                return
+            common = 0  # restore failed: recompute from scratch
+        self.stats["prefix_misses"] += 1
+        if not llama.llama_memory_seq_rm(self._mem, 0, common, -1):
+            llama.llama_memory_seq_rm(self._mem, 0, -1, -1)
+            common = 0
+        self._kv_tokens = prefix[:common]
+        self._decode(prefix[common:], common, stop)
+        self._kv_tokens = list(prefix)
+        self._prefix_len = len(prefix)
+        timings.cached_tokens = common
+        timings.prompt_tokens += len(prefix) - common
+
+    def _save_current(self) -> None:
+        if self._saved.capacity <= 0:
+            return
+        size = llama.llama_state_seq_get_size(self._ctx, 0)
+        if size <= 0 or size > self._saved.capacity:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        if written == size:
+            self._saved.put(_token_key(self._kv_tokens), bytes(buf))
+
+    @contextlib.contextmanager
+    def _job(self) -> Iterator[None]:
+        """Run one job's evaluation; afterwards sequence 0 holds only the prefix again.
+
+        If anything fails half-way (an interrupted prefix, a decode error), the KV state is
+        no longer known token by token, so it is dropped and rebuilt by the next job.
+        """
+        try:
+            yield
+        except BaseException:
+            self._reset_kv()
+            raise
+        if not llama.llama_memory_seq_rm(self._mem, 0, self._prefix_len, -1):
+            self._reset_kv()
+            return
+        self._kv_tokens = self._kv_tokens[: self._prefix_len]
+
+    def _reset_kv(self) -> None:
+        llama.llama_memory_clear(self._mem, True)
+        self._kv_tokens = []
+        self._prefix_len = 0
+
+    # ---- decoding ---------------------------------------------------------------------
+
+    def _decode(self, tokens: Sequence[int], pos: int, stop: StopCheck) -> npt.NDArray[np.float32]:
+        """Evaluate tokens in sequence 0 from `pos`; logits of the last one."""
+        if not tokens:
+            return self._logits(-1)
+        step = self.config.n_ubatch
+        for start in range(0, len(tokens), step):
+            if stop():
+                raise Interrupted
+            chunk = tokens[start : start + step]
+            batch = self._batch
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = pos + start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = start + i == len(tokens) - 1
+            self._run(batch)
+        return self._logits(-1)
+
+    def _run(self, batch: Any) -> None:
+        rc = llama.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(Code.INFERENCE_ERROR, f"llama_decode returned {rc}")
+
+    def _logits(self, index: int) -> npt.NDArray[np.float32]:
+        ptr = llama.llama_get_logits_ith(self._ctx, index)
+        if not ptr:
+            raise EngineError(Code.INFERENCE_ERROR, "no logits for that position")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _score_labels(
+        self,
+        shape: _Shape,
+        labels: tuple[str, ...],
+        first_logits: npt.NDArray[np.float32],
+        timings: Timings,
+    ) -> dict[str, float]:
+        """Log-probability of each label's tokens as the continuation of the prompt.
+
+        Labels that need more than their first token are evaluated together in one batch,
+        each in its own KV sequence sharing the prompt's cells. When one label's tokens are
+        a prefix of another's, every label also scores the end-of-turn token, so "high"
+        and "high_temp" compare fairly.
+        """
+        label_tokens, with_end = self._label_tokens(shape, labels)
+        first = _log_softmax(first_logits)
+        logps = [float(first[tokens[0]]) for tokens in label_tokens]
+        rows: list[tuple[int, int, int]] = []  # (label index, token index it predicts, row)
+        entries: list[tuple[int, int, int]] = []  # (token, position, sequence)
+        base = len(self._kv_tokens)
+        for i, tokens in enumerate(label_tokens):
+            continuation = tokens[1:]
+            inputs = tokens if with_end else tokens[:-1]
+            if not inputs:
+                continue
+            seq = i + 1
+            llama.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
+            targets = [*continuation, self._turn_end] if with_end else continuation
+            for j, token in enumerate(inputs):
+                rows.append((i, targets[j], len(entries)))
+                entries.append((token, base + j, seq))
+        if entries:
+            logits = self._decode_multi(entries)
+            for i, target, row in rows:
+                logps[i] += float(_log_softmax(logits[row])[target])
+            for seq in {seq for _, _, seq in entries}:
+                llama.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        timings.completion_tokens = 0  # scored, not generated: no tokens/s for classify
+        return dict(zip(labels, logps, strict=True))
+
+    def _label_tokens(self, shape: _Shape, labels: tuple[str, ...]) -> tuple[list[list[int]], bool]:
+        cached = shape.label_tokens.get(labels)
+        if cached is not None:
+            return cached
+        tokens = [self._tokenize(shape.label_lead + label, special=False) for label in labels]
+        as_tuples = [tuple(t) for t in tokens]
+        with_end = any(
+            a != b and len(a) < len(b) and b[: len(a)] == a for a in as_tuples for b in as_tuples
+        )
+        result = (tokens, with_end)
+        shape.label_tokens[labels] = result
+        if len(shape.label_tokens) > 32:
+            shape.label_tokens.pop(next(iter(shape.label_tokens)))
+        return result
+
+    def _decode_multi(self, entries: list[tuple[int, int, int]]) -> list[npt.NDArray[np.float32]]:
+        """Evaluate (token, position, sequence) entries with logits for each; copies rows."""
+        rows: list[npt.NDArray[np.float32]] = []
+        step = self.config.n_batch
+        for start in range(0, len(entries), step):
+            chunk = entries[start : start + step]
+            batch = self._batch
+            batch.n_tokens = len(chunk)
+            for i, (token, pos, seq) in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = True
+            self._run(batch)
+            rows.extend(self._logits(i).copy() for i in range(len(chunk)))
+        return rows
+
+    def _constrained(
+        self,
+        constraint: JsonConstraint,
+        logits: npt.NDArray[np.float32],
+        max_tokens: int,
+        timings: Timings,
+        stop: StopCheck,
+    ) -> tuple[bytes, bool]:
+        """Greedy decoding under the constraint.
+
+        Each step takes the most likely token and checks its bytes against the automaton;
+        only when it is rejected are the next candidates checked, best first. Bytes the
+        schema forces (keys, punctuation) are evaluated as one batch, never sampled.
+        """
+        state = constraint.initial()
+        out = bytearray()
+        pending: list[int] = []  # tokens chosen or forced, not yet evaluated
+        emitted = 0  # every token of the answer, sampled or forced
+        chosen = 0  # tokens the model picked (the budget counts these)
+        budget = min(max_tokens, self._n_ctx - len(self._kv_tokens) - 2)
+        truncated = False
+        while True:
+            forced, state = constraint.forced(state)
+            if forced:
+                out += forced
+                tokens = self._tokens_for(forced)
+                pending.extend(tokens)
+                emitted += len(tokens)
+            if constraint.is_complete(state):
+                break
+            if len(self._kv_tokens) + len(pending) + 1 >= self._n_ctx:
+                budget = chosen  # out of context: close the JSON now
+            elif pending:
+                logits = self._decode(pending, len(self._kv_tokens), stop)
+                self._kv_tokens = self._kv_tokens + pending
+                pending = []
+            if stop():
+                raise Interrupted
+            if chosen >= budget:
+                truncated = True
+                out += self._finish(constraint, state)
+                break
+            token, state = self._choose(constraint, state, logits)
+            chosen += 1
+            emitted += 1
+            out += self._pieces[token]
+            pending.append(token)
+        timings.completion_tokens = emitted
+        return bytes(out), truncated
+
+    def _choose(
+        self, constraint: JsonConstraint, state: State, logits: npt.NDArray[np.float32]
+    ) -> tuple[int, State]:
+        """The most likely token the constraint accepts.
+
+        When none of the likeliest candidates fits (rare: e.g. a string at its length cap
+        whose likely tokens are all long), the token spelling the byte the automaton needs
+        to finish is taken.
+        """
+        best = int(np.argmax(logits))
+        fitted = self._fits(constraint, state, best)
+        if fitted is not None:
+            return best, fitted
+        for width in (64, 1024):
+            top = np.argpartition(-logits, width)[:width]
+            ordered = top[np.argsort(-logits[top])]
+            for token in ordered.tolist():
+                fitted = self._fits(constraint, state, token)
+                if fitted is not None:
+                    return int(token), fitted
+        byte = constraint.finish_byte(state)
+        token = self._byte_tokens.get(byte) if byte is not None else None
+        fitted = self._fits(constraint, state, token) if token is not None else None
+        if token is None or fitted is None:
+            raise EngineError(Code.INTERNAL_ERROR, "no token can continue the JSON")
+        return token, fitted
+
+    def _fits(self, constraint: JsonConstraint, state: State, token: int) -> State | None:
+        piece = self._pieces[token]
+        if not piece:
+            return None
+        return constraint.feed(state, piece)
+
+    def _finish(self, constraint: JsonConstraint, state: State) -> bytes:
+        """Close the JSON as quickly as the schema allows (the token budget ran out)."""
+        out = bytearray()
+        while not constraint.is_complete(state):
+            byte = constraint.finish_byte(state)
+            if byte is None:  # pragma: no cover
+                break
+            next_state = constraint.step(state, byte)
+            if next_state is None:  # pragma: no cover
+                break
+            out.append(byte)
+            state = next_state
+        return bytes(out)
+
+    # ---- vocabulary -------------------------------------------------------------------
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        for _ in range(2):
+            buf = (llama.llama_token * size)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), buf, size, False, special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+        raise EngineError(Code.INTERNAL_ERROR, "tokenizer buffer sizing failed")
+
+    def _tokens_for(self, data: bytes) -> list[int]:
+        """Tokens whose pieces spell exactly `data` (forced text)."""
+        try:
+            tokens = self._tokenize(data.decode("utf-8"), special=False)
+        except UnicodeDecodeError:
+            tokens = []
+        if tokens and b"".join(self._pieces[t] for t in tokens) == data:
+            return tokens
+        out: list[int] = []
+        for byte in data:
+            token = self._byte_tokens.get(byte)
+            if token is None:
+                raise EngineError(Code.INTERNAL_ERROR, f"no token spells byte {byte:#x}")
+            out.append(token)
+        return out
+
+    def _piece_table(self) -> list[bytes]:
+        pieces: list[bytes] = []
+        buf = ctypes.create_string_buffer(256)
+        for token in range(self._n_vocab):
+            n = llama.llama_token_to_piece(self._vocab, token, buf, 256, 0, False)
+            pieces.append(buf.raw[:n] if n > 0 else b"")
+        return pieces
+
+    def _single_byte_tokens(self) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for token, piece in enumerate(self._pieces):
+            if len(piece) == 1 and piece[0] not in found:
+                found[piece[0]] = token
+        return found
+
+    def _facts(self) -> ModelFacts:
+        buf = ctypes.create_string_buffer(256)
+        n = llama.llama_model_meta_val_str(self._model, b"general.architecture", buf, 256)
+        arch = buf.value.decode() if n > 0 else "unknown"
+        llama.llama_model_desc(self._model, buf, 256)
+        return ModelFacts(
+            architecture=arch,
+            description=buf.value.decode(errors="replace"),
+            n_params=int(llama.llama_model_n_params(self._model)),
+            n_vocab=self._n_vocab,
+            n_layer=int(llama.llama_model_n_layer(self._model)),
+            n_ctx_train=int(llama.llama_model_n_ctx_train(self._model)),
+            n_ctx=self._n_ctx,
+            file_bytes=self.path.stat().st_size,
+            chat_template=self._template is not None,
+        )
+
+
+class _StateCache:
+    """Saved KV states of prompt prefixes, least recently used dropped first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: bytes) -> None:
+        if key in self._items:
+            return
+        self._items[key] = value
+        self._size += len(value)
+        while self._size > self.capacity and self._items:
+            _, dropped = self._items.popitem(last=False)
+            self._size -= len(dropped)
+
+
+def _plain_format(messages: Sequence[tuple[str, str]]) -> str:
+    """For models without a chat template (base models): instructions, then turns as lines.
+
+    The answer prefix of the plan (e.g. "Label:") follows the last line, so few-shot
+    examples and the job read the same: "Message: ...\nLabel: red\n\n".
+    """
+    out: list[str] = []
+    for role, content in messages:
+        if role == "system":
+            out.append(f"{content}\n\n")
+        elif role == "user":
+            out.append(f"{content}\n")
+        else:
+            out.append(f"{content}\n\n")
+    return "".join(out)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _token_key(tokens: Sequence[int]) -> str:
+    return hashlib.blake2b(np.asarray(tokens, dtype=np.int32).tobytes(), digest_size=16).hexdigest()
+
+
+def _log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    x = logits.astype(np.float64)
+    peak = float(x.max())
+    out: npt.NDArray[np.float64] = x - (peak + math.log(float(np.exp(x - peak).sum())))
+    return out
