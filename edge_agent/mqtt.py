@@ -1,0 +1,488 @@
+"""The paho adapter: one MQTT connection, kept up, with jobs handed to the app.
+
+Only this module imports paho. Threads:
+    paho's network thread ("paho-mqtt-client-..."): socket I/O and callbacks. Callbacks
+        validate and enqueue, nothing more, and never raise (see `_guard`).
+    "mqtt-supervisor": connects, and after a drop waits a randomised, growing delay
+        (tenacity's exponential backoff with full jitter) before reconnecting, so a fleet
+        does not reconnect in waves after a broker restart. paho's own reconnect doubles
+        its delay without jitter, so it is turned off.
+
+Delivery semantics: jobs arrive with `manual_ack`; the PUBACK is sent only when the app
+calls the job's ack handle, after its reply is stored and published. A handle from an
+earlier connection is ignored (packet ids restart per connection; the broker redelivers
+the job, and the job store answers it again without running it twice).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from tenacity import RetryCallState, wait_random_exponential
+
+from edge_agent.errors import ConfigError
+
+log = structlog.get_logger("edge_agent.mqtt")
+
+Ack = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None
+    correlation_data: bytes | None
+    expiry_s: int | None
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    host: str
+    port: int
+    client_id: str
+    protocol: str  # "5" | "3.1.1"
+    keepalive_s: int
+    session_expiry_s: int
+    receive_maximum: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False
+    will_topic: str | None = None
+    will_payload: bytes = b"offline"
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    persistent: bool = True
+
+
+class MqttLink:
+    """A supervised MQTT connection."""
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        subscriptions: Callable[[], Sequence[tuple[str, int]]],
+        on_message: Callable[[Incoming, Ack], None],
+        on_connected: Callable[[bool], None] = lambda _session_present: None,
+        on_disconnected: Callable[[], None] = lambda: None,
+        on_published: Callable[[int], None] = lambda _mid: None,
+    ) -> None:
+        self.config = config
+        self._subscriptions = subscriptions
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._on_published = on_published
+        self._generation = 0
+        self._connected = threading.Event()
+        self._dropped = threading.Event()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.connects = 0
+        self._was_up = False  # the last connection got as far as a CONNACK
+        self._client = self._make_client()
+
+    @property
+    def v5(self) -> bool:
+        return self.config.protocol == "5"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _make_client(self) -> paho.Client:
+        c = self.config
+        protocol = MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311
+        kwargs: dict[str, Any] = {}
+        if not self.v5:
+            kwargs["clean_session"] = not c.persistent
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=c.client_id,
+            protocol=protocol,
+            manual_ack=True,
+            reconnect_on_failure=False,
+            **kwargs,
+        )
+        client.suppress_exceptions = True  # belt and braces: our callbacks catch everything
+        client.max_inflight_messages_set(64)
+        client.max_queued_messages_set(0)
+        if c.username is not None:
+            client.username_pw_set(c.username, c.password)
+        if c.tls:
+            self._configure_tls(client)
+        if c.will_topic:
+            client.will_set(c.will_topic, c.will_payload, qos=1, retain=True)
+        client.on_socket_open = self._guard(self._socket_open)
+        client.on_connect = self._guard(self._connect)
+        client.on_disconnect = self._guard(self._disconnect)
+        client.on_message = self._guard(self._message)
+        client.on_publish = self._guard(self._publish)
+        return client
+
+    def _configure_tls(self, client: paho.Client) -> None:
+        c = self.config
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=c.ca_file)
+            if c.cert_file and c.key_file:
+                context.load_cert_chain(c.cert_file, c.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS setup failed: {exc}") from exc
+        context.check_hostname = not c.tls_insecure
+        context.verify_mode = ssl.CERT_REQUIRED
+        client.tls_set_context(context)
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="mqtt-supervisor", daemon=True
+        )
+        self._supervisor.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
+        """Publish `final` (topic, payload; retained) if connected, then disconnect cleanly."""
+        self._stopping.set()
+        if final is not None and self.connected:
+            info = self._client.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                log.warning("mqtt.final_publish_failed", topic=final[0])
+        if self.connected:
+            self._client.disconnect()  # a normal DISCONNECT: the broker drops the Last Will
+        self._dropped.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+        self._client.loop_stop()
+
+    def _supervise(self) -> None:
+        wait = wait_random_exponential(
+            multiplier=self.config.reconnect_min_s, max=self.config.reconnect_max_s
+        )
+        failures = 0
+        first = True
+        while not self._stopping.is_set():
+            try:
+                self._dropped.clear()
+                self._open(first)
+                first = False
+                self._client.loop_start()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                failures += 1
+                delay = _delay(wait, failures)
+                log.warning(
+                    "mqtt.connect_failed",
+                    error=str(exc),
+                    attempt=failures,
+                    retry_in_s=round(delay, 2),
+                    host=self.config.host,
+                    port=self.config.port,
+                )
+                self._stopping.wait(delay)
+                continue
+            self._dropped.wait()
+            self._client.loop_stop()
+            if self._stopping.is_set():
+                return
+            failures = 0 if self._was_up else failures + 1
+            delay = _delay(wait, max(1, failures))
+            log.warning("mqtt.reconnect_scheduled", retry_in_s=round(delay, 2), attempt=failures)
+            self._stopping.wait(delay)
+
+    def _open(self, first: bool) -> None:
+        c = self.config
+        self._was_up = False
+        if first:
+            props = None
+            if self.v5:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = c.session_expiry_s if c.persistent else 0
+                props.ReceiveMaximum = c.receive_maximum
+            self._client.connect_timeout = c.connect_timeout_s
+            kwargs: dict[str, Any] = {"properties": props}
+            if self.v5:
+                kwargs["clean_start"] = not c.persistent
+            self._client.connect(c.host, c.port, keepalive=c.keepalive_s, **kwargs)
+        else:
+            self._client.reconnect()
+
+    # ---- paho callbacks (network thread) ---------------------------------------------
+
+    def _guard(self, fn: Callable[..., None]) -> Callable[..., None]:
+        name = fn.__name__.lstrip("_")
+
+        def guarded(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception:  # an exception here would kill paho's network thread
+                log.exception("mqtt.callback_failed", callback=name)
+
+        return guarded
+
+    def _socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
+        # Nagle's algorithm delays small replies by tens of milliseconds (REFERENCE.md §7).
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            log.warning("mqtt.nodelay_unavailable")
+
+    def _connect(
+        self, client: Any, _userdata: Any, flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("mqtt.connect_refused", reason=str(reason), host=self.config.host)
+            return
+        self._generation += 1
+        self.connects += 1
+        self._was_up = True
+        subs = list(self._subscriptions())
+        if subs:
+            if self.v5:
+                client.subscribe([(t, SubscribeOptions(qos=q)) for t, q in subs])
+            else:
+                client.subscribe(subs)
+        self._connected.set()
+        log.info(
+            "mqtt.connected",
+            host=self.config.host,
+            port=self.config.port,
+            session_present=bool(flags.session_present),
+            subscriptions=len(subs),
+            generation=self._generation,
+        )
+        self._on_connected(bool(flags.session_present))
+
+    def _disconnect(
+        self, _client: Any, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self._dropped.set()
+        if was:
+            log.warning("mqtt.disconnected", reason=str(reason))
+            self._on_disconnected()
+
+    def _message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        incoming = Incoming(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            response_topic=response_topic,
+            correlation_data=bytes(correlation) if correlation is not None else None,
+            expiry_s=int(expiry) if expiry is not None else None,
+        )
+        generation, mid, qos = self._generation, msg.mid, msg.qos
+
+        def ack() -> None:
+            self._ack(generation, mid, qos)
+
+        self._on_message(incoming, ack)
+
+    def _publish(self, _client: Any, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
+        self._on_published(mid)
+
+    def _ack(self, generation: int, mid: int, qos: int) -> None:
+        if qos == 0:
+            return
+        if generation != self._generation or not self.connected:
+            log.debug("mqtt.stale_ack_skipped", mid=mid)
+            return
+        self._client.ack(mid, qos)
+
+    # ---- publishing (any thread) ------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        content_type: str | None = None,
+    ) -> int | None:
+        """Hand a message to paho; returns its mid, or None when not connected."""
+        if not self.connected:
+            return None
+        props = None
+        if self.v5 and (correlation_data is not None or content_type is not None):
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if content_type is not None:
+                props.ContentType = content_type
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None
+        return int(info.mid)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        if self.connected:
+            if self.v5:
+                self._client.subscribe([(topic, SubscribeOptions(qos=qos))])
+            else:
+                self._client.subscribe(topic, qos)
+
+
+def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _delay(wait: Any, attempt: int) -> float:
+    """The delay tenacity's wait strategy gives for the `attempt`-th retry."""
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = attempt
+    return float(wait(state))
+
+
+class Requester:
+    """A short-lived client that publishes jobs and waits for their replies.
+
+    For `edge-agent submit`, the demo and tests; a sensor would do the same with any MQTT
+    library (docs/protocol.md shows mosquitto_pub and paho).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        protocol: str = "5",
+        username: str | None = None,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        version = MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311
+        self.v5 = protocol == "5"
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version
+        )
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if tls_context is not None:
+            self._client.tls_set_context(tls_context)
+        self._client.on_socket_open = _nodelay
+        self._client.on_message = self._message
+        self._client.on_connect = self._connected_cb
+        self._lock = threading.Condition()
+        self._messages: list[Incoming] = []
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self.host, self.port = host, port
+
+    def _connected_cb(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+        self._connected.set()
+
+    def _message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        incoming = Incoming(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None) if props else None,
+            correlation_data=getattr(props, "CorrelationData", None) if props else None,
+            expiry_s=getattr(props, "MessageExpiryInterval", None) if props else None,
+        )
+        with self._lock:
+            self._messages.append(incoming)
+            self._lock.notify_all()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect or raise ConnectionError with the reason."""
+        try:
+            self._client.connect(self.host, self.port, keepalive=30)
+        except OSError as exc:
+            raise ConnectionError(f"cannot reach broker {self.host}:{self.port}: {exc}") from exc
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise ConnectionError(f"broker {self.host}:{self.port} did not answer CONNECT")
+        if self._refused is not None:
+            self.close()
+            raise ConnectionError(f"broker refused the connection: {self._refused}")
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> None:
+        done = threading.Event()
+        self._client.on_subscribe = lambda *_args: done.set()
+        self._client.subscribe(topic, qos)
+        done.wait(timeout)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        expiry_s: int | None = None,
+        retain: bool = False,
+    ) -> None:
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ContentType = "application/json"
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if expiry_s is not None:
+                props.MessageExpiryInterval = expiry_s
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos > 0:
+            info.wait_for_publish(10)
+
+    def wait_for(self, predicate: Callable[[Incoming], bool], timeout: float) -> Incoming | None:
+        """The first message received (or already received) that matches `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for i, message in enumerate(self._messages):
+                    if predicate(message):
+                        return self._messages.pop(i)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._lock.wait(remaining)
+
+    def drain(self) -> list[Incoming]:
+        with self._lock:
+            out, self._messages = self._messages, []
+            return out
+
+    def close(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
