@@ -1,0 +1,121 @@
+"""The command line: --help everywhere, submit against a running agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_agent.broker import LocalBroker
+from tests.conftest import AgentFactory
+
+COMMANDS = ["run", "submit", "demo", "config"]
+
+
+def edge_agent(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    result = edge_agent("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command: str) -> None:
+    result = edge_agent(command, "--help")
+    assert result.returncode == 0
+    assert "usage: edge-agent" in result.stdout
+
+
+def test_config_prints_effective_settings_with_secrets_masked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "c.toml"
+    path.write_text('[mqtt]\nusername = "u"\npassword = "hunter2"\n')
+    result = edge_agent("config", "--config", str(path), "--broker", "mqtt://b:1999")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["mqtt"]["broker"] == "mqtt://b:1999"
+    assert "hunter2" not in result.stdout
+
+
+@pytest.mark.model
+def test_submit_prints_the_reply(
+    start_agent: AgentFactory, broker: LocalBroker, prefix: str
+) -> None:
+    agent = start_agent()
+    env_prefix = ["--broker", broker.url]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "submit",
+            "classify",
+            "--text",
+            "Pump P-1 running normally.",
+            "--labels",
+            "normal,fault",
+            *env_prefix,
+            "--device",
+            agent.device_id,
+            "--timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**agent.env},
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["status"] == "done"
+    assert reply["result"]["label"] in ("normal", "fault")
+
+
+def test_submit_to_an_unreachable_broker_exits_69() -> None:
+    from edge_agent.broker import free_port
+
+    result = edge_agent(
+        "submit",
+        "classify",
+        "--text",
+        "x",
+        "--labels",
+        "a,b",
+        "--broker",
+        f"mqtt://127.0.0.1:{free_port()}",
+        timeout=60,
+    )
+    assert result.returncode == 69
+    assert "cannot reach broker" in result.stderr
+
+
+def test_submit_times_out_with_75(broker: LocalBroker, prefix: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "submit",
+            "classify",
+            "--text",
+            "x",
+            "--labels",
+            "a,b",
+            "--broker",
+            broker.url,
+            "--timeout",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "EDGE_AGENT_MQTT__TOPIC_PREFIX": prefix},
+    )
+    assert result.returncode == 75

@@ -1,0 +1,253 @@
+"""End to end: a real Mosquitto, the agent as a subprocess with the bundled model, jobs
+published by paho (MQTT 5) and by `mosquitto_pub -V 311`, as sensors would."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from edge_agent.broker import LocalBroker
+from edge_agent.mqtt import Requester
+from edge_agent.schema import schema_for_fields
+from tests.conftest import AgentProcess, eval_rows, reply_for, start_agent_process
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def e2e_prefix() -> str:
+    return f"e2e{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def agent(
+    broker: LocalBroker, e2e_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
+    running = start_agent_process(broker.url, e2e_prefix, tmp_path_factory.mktemp("agent"))
+    yield running
+    running.kill()
+
+
+@pytest.fixture
+def client(broker: LocalBroker, e2e_prefix: str) -> Iterator[Requester]:
+    c = Requester("127.0.0.1", broker.port, f"sensor-{uuid.uuid4().hex[:6]}")
+    c.connect()
+    c.subscribe(f"{e2e_prefix}/replies/#")
+    c.subscribe(f"{e2e_prefix}/devices/+/results")
+    yield c
+    c.close()
+
+
+def mixed_jobs(n: int) -> list[dict[str, Any]]:
+    classify = eval_rows("sensor_classify.jsonl") + eval_rows("loghub_openssh_classify.jsonl")
+    extract = eval_rows("sensor_extract.jsonl") + eval_rows("loghub_openssh_extract.jsonl")
+    jobs = []
+    for i in range(n):
+        if i % 2 == 0:
+            row = classify[i * 3 % len(classify)]
+            jobs.append(
+                {
+                    "id": f"c{i}-{uuid.uuid4().hex[:4]}",
+                    "kind": "classify",
+                    "text": row["text"],
+                    "labels": row["labels"],
+                }
+            )
+        else:
+            row = extract[i * 5 % len(extract)]
+            jobs.append(
+                {
+                    "id": f"x{i}-{uuid.uuid4().hex[:4]}",
+                    "kind": "extract",
+                    "text": row["text"],
+                    "schema": schema_for_fields(row["fields"]),
+                }
+            )
+    return jobs
+
+
+def check_done(job: dict[str, Any], reply: dict[str, Any]) -> None:
+    assert reply["status"] == "done", reply
+    assert reply["model"]["name"] == "smollm2-135m-instruct-q4_1"
+    assert (
+        reply["model"]["sha256"]
+        == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    )
+    assert reply["timings"]["total_ms"] >= reply["timings"]["prompt_ms"] > 0
+    if job["kind"] == "classify":
+        assert reply["result"]["label"] in job["labels"]
+        assert set(reply["result"]["scores"]) == set(job["labels"])
+        assert sum(reply["result"]["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+    else:
+        jsonschema.validate(reply["result"]["data"], job["schema"])
+        assert reply["timings"]["completion_tokens"] > 0
+        assert reply["timings"]["tokens_per_second"] > 0
+
+
+def test_twenty_mixed_jobs_over_mqtt5_and_mqtt311_are_all_answered(
+    agent: AgentProcess, client: Requester, e2e_prefix: str
+) -> None:
+    mosquitto_pub = shutil.which("mosquitto_pub")
+    assert mosquitto_pub, "mosquitto_pub (Debian package mosquitto-clients) is needed"
+    port = client.port
+    jobs = mixed_jobs(20)
+    for i, job in enumerate(jobs):
+        topic = f"{e2e_prefix}/jobs/{job['kind']}"
+        if i < 10:  # an MQTT 5 sensor: Response Topic and Correlation Data
+            client.publish(
+                topic,
+                json.dumps(job).encode(),
+                response_topic=f"{e2e_prefix}/replies/v5",
+                correlation_data=job["id"].encode(),
+            )
+        else:  # an MQTT 3.1.1 sensor: reply_to and correlation_id in the payload
+            body = {**job, "reply_to": f"{e2e_prefix}/replies/v311", "correlation_id": f"corr-{i}"}
+            subprocess.run(
+                [
+                    mosquitto_pub,
+                    "-V",
+                    "311",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-q",
+                    "1",
+                    "-t",
+                    topic,
+                    "-m",
+                    json.dumps(body),
+                ],
+                check=True,
+                timeout=10,
+            )
+    for i, job in enumerate(jobs):
+        reply = reply_for(client, job["id"], timeout=120)
+        check_done(job, reply)
+        if i < 10:
+            assert reply["_topic"] == f"{e2e_prefix}/replies/v5"
+            assert reply["_correlation"] == job["id"].encode()
+        else:
+            assert reply["_topic"] == f"{e2e_prefix}/replies/v311"
+            assert reply["correlation_id"] == f"corr-{i}"
+
+
+MALFORMED: list[tuple[bytes, str]] = [
+    (b"{this is not json", "bad_json"),
+    (b"\xff\xfe\xfd", "bad_encoding"),
+    (b'["a", "list"]', "not_an_object"),
+    (b'{"id": "m4", "labels": ["a"]}', "missing_field"),
+    (b'{"id": "m5", "text": "t", "labels": []}', "invalid_labels"),
+    (
+        b'{"id": "m6", "kind": "extract", "text": "t", "schema": {"type": "object", "properties": {"a": {"type": "frobnicate"}}}}',
+        "invalid_schema",
+    ),
+    (json.dumps({"id": "m7", "text": "x" * 5000, "labels": ["a", "b"]}).encode(), "text_too_long"),
+    (b'{"id": "m8", "text": 42, "labels": ["a"]}', "invalid_field"),
+    (b"[" * 20000 + b"]" * 20000, "bad_json"),  # nested past the parser's recursion limit
+    (b'{"id": "m10", "kind": "summarise", "text": "t", "labels": ["a"]}', "unknown_kind"),
+]
+
+
+def test_ten_malformed_payloads_are_rejected_and_the_agent_keeps_serving(
+    agent: AgentProcess, client: Requester, e2e_prefix: str
+) -> None:
+    reply_topic = f"{e2e_prefix}/replies/bad"
+    for i, (payload, _) in enumerate(MALFORMED):
+        kind = "extract" if b'"kind": "extract"' in payload else "classify"
+        # MQTT 5 lets even an unparseable job say where its answer goes
+        client.publish(
+            f"{e2e_prefix}/jobs/{kind}",
+            payload,
+            response_topic=reply_topic,
+            correlation_data=f"bad-{i}".encode(),
+        )
+    for i, (_, code) in enumerate(MALFORMED):
+        msg = client.wait_for(lambda m, i=i: m.correlation_data == f"bad-{i}".encode(), 30)
+        assert msg is not None, f"no reply for malformed payload {i}"
+        body = json.loads(msg.payload)
+        assert body["status"] == "rejected"
+        assert body["error"]["code"] == code, (i, body)
+    assert agent.alive()
+    job = mixed_jobs(1)[0]
+    client.publish(
+        f"{e2e_prefix}/jobs/classify", json.dumps(job).encode(), response_topic=reply_topic
+    )
+    check_done(job, reply_for(client, job["id"]))
+    rejected = [e for e in agent.log_events() if e.get("event") == "job.rejected"]
+    assert len(rejected) >= len(MALFORMED)
+    assert all("code" in e for e in rejected)
+
+
+def test_job_without_reply_topic_is_answered_on_the_device_results_topic(
+    agent: AgentProcess, client: Requester, e2e_prefix: str
+) -> None:
+    job = {
+        "id": f"plain-{uuid.uuid4().hex[:6]}",
+        "text": "Door D-1 opened.",
+        "labels": ["open", "closed"],
+    }
+    client.publish(
+        f"{e2e_prefix}/devices/{agent.device_id}/jobs/classify", json.dumps(job).encode()
+    )
+    reply = reply_for(client, job["id"])
+    assert reply["_topic"] == f"{e2e_prefix}/devices/{agent.device_id}/results"
+    assert reply["device"] == agent.device_id
+
+
+def test_presence_and_telemetry(agent: AgentProcess, client: Requester, e2e_prefix: str) -> None:
+    client.subscribe(f"{e2e_prefix}/devices/{agent.device_id}/status")
+    status = client.wait_for(lambda m: m.topic.endswith("/status"), 10)
+    assert status is not None and status.payload == b"online" and status.retain
+    client.subscribe(f"{e2e_prefix}/devices/{agent.device_id}/telemetry", qos=0)
+    msg = client.wait_for(lambda m: m.topic.endswith("/telemetry"), 10)
+    assert msg is not None
+    body = json.loads(msg.payload)
+    assert body["device"] == agent.device_id
+    assert body["memory"]["agent_rss_bytes"] > 0
+    assert body["cpu_percent"] >= 0
+    assert set(body["jobs"]) >= {"done", "failed", "rejected"}
+    assert body["queue_depth"] >= 0
+
+
+def test_sigterm_publishes_stopped_and_exits_cleanly(
+    broker: LocalBroker, prefix: str, tmp_path: Path, requester: Requester
+) -> None:
+    agent = start_agent_process(broker.url, prefix, tmp_path / "s")
+    try:
+        requester.subscribe(f"{prefix}/devices/{agent.device_id}/status")
+        first = requester.wait_for(lambda m: m.topic.endswith("/status"), 10)
+        assert first is not None and first.payload == b"online"
+        assert agent.terminate() == 0
+        last = requester.wait_for(lambda m: m.topic.endswith("/status"), 10)
+        assert last is not None and last.payload == b"stopped"
+    finally:
+        agent.kill()
+
+
+def test_mqtt311_agent_serves_fleet_jobs(
+    broker: LocalBroker, prefix: str, tmp_path: Path, requester: Requester
+) -> None:
+    agent = start_agent_process(broker.url, prefix, tmp_path / "v311", protocol="3.1.1")
+    try:
+        requester.subscribe(f"{prefix}/replies/#")
+        job = {
+            "id": "old-1",
+            "text": "Valve V-9 stuck open.",
+            "labels": ["ok", "fault"],
+            "reply_to": f"{prefix}/replies/x",
+        }
+        requester.publish(f"{prefix}/jobs/classify", json.dumps(job).encode())
+        reply = reply_for(requester, "old-1")
+        assert reply["status"] == "done"
+        assert reply["result"]["label"] in ("ok", "fault")
+    finally:
+        agent.kill()

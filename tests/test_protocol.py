@@ -1,0 +1,318 @@
+"""Wire contract v1: job parsing, error codes, reply routing (pure, no broker)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.errors import Code, JobError
+from edge_agent.protocol import (
+    Delivery,
+    JobLimits,
+    Reply,
+    ReplyRoute,
+    Status,
+    Topics,
+    parse_job,
+    reply_route,
+    timings_dict,
+)
+
+TOPICS = Topics(prefix="edge", device_id="pi-1", share_group="g")
+LIMITS = JobLimits()
+SCHEMA = {"type": "object", "properties": {"v": {"type": "number"}}, "required": ["v"]}
+
+
+def delivery(payload: Any, topic: str = "edge/jobs/classify", **kw: Any) -> Delivery:
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return Delivery(topic=topic, payload=raw, received_at=1000.0, **kw)
+
+
+def code_of(payload: Any, topic: str = "edge/jobs/classify", limits: JobLimits = LIMITS) -> Code:
+    with pytest.raises(JobError) as info:
+        parse_job(delivery(payload, topic), TOPICS, limits)
+    return info.value.code
+
+
+def test_classify_job_parses_with_kind_from_topic() -> None:
+    job = parse_job(delivery({"id": "a", "text": "t", "labels": ["x", "y"]}), TOPICS, LIMITS)
+    assert (job.kind, job.labels, job.priority) == ("classify", ("x", "y"), 5)
+    assert job.route.topic == "edge/devices/pi-1/results"
+
+
+def test_extract_job_compiles_its_schema() -> None:
+    job = parse_job(
+        delivery(
+            {"id": "b", "kind": "extract", "text": "v=1", "schema": SCHEMA}, "edge/jobs/extract"
+        ),
+        TOPICS,
+        LIMITS,
+    )
+    assert job.kind == "extract"
+    assert job.node is not None
+
+
+def test_device_topic_gives_the_kind() -> None:
+    job = parse_job(
+        delivery({"id": "c", "text": "t", "schema": SCHEMA}, "edge/devices/pi-1/jobs/extract"),
+        TOPICS,
+        LIMITS,
+    )
+    assert job.kind == "extract"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"{not json", Code.BAD_JSON),
+        (b"\xff\xfe\x00", Code.BAD_ENCODING),
+        ([1, 2], Code.NOT_AN_OBJECT),
+        ({"text": "t", "labels": ["a"]}, Code.MISSING_FIELD),
+        ({"id": "x", "labels": ["a"]}, Code.MISSING_FIELD),
+        ({"id": "x", "text": "t"}, Code.MISSING_FIELD),
+        ({"id": "x", "text": "t", "labels": []}, Code.INVALID_LABELS),
+        ({"id": "x", "text": "t", "labels": ["a", "a"]}, Code.INVALID_LABELS),
+        ({"id": "x", "text": "t", "labels": [" "]}, Code.INVALID_LABELS),
+        ({"id": "x", "text": "t", "labels": "a,b"}, Code.INVALID_LABELS),
+        ({"id": "x", "text": "t", "labels": [1, 2]}, Code.INVALID_LABELS),
+        ({"id": "x", "text": 5, "labels": ["a"]}, Code.INVALID_FIELD),
+        ({"id": "x", "text": "", "labels": ["a"]}, Code.INVALID_FIELD),
+        ({"id": "", "text": "t", "labels": ["a"]}, Code.INVALID_FIELD),
+        ({"id": "x", "text": "t", "labels": ["a"], "priority": 12}, Code.INVALID_FIELD),
+        ({"id": "x", "text": "t", "labels": ["a"], "v": 2}, Code.UNSUPPORTED_VERSION),
+        ({"id": "x", "text": "t", "labels": ["a"], "kind": "summarise"}, Code.UNKNOWN_KIND),
+        ({"id": "x", "text": "t", "labels": ["a"], "kind": "extract"}, Code.INVALID_FIELD),
+        ({"id": "x", "text": "t", "labels": ["a"], "reply_to": "a/+/b"}, Code.INVALID_REPLY_TO),
+        ({"id": "x", "text": "t", "labels": ["a"], "reply_to": "$SYS/x"}, Code.INVALID_REPLY_TO),
+        ({"id": "x", "text": "t", "labels": ["a"], "reply_to": 7}, Code.INVALID_REPLY_TO),
+        (
+            {"id": "x", "text": "t", "labels": ["a"], "deadline": "2030-01-01T00:00:00"},
+            Code.INVALID_FIELD,
+        ),
+        (
+            {"id": "x", "text": "t", "labels": ["a"], "examples": [{"text": "q", "answer": "z"}]},
+            Code.INVALID_FIELD,
+        ),
+    ],
+)
+def test_bad_classify_jobs_get_stable_codes(payload: Any, code: Code) -> None:
+    assert code_of(payload) == code
+
+
+@pytest.mark.parametrize(
+    ("schema", "code"),
+    [
+        ({"type": "string"}, Code.INVALID_SCHEMA),
+        ("not a schema", Code.INVALID_SCHEMA),
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}},
+            Code.UNSUPPORTED_SCHEMA,
+        ),
+        ({"type": "object", "properties": {"a": {"$ref": "#/x"}}}, Code.UNSUPPORTED_SCHEMA),
+        (
+            {"type": "object", "properties": {"a": {"type": "number", "minimum": 0}}},
+            Code.UNSUPPORTED_SCHEMA,
+        ),
+        ({"type": "object", "properties": {"a": {"type": "wat"}}}, Code.INVALID_SCHEMA),
+        (
+            {"type": "object", "required": ["b"], "properties": {"a": {"type": "string"}}},
+            Code.INVALID_SCHEMA,
+        ),
+        ({"type": "object", "properties": {"a": {"type": "array"}}}, Code.INVALID_SCHEMA),
+        ({"type": "object", "properties": {"a": {"enum": []}}}, Code.INVALID_SCHEMA),
+        (
+            {"type": "object", "properties": {"a": {"type": "object", "oneOf": []}}},
+            Code.UNSUPPORTED_SCHEMA,
+        ),
+    ],
+)
+def test_bad_schemas_are_rejected_before_running(schema: Any, code: Code) -> None:
+    job = {"id": "x", "kind": "extract", "text": "t", "schema": schema}
+    assert code_of(job, "edge/jobs/extract") == code
+
+
+def test_schema_nesting_limit() -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(10):
+        schema = {"type": "object", "properties": {"n": schema}}
+    assert (
+        code_of({"id": "x", "text": "t", "schema": schema}, "edge/jobs/extract")
+        == Code.INVALID_SCHEMA
+    )
+
+
+def test_text_over_the_limit_is_rejected() -> None:
+    limits = JobLimits(max_text_chars=10)
+    assert (
+        code_of({"id": "x", "text": "0123456789A", "labels": ["a"]}, limits=limits)
+        == Code.TEXT_TOO_LONG
+    )
+
+
+def test_payload_over_the_limit_is_rejected_before_parsing() -> None:
+    limits = JobLimits(max_payload_bytes=1024)
+    assert code_of(b"{" + b" " * 2000 + b"}", limits=limits) == Code.PAYLOAD_TOO_LARGE
+
+
+def test_deeply_nested_json_is_bad_json_not_a_crash() -> None:
+    assert (
+        code_of(b"[" * 100_000 + b"]" * 100_000, limits=JobLimits(max_payload_bytes=1 << 20))
+        == Code.BAD_JSON
+    )
+
+
+def test_nan_is_not_json() -> None:
+    assert code_of(b'{"id": "x", "text": "t", "labels": ["a"], "priority": NaN}') == Code.BAD_JSON
+
+
+def test_mqtt5_response_topic_wins_and_correlation_is_kept() -> None:
+    d = delivery(
+        {"id": "x", "text": "t", "labels": ["a"], "reply_to": "edge/replies/other"},
+        response_topic="edge/replies/s1",
+        correlation_data=b"\x01\x02",
+    )
+    job = parse_job(d, TOPICS, LIMITS)
+    assert job.route.topic == "edge/replies/s1"
+    assert job.route.correlation_data == b"\x01\x02"
+
+
+def test_reply_to_and_correlation_id_in_the_payload_for_mqtt311() -> None:
+    job = parse_job(
+        delivery(
+            {"id": "x", "text": "t", "labels": ["a"], "reply_to": "r/1", "correlation_id": "c9"}
+        ),
+        TOPICS,
+        LIMITS,
+    )
+    assert (job.route.topic, job.route.correlation_id) == ("r/1", "c9")
+
+
+def test_reply_prefixes_confine_reply_topics() -> None:
+    limits = JobLimits(reply_topic_prefixes=("edge/replies/",))
+    assert (
+        code_of(
+            {"id": "x", "text": "t", "labels": ["a"], "reply_to": "edge/devices/b/status"},
+            limits=limits,
+        )
+        == Code.INVALID_REPLY_TO
+    )
+    job = parse_job(
+        delivery({"id": "x", "text": "t", "labels": ["a"], "reply_to": "edge/replies/s/1"}),
+        TOPICS,
+        limits,
+    )
+    assert job.route.topic == "edge/replies/s/1"
+
+
+def test_route_of_an_unparseable_job_is_the_results_topic() -> None:
+    route = reply_route(delivery(b"garbage"), None, TOPICS, LIMITS)
+    assert route == ReplyRoute(topic="edge/devices/pi-1/results")
+
+
+def test_deadline_is_the_earliest_of_expiry_ttl_and_deadline() -> None:
+    d = delivery(
+        {
+            "id": "x",
+            "text": "t",
+            "labels": ["a"],
+            "ttl_ms": 5000,
+            "deadline": "1970-01-01T00:20:00Z",
+        },
+        expiry_s=3,
+    )
+    assert parse_job(d, TOPICS, LIMITS).deadline == 1003.0
+
+
+def test_unknown_fields_are_ignored_and_listed() -> None:
+    job = parse_job(
+        delivery({"id": "x", "text": "t", "labels": ["a"], "colour": "red"}), TOPICS, LIMITS
+    )
+    assert job.ignored == ("colour",)
+
+
+def test_reply_wire_form() -> None:
+    reply = Reply(
+        job_id="x",
+        status=Status.REJECTED,
+        device="pi-1",
+        route=ReplyRoute(topic="r", correlation_id="c"),
+        error_code=Code.OVERLOADED,
+        error_message="full",
+        retry_after_ms=300,
+    )
+    body = json.loads(reply.encode())
+    assert body == {
+        "v": 1,
+        "id": "x",
+        "status": "rejected",
+        "device": "pi-1",
+        "model": None,
+        "result": None,
+        "error": {"code": "overloaded", "message": "full", "retry_after_ms": 300},
+        "timings": None,
+        "correlation_id": "c",
+    }
+
+
+def test_timings_rates_are_derived() -> None:
+    t = timings_dict(1, 100, 500, 601, 30, 10, 50)
+    assert t["tokens_per_second"] == 100.0
+    assert t["prompt_tokens_per_second"] == 300.0
+    assert timings_dict(0, 0, 0, 0, 0, 0, 0)["tokens_per_second"] is None
+
+
+def test_topics_are_built_in_one_place() -> None:
+    assert TOPICS.shared_fleet_jobs("extract") == "$share/g/edge/jobs/extract"
+    assert TOPICS.kind_of("edge/jobs/classify") == "classify"
+    assert TOPICS.kind_of("edge/devices/pi-1/jobs/extract") == "extract"
+    assert TOPICS.kind_of("edge/devices/pi-2/jobs/extract") is None
+    assert TOPICS.kind_of("edge/devices/pi-1/status") is None
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+job_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.one_of(st.text(max_size=5), st.integers()),
+        "text": st.one_of(st.text(max_size=20), st.integers()),
+        "kind": st.sampled_from(["classify", "extract", "x", ""]),
+        "labels": st.one_of(st.lists(st.text(max_size=6), max_size=4), json_values),
+        "schema": json_values,
+        "reply_to": st.one_of(st.text(max_size=10), json_values),
+        "priority": json_values,
+        "ttl_ms": json_values,
+        "deadline": st.one_of(st.text(max_size=25), json_values),
+        "examples": json_values,
+        "progress": json_values,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        job_like.map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_parser_never_fails_other_than_with_a_job_error(payload: bytes) -> None:
+    for topic in ("edge/jobs/classify", "edge/jobs/extract"):
+        try:
+            job = parse_job(Delivery(topic=topic, payload=payload, received_at=0.0), TOPICS, LIMITS)
+        except JobError as exc:
+            assert exc.code in set(Code)
+            assert exc.message
+        else:
+            assert job.id and job.text.strip()
+            assert job.kind in ("classify", "extract")

@@ -1,0 +1,121 @@
+"""Settings: TOML file, EDGE_AGENT_* environment, flags; bad config exits 78 naming the field."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.errors import ConfigError
+from edge_agent.settings import Settings, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("edge_agent.settings.DEFAULT_CONFIG_FILE", Path("/nonexistent/config.toml"))
+    s = load_settings()
+    assert s.mqtt.broker == "mqtt://localhost:1883"
+    assert s.mqtt.protocol == "5"
+    assert s.client_id == f"edge-agent-{s.device_id}"
+
+
+def test_file_then_environment_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(
+        tmp_path, 'device_id = "from-file"\n[mqtt]\nbroker = "mqtt://file:1883"\nkeepalive_s = 20\n'
+    )
+    assert load_settings(path).mqtt.keepalive_s == 20
+    monkeypatch.setenv("EDGE_AGENT_MQTT__BROKER", "mqtt://env:1884")
+    s = load_settings(path)
+    assert (s.device_id, s.mqtt.broker, s.mqtt.keepalive_s) == ("from-file", "mqtt://env:1884", 20)
+    s = load_settings(path, mqtt={"broker": "mqtts://flag:8883"}, device_id=None)
+    assert (s.mqtt.host, s.mqtt.port, s.mqtt.tls) == ("flag", 8883, True)
+    assert s.device_id == "from-file"  # a flag that was not given hides nothing
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(ValueError, match="frozen"):
+        s.device_id = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[mqtt]\nkeepalive_s = 0\n", "mqtt.keepalive_s"),
+        ('[mqtt]\nbroker = "http://x"\n', "mqtt.broker"),
+        ('device_id = "has/slash"\n', "device_id"),
+        ("[jobs]\nmax_queue = -1\n", "jobs.max_queue"),
+        ("[mqtt]\nkeeplive_s = 3\n", "mqtt.keeplive_s"),
+        ('[mqtt]\npassword = "x"\n', "mqtt.password"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_settings(write(tmp_path, text))
+
+
+def test_malformed_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_settings(write(tmp_path, "[mqtt\nbroker = 1"))
+
+
+def test_missing_explicit_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_password_from_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "mqtt_password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    path = write(tmp_path, '[mqtt]\nusername = "pi-1"\n')
+    s = load_settings(path)
+    assert s.mqtt.password is not None
+    assert s.mqtt.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_every_field_is_described() -> None:
+    from pydantic import BaseModel
+
+    def walk(model: type[BaseModel], where: str) -> None:
+        for name, info in model.model_fields.items():
+            assert info.description, f"{where}{name} has no description"
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{where}{name}.")
+
+    walk(Settings, "")
+
+
+def test_cli_exits_78_and_names_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, "[telemetry]\ninterval_s = -5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert result.returncode == 78
+    assert "telemetry.interval_s" in result.stderr
+
+
+def test_configuration_doc_matches_the_code() -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gen_config_doc.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
