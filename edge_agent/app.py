@@ -8,27 +8,28 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from edge_agent import __version__
-from edge_agent.catalog import DEFAULT_MODEL, Catalog, ModelEntry, load_lock
-from edge_agent.errors import ConfigError
+from edge_agent.catalog import Catalog, load_lock
+from edge_agent.loader import Loaded, load_model
 from edge_agent.metrics import Metrics
 from edge_agent.mqtt import Incoming, LinkConfig, MqttLink
 from edge_agent.outbox import Outbox
 from edge_agent.probe import BoardFacts, Sampler, board_facts
-from edge_agent.protocol import KINDS, Delivery, JobLimits, ModelRef, Topics
+from edge_agent.protocol import KINDS, WIRE_VERSION, Delivery, JobLimits, Topics
 from edge_agent.runner import JobRunner
 from edge_agent.schema import SchemaLimits
 from edge_agent.settings import Settings
-from edge_agent.store import entry_for_path, locate, verify
-from edge_agent.telemetry import Identity, TelemetryLoop, build_telemetry
+from edge_agent.telemetry import Identity, TelemetryLoop, build_info, build_telemetry, encode
 from edge_agent.worker import Ack, Worker
+
+if TYPE_CHECKING:
+    from edge_agent.engine import LlamaEngine
 
 log = structlog.get_logger("edge_agent.app")
 
@@ -41,42 +42,22 @@ def load_catalog(settings: Settings) -> Catalog:
     return load_lock(settings.model.lock_file or default_lock_path())
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    path: Path
-    entry: ModelEntry | None
-    sha256: str
-    reason: str
+def open_engine(path: Path, settings: Settings, board: BoardFacts) -> LlamaEngine:
+    """Load `path` with the context the settings ask for."""
+    from edge_agent.engine import EngineConfig, LlamaEngine
 
-    @property
-    def ref(self) -> ModelRef:
-        if self.entry is not None:
-            return ModelRef(name=self.entry.name, quant=self.entry.quant, sha256=self.sha256)
-        return ModelRef(name=self.path.stem, quant="unknown", sha256=self.sha256)
-
-
-def resolve_model(settings: Settings, catalog: Catalog) -> LoadedModel:
-    """The verified file to load: the configured entry or path, else the bundled default."""
-    wanted = settings.model.name
-    if wanted is None:
-        entry = catalog.get(DEFAULT_MODEL)
-        if entry is None:
-            raise ConfigError(f"models.lock has no entry {DEFAULT_MODEL}")
-        reason = "no model configured: the bundled default"
-        path = locate(entry, settings.model_dir)
-    elif (entry := catalog.get(wanted)) is not None:
-        reason = f"configured: {wanted}"
-        path = locate(entry, settings.model_dir)
-    else:
-        path = Path(wanted).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"model.name: {wanted!r} is neither a models.lock entry nor an existing file"
-            )
-        entry = entry_for_path(catalog, path)
-        reason = f"configured path: {path}"
-    digest = verify(path, entry, settings.model.allow_unpinned)
-    return LoadedModel(path=path, entry=entry, sha256=digest, reason=reason)
+    gen_threads, batch_threads = thread_counts(settings, board.cpu_cores)
+    return LlamaEngine(
+        path,
+        EngineConfig(
+            n_ctx=settings.n_ctx,
+            n_threads=gen_threads,
+            n_threads_batch=batch_threads,
+            n_ubatch=settings.model.n_ubatch,
+            max_sequences=settings.jobs.max_labels + 1,
+            prefix_cache_bytes=settings.model.prefix_cache_mb * 1024 * 1024,
+        ),
+    )
 
 
 def thread_counts(settings: Settings, cores: int) -> tuple[int, int]:
@@ -164,41 +145,31 @@ class Agent:
         self.metrics = Metrics()
         self._stop = threading.Event()
         self.board: BoardFacts | None = None
-        self.model: LoadedModel | None = None
+        self.model: Loaded[LlamaEngine] | None = None
         self.session = 0
         self._link: MqttLink | None = None
+        self._info: dict[str, Any] | None = None
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
     def run(self) -> int:
-        from edge_agent.engine import EngineConfig, LlamaEngine  # keeps `--help` fast
-
         s = self.settings
         self.session = next_session(s.state_dir)
-        self.board = board_facts()
+        board = self.board = board_facts()
         catalog = load_catalog(s)
-        self.model = resolve_model(s, catalog)
-        gen_threads, batch_threads = thread_counts(s, self.board.cpu_cores)
+        gen_threads, batch_threads = thread_counts(s, board.cpu_cores)
         t0 = time.perf_counter()
-        engine = LlamaEngine(
-            self.model.path,
-            EngineConfig(
-                n_ctx=s.model.n_ctx or 2048,
-                n_threads=gen_threads,
-                n_threads_batch=batch_threads,
-                n_ubatch=s.model.n_ubatch,
-                max_sequences=s.jobs.max_labels + 1,
-                prefix_cache_bytes=s.model.prefix_cache_mb * 1024 * 1024,
-            ),
-        )
+        loaded = load_model(s, catalog, board, lambda path: open_engine(path, s, board))
+        engine = loaded.engine
+        self.model = loaded
         log.info(
             "model.loaded",
-            name=self.model.ref.name,
-            quant=self.model.ref.quant,
-            path=str(self.model.path),
-            sha256=self.model.sha256,
-            reason=self.model.reason,
+            name=loaded.ref.name,
+            quant=loaded.ref.quant,
+            path=str(loaded.path),
+            sha256=loaded.sha256,
+            reason=loaded.reason,
             load_ms=round((time.perf_counter() - t0) * 1000),
             threads=gen_threads,
             threads_batch=batch_threads,
@@ -212,7 +183,7 @@ class Agent:
             self.metrics,
             topics=self.topics,
             limits=job_limits(s),
-            model=self.model.ref,
+            model=loaded.ref,
             max_queue=s.jobs.max_queue,
         )
         link = MqttLink(
@@ -227,9 +198,10 @@ class Agent:
         identity = Identity(
             device=s.device_id,
             session=self.session,
-            model_name=self.model.ref.name,
-            model_quant=self.model.ref.quant,
+            model_name=loaded.ref.name,
+            model_quant=loaded.ref.quant,
         )
+        self._info = self._device_info(loaded, identity)
         telemetry = TelemetryLoop(
             s.telemetry.interval_s,
             make=lambda: build_telemetry(
@@ -297,9 +269,45 @@ class Agent:
         link.publish(self.topics.telemetry(), payload, qos=0)
 
     def _announce(self) -> None:
-        """Publish presence on every connect (and on rebirth)."""
-        if self._link is not None:
-            self._link.publish(self.topics.status(), b"online", qos=1, retain=True)
+        """Publish device info, then presence, on every connect (and on rebirth)."""
+        if self._link is None:
+            return
+        if self._info is not None:
+            self._link.publish(self.topics.info(), encode(self._info), qos=1, retain=True)
+        self._link.publish(self.topics.status(), b"online", qos=1, retain=True)
+
+    def _device_info(self, loaded: Loaded[LlamaEngine], identity: Identity) -> dict[str, Any]:
+        s = self.settings
+        assert self.board is not None
+        gen, batch = thread_counts(s, self.board.cpu_cores)
+        limits = job_limits(s)
+        capabilities = {
+            "kinds": list(KINDS),
+            "wire_version": WIRE_VERSION,
+            "mqtt_protocol": s.mqtt.protocol,
+            "max_payload_bytes": limits.max_payload_bytes,
+            "max_text_chars": limits.max_text_chars,
+            "max_labels": limits.max_labels,
+            "max_label_chars": limits.max_label_chars,
+            "max_examples": limits.max_examples,
+            "schema": {
+                "max_depth": limits.schema.max_depth,
+                "max_properties": limits.schema.max_properties,
+                "max_string_chars": limits.schema.max_string_chars,
+                "max_array_items": limits.schema.max_items,
+            },
+            "max_queue": s.jobs.max_queue,
+        }
+        model = loaded.report()
+        model["context"] = loaded.engine.facts.n_ctx
+        model["architecture"] = loaded.engine.facts.architecture
+        runtime = {
+            "n_threads": gen,
+            "n_threads_batch": batch,
+            "n_ctx": loaded.engine.facts.n_ctx,
+            "n_ubatch": s.model.n_ubatch,
+        }
+        return build_info(identity, __version__, self.board.to_dict(), model, capabilities, runtime)
 
 
 class _LazyLink:

@@ -582,7 +582,8 @@ class LlamaEngine:
         fitted = self._fits(constraint, state, best)
         if fitted is not None:
             return best, fitted
-        for width in (64, 1024):
+        # tiny vocabularies (synthetic test models): look at every token
+        for width in (min(64, self._n_vocab - 1), min(1024, self._n_vocab - 1)):
             top = np.argpartition(-logits, width)[:width]
             ordered = top[np.argsort(-logits[top])]
             for token in ordered.tolist():

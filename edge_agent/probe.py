@@ -235,3 +235,7 @@ def throttled_flags(root: Path = Path("/")) -> dict[str, bool] | None:
             continue
         return {name: bool(value >> bit & 1) for name, bit in THROTTLE_BITS.items()}
     return None
+
+
+def available_ram() -> int:
+    return int(psutil.virtual_memory().available)

@@ -191,7 +191,9 @@ class ModelSettings(_Section):
         None,
         ge=256,
         le=131072,
-        description="Context size in tokens; default sized from the job limits.",
+        description="Context size in tokens; default sized from the job limits (jobs.*): "
+        "instructions and text at 3 characters a token, plus labels or schema and the "
+        "answer, rounded up to 256.",
     )
     n_threads: int | None = Field(
         None, ge=1, le=256, description="Threads for generation; default cores - 1 (min 1)."
@@ -214,13 +216,27 @@ class ModelSettings(_Section):
         "job shapes other than the current one.",
     )
     reserve_mb: int = Field(
-        384,
+        192,
         ge=0,
         le=65536,
-        description="RAM left for the OS and other services when choosing a model.",
+        description="RAM kept for the OS when choosing a model, in MiB.",
+    )
+    reserve_fraction: float = Field(
+        0.65,
+        ge=0,
+        lt=1,
+        description="Share of the RAM above 2 GiB also kept back when choosing a model "
+        "(what bigger boards run beside the agent, and page cache). With the defaults the "
+        "choices follow the deployment table in docs/models.md.",
+    )
+    mirror: str | None = Field(
+        None,
+        description="Where `edge-agent models fetch` looks first: an http(s) base URL or a "
+        "local directory holding the files by name (air-gapped fleets).",
     )
     exclude_families: tuple[str, ...] = Field(
-        (), description="Model families never chosen automatically (e.g. ['phi-4-mini'])."
+        (),
+        description="Model families never chosen automatically: smollm2, gemma-3, phi-4-mini.",
     )
     min_tokens_per_second: float | None = Field(
         None,
@@ -240,12 +256,12 @@ class JobSettings(_Section):
         65536, ge=1024, le=16 * 1024 * 1024, description="Largest job message accepted."
     )
     max_text_chars: int = Field(
-        4000, ge=1, le=1_000_000, description="Longest `text` a job may carry."
+        2000, ge=1, le=1_000_000, description="Longest `text` a job may carry."
     )
     max_labels: int = Field(32, ge=1, le=200, description="Most labels a classify job may list.")
     max_label_chars: int = Field(64, ge=1, le=1000, description="Longest label.")
     max_instructions_chars: int = Field(
-        4000, ge=0, le=100_000, description="Longest `instructions` a job may carry."
+        1500, ge=0, le=100_000, description="Longest `instructions` a job may carry."
     )
     max_examples: int = Field(16, ge=0, le=256, description="Most few-shot examples per job.")
     max_schema_depth: int = Field(6, ge=1, le=32, description="Deepest nesting in a schema.")
@@ -328,6 +344,17 @@ class Settings(BaseSettings):
     @property
     def model_dir(self) -> Path:
         return self.model.dir or self.state_dir / "models"
+
+    @property
+    def n_ctx(self) -> int:
+        """The context size: configured, or sized from the job limits."""
+        if self.model.n_ctx is not None:
+            return self.model.n_ctx
+        j = self.jobs
+        prompt = (j.max_text_chars + j.max_instructions_chars) // 3
+        fixed = 256  # labels or schema, chat template
+        answer = 512  # the most tokens an extraction may generate (runner.MAX_NEW_TOKENS)
+        return max(512, -(-(prompt + fixed + answer) // 256) * 256)
 
     @classmethod
     def settings_customise_sources(

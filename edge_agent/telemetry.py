@@ -63,6 +63,36 @@ def build_telemetry(
     }
 
 
+def build_info(
+    identity: Identity,
+    version: str,
+    board: dict[str, Any],
+    model: dict[str, Any],
+    capabilities: dict[str, Any],
+    runtime: dict[str, Any],
+) -> dict[str, Any]:
+    """The retained device info (docs/telemetry.md): what a dashboard needs to know once."""
+    return {
+        "v": TELEMETRY_VERSION,
+        "device": identity.device,
+        "session": identity.session,
+        "agent_version": version,
+        "board": {
+            "model": board.get("board_model"),
+            "architecture": board.get("architecture"),
+            "cpu_cores": board.get("cpu_cores"),
+            "cpu_features": board.get("cpu_features"),
+            "ram_total_bytes": board.get("ram_total_bytes"),
+            "cgroup_memory_max_bytes": board.get("cgroup_memory_max_bytes"),
+            "memory_cgroup_enabled": board.get("memory_cgroup_enabled"),
+            "kernel": board.get("kernel"),
+        },
+        "model": model,
+        "runtime": runtime,
+        "capabilities": capabilities,
+    }
+
+
 def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
 

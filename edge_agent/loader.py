@@ -1,0 +1,141 @@
+"""The fallback chain at start-up: choose, find, verify and load a model, or say why not.
+
+Orchestration over `catalog.select` (pure), `store` (files) and an engine factory. If the
+chosen file is missing, corrupt, unpinned, of an architecture this llama.cpp cannot load,
+or cannot get its memory, the reason is logged and the next candidate is tried; the
+bundled default closes the chain. The outcome, with every reason, goes into the device's
+retained info message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import structlog
+
+from edge_agent.catalog import Catalog, ModelEntry, Policy, Runtime, Selection, select
+from edge_agent.errors import ConfigError, ModelError, ModelNotFound
+from edge_agent.probe import BoardFacts
+from edge_agent.protocol import ModelRef
+from edge_agent.settings import Settings
+from edge_agent.store import entry_for_path, locate, record_loaded, verify
+
+log = structlog.get_logger("edge_agent.loader")
+
+E = TypeVar("E")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class Loaded(Generic[E]):
+    engine: E
+    path: Path
+    entry: ModelEntry | None
+    sha256: str
+    reason: str
+    skipped: list[Skipped] = field(default_factory=list)
+    selection: Selection | None = None
+
+    @property
+    def ref(self) -> ModelRef:
+        if self.entry is not None:
+            return ModelRef(name=self.entry.name, quant=self.entry.quant, sha256=self.sha256)
+        return ModelRef(name=self.path.stem, quant="unknown", sha256=self.sha256)
+
+    def report(self) -> dict[str, Any]:
+        """The choice, for the device's info message and `edge-agent select`."""
+        entry = self.entry
+        return {
+            "name": self.ref.name,
+            "family": entry.family if entry else None,
+            "model": entry.model if entry else None,
+            "quant": self.ref.quant,
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "reason": self.reason,
+            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
+            "budget_bytes": self.selection.budget_bytes if self.selection else None,
+        }
+
+
+def policy_for(settings: Settings) -> Policy:
+    m = settings.model
+    pin = m.name if m.name is not None and not _looks_like_path(m.name) else None
+    return Policy(
+        reserve_bytes=m.reserve_mb * 1024 * 1024,
+        reserve_fraction=m.reserve_fraction,
+        pin=pin,
+        exclude_families=m.exclude_families,
+        min_tokens_per_second=m.min_tokens_per_second,
+        runtime=Runtime(
+            n_ctx=settings.n_ctx,
+            n_ubatch=m.n_ubatch,
+            n_seq_max=settings.jobs.max_labels + 1,
+        ),
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or name.endswith(".gguf")
+
+
+def selection_for(
+    settings: Settings, catalog: Catalog, board: BoardFacts, ram_bytes: int | None = None
+) -> Selection:
+    ram = ram_bytes if ram_bytes is not None else board.ram_total_bytes
+    cgroup = None if ram_bytes is not None else board.cgroup_memory_max_bytes
+    pinned = policy_for(settings).pin
+    if pinned is not None and catalog.get(pinned) is None:
+        raise ConfigError(f"model.name: {pinned!r} is not in models.lock and is not a .gguf path")
+    return select(catalog, ram, cgroup, policy_for(settings))
+
+
+def load_model(
+    settings: Settings,
+    catalog: Catalog,
+    board: BoardFacts,
+    open_engine: Callable[[Path], E],
+) -> Loaded[E]:
+    """Walk the chain until a model loads; raise ModelError listing every reason if none does."""
+    m = settings.model
+    if m.name is not None and _looks_like_path(m.name):
+        path = Path(m.name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.name: {path} does not exist")
+        entry = entry_for_path(catalog, path)
+        digest = verify(path, entry, m.allow_unpinned)
+        engine = open_engine(path)
+        return Loaded(engine, path, entry, digest, f"configured path {path}")
+    selection = selection_for(settings, catalog, board)
+    skipped: list[Skipped] = []
+    for candidate in selection.ranked:
+        entry = candidate.entry
+        try:
+            path = locate(entry, settings.model_dir)
+        except ModelNotFound as exc:  # not downloaded: common and expected, so quiet
+            log.debug("model.skipped", name=entry.name, reason=str(exc))
+            skipped.append(Skipped(entry.name, "not downloaded"))
+            continue
+        try:
+            digest = verify(path, entry, m.allow_unpinned)
+            engine = open_engine(path)
+        except ModelError as exc:
+            log.warning("model.skipped", name=entry.name, reason=str(exc))
+            skipped.append(Skipped(entry.name, str(exc)))
+            continue
+        reason = candidate.reason
+        if skipped:
+            reason = f"{reason}; after {len(skipped)} candidate(s) could not be used"
+        record_loaded(settings.model_dir, entry.name)
+        log.info("model.selected", name=entry.name, reason=reason, skipped=len(skipped))
+        return Loaded(engine, path, entry, digest, reason, skipped, selection)
+    listed = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
+    raise ModelError(f"no model could be loaded: {listed}")
