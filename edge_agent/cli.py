@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--protocol", choices=("5", "3.1.1"), default=None)
     demo.set_defaults(func=cmd_demo)
 
+    _add_probe_and_select(sub)
+    _add_models(sub)
+
     config = sub.add_parser(
         "config",
         help="print the effective settings (secrets masked)",
@@ -131,6 +134,86 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--state-dir", type=Path, metavar="DIR")
     config.set_defaults(func=cmd_config)
     return parser
+
+
+def _add_probe_and_select(sub: Any) -> None:
+    probe = sub.add_parser(
+        "probe",
+        help="show what this board has (RAM, cgroup, CPU, disk) and how llama.cpp will run",
+        description="Read the board's facts: total and available RAM, the cgroup v2 memory "
+        "limit and whether the memory controller is on, CPU cores and the features "
+        "llama.cpp uses, the board model, free disk in the model directory, and the "
+        "threads and context the agent would use.",
+    )
+    _common(probe)
+    probe.add_argument("--json", action="store_true", help="print one JSON object")
+    probe.set_defaults(func=cmd_probe)
+
+    choose = sub.add_parser(
+        "select",
+        help="which model this board would run, and why",
+        description="Apply the selection policy (docs/models.md) to this board, or to --ram.",
+    )
+    _common(choose)
+    choose.add_argument(
+        "--ram", metavar="SIZE", help="pretend the board has this much RAM (4G, 512M)"
+    )
+    choose.add_argument(
+        "--explain", action="store_true", help="list every candidate and its verdict"
+    )
+    choose.add_argument("--json", action="store_true", help="print one JSON object")
+    choose.add_argument("--model", metavar="NAME", help="pin a models.lock entry [model.name]")
+    choose.set_defaults(func=cmd_select)
+
+
+def _add_models(sub: Any) -> None:
+    models = sub.add_parser(
+        "models",
+        help="list, fetch, verify, clean up and pin model files",
+        description="The model store: files in the model directory (<state_dir>/models).",
+    )
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    m_list = msub.add_parser("list", help="every models.lock entry and whether it is here")
+    m_fetch = msub.add_parser(
+        "fetch",
+        help="download entries (default: the one this board would select)",
+        description="Download from the configured mirror (model.mirror), else the entry's "
+        "URL; resumes interrupted downloads, checks free disk first, verifies size and "
+        "sha256 before moving the file into place.",
+    )
+    m_fetch.add_argument("names", nargs="*", metavar="NAME")
+    m_fetch.add_argument("--mirror", metavar="URL|DIR", help="[model.mirror]")
+    m_fetch.add_argument(
+        "--allow-unpinned", action="store_true", help="download entries with no sha256 pin"
+    )
+    m_verify = msub.add_parser(
+        "verify",
+        help="check files against models.lock; exit 1 on any mismatch",
+        description="Check the given files (or every stored model) against the models.lock "
+        "entry of the same file name: size and sha256.",
+    )
+    m_verify.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    m_gc = msub.add_parser(
+        "gc",
+        help="delete model files other than the current and previous one",
+        description="Keep the model loaded last and the one before it (for rollback), and "
+        "bundled files; delete other .gguf files and abandoned partial downloads.",
+    )
+    m_gc.add_argument("--dry-run", action="store_true", help="only say what would go")
+    m_lock = msub.add_parser(
+        "lock",
+        help="compute size and sha256 of a file or URL and write them into models.lock",
+        description="Pin an entry: run once on a connected machine (or the Ansible "
+        "controller), then ship the updated models.lock with the fleet.",
+    )
+    m_lock.add_argument("source", metavar="PATH|URL")
+    m_lock.add_argument("--name", help="the entry to update (default: matched by file name)")
+    m_lock.add_argument("--lock", type=Path, metavar="FILE", help="models.lock to update")
+    m_lock.add_argument("--keep", type=Path, metavar="FILE", help="also save the download here")
+    for action in (m_list, m_fetch, m_verify, m_gc, m_lock):
+        _common(action)
+        action.add_argument("--state-dir", type=Path, metavar="DIR", help="[state_dir]")
+        action.set_defaults(func=cmd_models)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -306,3 +389,269 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edge_agent.demo import run_demo
 
     return run_demo(broker=args.broker, model=args.model, protocol=args.protocol)
+
+
+def _probe_report(settings: Settings) -> dict[str, Any]:
+    from edge_agent.app import thread_counts
+    from edge_agent.probe import available_ram, board_facts, disk_free
+
+    board = board_facts()
+    gen, batch = thread_counts(settings, board.cpu_cores)
+    return {
+        **board.to_dict(),
+        "ram_available_bytes": available_ram(),
+        "model_dir": str(settings.model_dir),
+        "disk_free_bytes": disk_free(settings.model_dir),
+        "runtime": {
+            "n_threads": gen,
+            "n_threads_batch": batch,
+            "n_ctx": settings.n_ctx,
+            "n_ubatch": settings.model.n_ubatch,
+            "n_seq_max": settings.jobs.max_labels + 1,
+        },
+    }
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from edge_agent.console import gib
+
+    report = _probe_report(settings_from(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EX_OK
+    cgroup = report["cgroup_memory_max_bytes"]
+    controller = {
+        True: "on",
+        False: "off (add cgroup_enable=memory to the kernel command line)",
+        None: "unknown (not cgroup v2)",
+    }[report["memory_cgroup_enabled"]]
+    features = " ".join(report["cpu_features"]) or "none of note"
+    rt = report["runtime"]
+    board = report["board_model"] or "unknown"
+    print(f"board     {board} ({report['architecture']}, kernel {report['kernel']})")
+    print(f"cpu       {report['cpu_cores']} cores; features: {features}")
+    total, available = gib(report["ram_total_bytes"]), gib(report["ram_available_bytes"])
+    print(f"memory    {total} total, {available} available")
+    print(f"cgroup    limit {gib(cgroup) if cgroup else 'none'}; memory controller {controller}")
+    print(f"disk      {gib(report['disk_free_bytes'])} free for {report['model_dir']}")
+    print(
+        f"llama.cpp {rt['n_threads']} threads for generation, {rt['n_threads_batch']} for prompts; "
+        f"n_ctx {rt['n_ctx']}, n_ubatch {rt['n_ubatch']}"
+    )
+    return EX_OK
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from edge_agent.app import load_catalog
+    from edge_agent.catalog import parse_size
+    from edge_agent.console import gib, table
+    from edge_agent.loader import selection_for
+    from edge_agent.probe import board_facts
+
+    settings = settings_from(args)
+    catalog = load_catalog(settings)
+    ram = parse_size(args.ram) if args.ram else None
+    selection = selection_for(settings, catalog, board_facts(), ram_bytes=ram)
+    if args.json:
+        print(json.dumps(selection.to_dict(), indent=2))
+        return EX_OK
+    chosen = selection.selected
+    est = chosen.estimate
+    where = f"{gib(selection.ram_bytes)} RAM" + (
+        f", cgroup limit {gib(selection.cgroup_limit_bytes)}"
+        if selection.cgroup_limit_bytes
+        else ""
+    )
+    print(f"selected  {chosen.entry.name} ({chosen.entry.model} {chosen.entry.quant})")
+    print(f"why       {chosen.reason}")
+    print(f"budget    {gib(selection.budget_bytes)} of {where}")
+    print(
+        f"estimate  {gib(est.total)} = weights {gib(est.weights)} + KV cache {gib(est.kv_cache)}"
+        f" + compute {gib(est.compute)} + outputs {gib(est.outputs)} + agent {gib(est.agent)}"
+    )
+    if len(selection.ranked) > 1:
+        print("fallbacks " + ", ".join(c.entry.name for c in selection.ranked[1:]))
+    if args.explain:
+        rows = [
+            (
+                c.entry.name,
+                c.entry.quant,
+                f"{c.entry.quality:g}",
+                gib(c.estimate.total),
+                "yes" if c.entry.pinned else "no",
+                "kept" if c.fits else "rejected",
+                c.reason,
+            )
+            for c in sorted(
+                selection.candidates, key=lambda c: (-c.entry.quality, c.estimate.total)
+            )
+        ]
+        table(("entry", "quant", "quality", "estimate", "pinned", "verdict", "why"), rows)
+    return EX_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from edge_agent.app import load_catalog
+
+    settings = settings_from(args)
+    catalog = load_catalog(settings)
+    action = args.models_command
+    if action == "list":
+        return _models_list(settings, catalog)
+    if action == "fetch":
+        return _models_fetch(settings, catalog, args)
+    if action == "verify":
+        return _models_verify(settings, catalog, args.paths)
+    if action == "gc":
+        return _models_gc(settings, catalog, args.dry_run)
+    return _models_lock(settings, catalog, args)
+
+
+def _models_list(settings: Settings, catalog: Any) -> int:
+    from edge_agent.console import mib, table
+    from edge_agent.store import read_selection, stored_path
+
+    current = read_selection(settings.model_dir).get("current")
+    rows = []
+    for entry in catalog.entries:
+        path = stored_path(entry, settings.model_dir)
+        here = (
+            "bundled"
+            if entry.bundled is not None and path.is_file()
+            else ("yes" if path.is_file() else "")
+        )
+        rows.append(
+            (
+                ("* " if entry.name == current else "") + entry.name,
+                entry.quant,
+                mib(entry.file_bytes),
+                "yes" if entry.pinned else "no",
+                here,
+            )
+        )
+    table(
+        ("entry", "quant", "size", "pinned", "stored"),
+        rows,
+        title=f"models in {settings.model_dir} (* loaded last)",
+    )
+    return EX_OK
+
+
+def _models_fetch(settings: Settings, catalog: Any, args: argparse.Namespace) -> int:
+    from edge_agent.console import byte_progress, err, gib
+    from edge_agent.loader import selection_for
+    from edge_agent.probe import board_facts
+    from edge_agent.store import fetch
+
+    names = list(args.names)
+    if not names:
+        names = [selection_for(settings, catalog, board_facts()).selected.entry.name]
+    failed = 0
+    for name in names:
+        entry = catalog.get(name)
+        if entry is None:
+            err.print(f"[red]{name}: not in models.lock[/red]")
+            failed += 1
+            continue
+        if entry.bundled is not None:
+            err.print(f"{name}: bundled with its package, nothing to fetch")
+            continue
+        try:
+            with byte_progress(f"fetch {name}") as progress:
+                got = fetch(
+                    entry,
+                    settings.model_dir,
+                    mirror=args.mirror or settings.model.mirror,
+                    allow_unpinned=args.allow_unpinned or settings.model.allow_unpinned,
+                    progress=progress,  # type: ignore[arg-type]
+                )
+        except EdgeAgentError as exc:
+            err.print(f"[red]{name}: {exc}[/red]")
+            failed += 1
+            continue
+        if got.already_there:
+            print(f"{name}: already there and verified ({got.path})")
+        else:
+            resumed = f", resumed at {gib(got.resumed_from)}" if got.resumed_from else ""
+            print(f"{name}: {got.path} from {got.source}{resumed}; sha256 {got.sha256}")
+    return EX_FAIL if failed else EX_OK
+
+
+def _models_verify(settings: Settings, catalog: Any, paths: list[Path]) -> int:
+    from edge_agent.console import byte_progress
+    from edge_agent.store import stored_files, stored_path, verify
+
+    targets = list(paths)
+    if not targets:
+        targets = stored_files(settings.model_dir)
+        targets += [
+            p
+            for e in catalog.entries
+            if e.bundled is not None
+            if (p := stored_path(e, settings.model_dir)).is_file() and p not in targets
+        ]
+    if not targets:
+        print(f"no model files in {settings.model_dir}")
+        return EX_OK
+    bad = 0
+    for path in targets:
+        entry = catalog.by_file(path.name)
+        if not path.is_file():
+            print(f"FAIL {path}: no such file")
+            bad += 1
+            continue
+        try:
+            with byte_progress(f"verify {path.name}") as progress:
+                digest = verify(path, entry, allow_unpinned=False, progress=progress)  # type: ignore[arg-type]
+        except EdgeAgentError as exc:
+            print(f"FAIL {path}: {exc}")
+            bad += 1
+            continue
+        print(f"ok   {path} ({entry.name if entry else '?'}, sha256 {digest[:16]}...)")
+    return EX_FAIL if bad else EX_OK
+
+
+def _models_gc(settings: Settings, catalog: Any, dry_run: bool) -> int:
+    from edge_agent.console import mib
+    from edge_agent.store import plan_gc, read_selection
+
+    selection = read_selection(settings.model_dir)
+    keep = [str(n) for n in (selection.get("current"), selection.get("previous")) if n]
+    removals = plan_gc(catalog, settings.model_dir, keep)
+    total = 0
+    verb, freed = ("would delete", "would free") if dry_run else ("deleted", "freed")
+    for removal in removals:
+        total += removal.bytes
+        print(f"{verb} {removal.path} ({mib(removal.bytes)}): {removal.why}")
+        if not dry_run:
+            removal.path.unlink(missing_ok=True)
+    print(f"kept: {', '.join(keep) or 'nothing recorded yet'}; {freed} {mib(total)}")
+    return EX_OK
+
+
+def _models_lock(settings: Settings, catalog: Any, args: argparse.Namespace) -> int:
+    from edge_agent.app import default_lock_path
+    from edge_agent.catalog import dump_lock, load_lock
+    from edge_agent.console import byte_progress
+    from edge_agent.store import digest_source, file_name_of
+
+    lock_path = args.lock or settings.model.lock_file or default_lock_path()
+    catalog = load_lock(lock_path)
+    entry = catalog.get(args.name) if args.name else catalog.by_file(file_name_of(args.source))
+    if entry is None:
+        wanted = f"named {args.name}" if args.name else f"for file {file_name_of(args.source)}"
+        raise ConfigError(f"no models.lock entry {wanted} (add the entry first, or pass --name)")
+    with byte_progress(f"hash {file_name_of(args.source)}") as progress:
+        size, digest = digest_source(args.source, keep=args.keep, progress=progress)  # type: ignore[arg-type]
+    if entry.sha256 is not None and entry.sha256 != digest:
+        print(
+            f"warning: {entry.name} was pinned to {entry.sha256}; replacing it with {digest}",
+            file=sys.stderr,
+        )
+    note = f"Pinned by `edge-agent models lock` from {args.source}."
+    updated = entry.model_copy(
+        update={"size": size, "sha256": digest, "approx_size": None, "notes": note}
+    )
+    lock_path.write_text(dump_lock(catalog.replace(updated)))
+    print(f"{entry.name}: size {size}, sha256 {digest} -> {lock_path}")
+    return EX_OK
