@@ -11,7 +11,7 @@ import pytest
 from edge_agent.broker import LocalBroker
 from tests.conftest import AgentFactory
 
-COMMANDS = ["run", "submit", "demo", "config"]
+COMMANDS = ["run", "submit", "demo", "config", "probe", "select", "models"]
 
 
 def edge_agent(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -119,3 +119,47 @@ def test_submit_times_out_with_75(broker: LocalBroker, prefix: str) -> None:
         env={**__import__("os").environ, "EDGE_AGENT_MQTT__TOPIC_PREFIX": prefix},
     )
     assert result.returncode == 75
+
+
+def test_select_json_for_a_4g_board() -> None:
+    result = edge_agent("select", "--ram", "4G", "--json")
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["selected"]["name"] == "phi-4-mini-instruct-q3_k_m"
+    for key in ("family", "name", "quant", "file", "estimate_bytes"):
+        assert key in body["selected"]
+    assert body["candidates"]
+
+
+def test_select_explain_lists_every_candidate() -> None:
+    result = edge_agent("select", "--ram", "1G", "--explain")
+    assert result.returncode == 0, result.stderr
+    assert "selected  smollm2-360m-instruct-q8_0" in result.stdout
+    assert "too big" in result.stdout
+    assert "phi-4-mini-instruct-q8_0" in result.stdout
+
+
+def test_probe_json() -> None:
+    result = edge_agent("probe", "--json")
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    for key in (
+        "ram_total_bytes",
+        "ram_available_bytes",
+        "cgroup_memory_max_bytes",
+        "memory_cgroup_enabled",
+        "cpu_cores",
+        "cpu_features",
+        "architecture",
+        "board_model",
+        "disk_free_bytes",
+        "runtime",
+    ):
+        assert key in body
+    assert body["runtime"]["n_ctx"] == 2048
+
+
+def test_models_subcommands_have_help() -> None:
+    for action in ("list", "fetch", "verify", "gc", "lock"):
+        result = edge_agent("models", action, "--help")
+        assert result.returncode == 0, action

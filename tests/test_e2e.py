@@ -251,3 +251,22 @@ def test_mqtt311_agent_serves_fleet_jobs(
         assert reply["result"]["label"] in ("ok", "fault")
     finally:
         agent.kill()
+
+
+def test_retained_device_info_carries_the_model_choice(
+    agent: AgentProcess, client: Requester, e2e_prefix: str
+) -> None:
+    client.subscribe(f"{e2e_prefix}/devices/{agent.device_id}/info")
+    msg = client.wait_for(lambda m: m.topic.endswith("/info"), 10)
+    assert msg is not None and msg.retain
+    info = json.loads(msg.payload)
+    assert info["device"] == agent.device_id
+    assert info["session"] >= 1
+    model = info["model"]
+    assert model["name"] == "smollm2-135m-instruct-q4_1"
+    assert model["sha256"].startswith("b179c952")
+    assert model["reason"]
+    assert model["context"] == 2048
+    assert any(s["reason"] == "not downloaded" for s in model["skipped"])  # the chain above it
+    assert info["capabilities"]["kinds"] == ["classify", "extract"]
+    assert info["board"]["ram_total_bytes"] > 0
