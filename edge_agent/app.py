@@ -16,6 +16,7 @@ import structlog
 
 from edge_agent import __version__
 from edge_agent.catalog import Catalog, load_lock
+from edge_agent.journal import Journal
 from edge_agent.loader import Loaded, load_model
 from edge_agent.metrics import Metrics
 from edge_agent.mqtt import Incoming, LinkConfig, MqttLink
@@ -26,7 +27,7 @@ from edge_agent.runner import JobRunner
 from edge_agent.schema import SchemaLimits
 from edge_agent.settings import Settings
 from edge_agent.telemetry import Identity, TelemetryLoop, build_info, build_telemetry, encode
-from edge_agent.worker import Ack, Worker
+from edge_agent.worker import Ack, Handing, Worker
 
 if TYPE_CHECKING:
     from edge_agent.engine import LlamaEngine
@@ -175,8 +176,14 @@ class Agent:
             threads_batch=batch_threads,
             n_ctx=engine.facts.n_ctx,
         )
+        journal = Journal(
+            s.state_dir / "journal.db",
+            dedup_window_s=s.jobs.dedup_window_s,
+            spool_max=s.jobs.spool_max,
+            synchronous=s.jobs.journal_sync.upper(),
+        )
         link_holder: list[MqttLink] = []
-        outbox = Outbox(_LazyLink(link_holder))
+        outbox = Outbox(_LazyLink(link_holder), journal, self.metrics)
         worker = Worker(
             JobRunner(engine),
             outbox,
@@ -185,12 +192,15 @@ class Agent:
             limits=job_limits(s),
             model=loaded.ref,
             max_queue=s.jobs.max_queue,
+            journal=journal,
+            handing=Handing(s.jobs.handoff_when_waiting, s.jobs.handoff_max_hops),
         )
         link = MqttLink(
             link_config(s, will_topic=self.topics.status()),
             subscriptions=self._subscriptions,
             on_message=lambda msg, ack: self._dispatch(worker, msg, ack),
-            on_connected=lambda _present: self._announce(),
+            on_connected=lambda _present: self._on_connected(outbox),
+            on_published=outbox.on_published,
         )
         link_holder.append(link)
         self._link = link
@@ -205,7 +215,10 @@ class Agent:
         telemetry = TelemetryLoop(
             s.telemetry.interval_s,
             make=lambda: build_telemetry(
-                identity, sampler.read(), self.metrics.snapshot(), worker.depth
+                identity,
+                sampler.read(),
+                {**self.metrics.snapshot(), "spool": journal.counts()},
+                worker.depth,
             ),
             publish=lambda payload: self._publish_telemetry(link, payload),
         )
@@ -227,6 +240,7 @@ class Agent:
             worker.stop(timeout=30.0)
             link.stop(final=(self.topics.status(), b"stopped"))
             engine.close()
+            journal.close()
             log.info("agent.stopped")
         return 0
 
@@ -241,9 +255,15 @@ class Agent:
         control = [t.fleet_cancel(), t.device_cancel(), t.fleet_rebirth(), t.device_rebirth()]
         return [(topic, 1) for topic in [*fleet, *device, *control]]
 
+    def _on_connected(self, outbox: Outbox) -> None:
+        self._announce()
+        # Replies that waited for the broker go out oldest first, off paho's thread.
+        threading.Thread(target=outbox.flush, name="spool-flush", daemon=True).start()
+
     def _dispatch(self, worker: Worker, msg: Incoming, ack: Ack) -> None:
         t = self.topics
         if t.kind_of(msg.topic) is not None:
+            fleet = msg.topic.startswith(f"{t.prefix}/jobs/")
             worker.receive(
                 Delivery(
                     topic=msg.topic,
@@ -252,6 +272,9 @@ class Agent:
                     response_topic=msg.response_topic,
                     correlation_data=msg.correlation_data,
                     expiry_s=msg.expiry_s,
+                    dup=msg.dup,
+                    shared=fleet and self.settings.mqtt.protocol == "5",
+                    hops=_hops(msg.user_properties),
                 ),
                 ack,
             )
@@ -316,8 +339,19 @@ class _LazyLink:
     def __init__(self, holder: list[MqttLink]) -> None:
         self._holder = holder
 
+    @property
+    def connected(self) -> bool:
+        return bool(self._holder) and self._holder[0].connected
+
     def publish(self, topic: str, payload: bytes, **kwargs: Any) -> int | None:
         return self._holder[0].publish(topic, payload, **kwargs) if self._holder else None
+
+
+def _hops(user_properties: tuple[tuple[str, str], ...]) -> int:
+    for key, value in user_properties:
+        if key == "edge-hops" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _cancel_id(payload: bytes) -> str | None:

@@ -49,6 +49,8 @@ class Incoming:
     response_topic: str | None
     correlation_data: bytes | None
     expiry_s: int | None
+    dup: bool = False
+    user_properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class MqttLink:
         on_message: Callable[[Incoming, Ack], None],
         on_connected: Callable[[bool], None] = lambda _session_present: None,
         on_disconnected: Callable[[], None] = lambda: None,
-        on_published: Callable[[int], None] = lambda _mid: None,
+        on_published: Callable[[int, int], None] = lambda _mid, _reason: None,
     ) -> None:
         self.config = config
         self._subscriptions = subscriptions
@@ -291,6 +293,7 @@ class MqttLink:
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        user = getattr(props, "UserProperty", None) if props else None
         incoming = Incoming(
             topic=msg.topic,
             payload=bytes(msg.payload),
@@ -299,6 +302,8 @@ class MqttLink:
             response_topic=response_topic,
             correlation_data=bytes(correlation) if correlation is not None else None,
             expiry_s=int(expiry) if expiry is not None else None,
+            dup=bool(msg.dup),
+            user_properties=tuple((str(k), str(v)) for k, v in user or ()),
         )
         generation, mid, qos = self._generation, msg.mid, msg.qos
 
@@ -307,8 +312,8 @@ class MqttLink:
 
         self._on_message(incoming, ack)
 
-    def _publish(self, _client: Any, _userdata: Any, mid: int, _reason: Any, _props: Any) -> None:
-        self._on_published(mid)
+    def _publish(self, _client: Any, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
+        self._on_published(mid, int(getattr(reason, "value", 0)))
 
     def _ack(self, generation: int, mid: int, qos: int) -> None:
         if qos == 0:
@@ -329,17 +334,22 @@ class MqttLink:
         retain: bool = False,
         correlation_data: bytes | None = None,
         content_type: str | None = None,
+        response_topic: str | None = None,
+        expiry_s: int | None = None,
+        user_properties: list[tuple[str, str]] | None = None,
     ) -> int | None:
-        """Hand a message to paho; returns its mid, or None when not connected."""
+        """Hand a message to paho; returns its mid, or None when not connected.
+
+        MQTT 5 properties are dropped on a 3.1.1 connection (the payload carries their
+        meaning there).
+        """
         if not self.connected:
             return None
         props = None
-        if self.v5 and (correlation_data is not None or content_type is not None):
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if correlation_data is not None:
-                props.CorrelationData = correlation_data
-            if content_type is not None:
-                props.ContentType = content_type
+        if self.v5:
+            props = _properties(
+                correlation_data, content_type, response_topic, expiry_s, user_properties
+            )
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return None
@@ -351,6 +361,29 @@ class MqttLink:
                 self._client.subscribe([(topic, SubscribeOptions(qos=qos))])
             else:
                 self._client.subscribe(topic, qos)
+
+
+def _properties(
+    correlation_data: bytes | None,
+    content_type: str | None,
+    response_topic: str | None,
+    expiry_s: int | None,
+    user_properties: list[tuple[str, str]] | None,
+) -> Properties | None:
+    if not any((correlation_data, content_type, response_topic, expiry_s, user_properties)):
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if content_type is not None:
+        props.ContentType = content_type
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if expiry_s is not None:
+        props.MessageExpiryInterval = max(1, expiry_s)
+    if user_properties:
+        props.UserProperty = user_properties
+    return props
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:

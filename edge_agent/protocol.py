@@ -122,6 +122,9 @@ class Delivery:
     response_topic: str | None = None  # MQTT 5 Response Topic
     correlation_data: bytes | None = None  # MQTT 5 Correlation Data
     expiry_s: int | None = None  # MQTT 5 Message Expiry Interval (remaining, as forwarded)
+    dup: bool = False  # the broker redelivers it (DUP flag)
+    shared: bool = False  # came through the fleet's shared subscription
+    hops: int = 0  # times agents handed it back to the fleet (user property edge-hops)
 
 
 class _Wire(BaseModel):

@@ -276,6 +276,29 @@ class JobSettings(_Section):
     )
     max_array_items: int = Field(16, ge=0, le=1000, description="Most items in an extracted array.")
     max_enum_values: int = Field(64, ge=1, le=1000, description="Most values in a schema enum.")
+    handoff_when_waiting: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description="A busy agent hands a fleet job back to the fleet topic when this many "
+        "jobs already wait for it (0: never). Mosquitto shares jobs round-robin whatever an "
+        "agent's load; handing back keeps a slow board from hoarding them (MQTT 5 only).",
+    )
+    handoff_max_hops: int = Field(
+        3, ge=1, le=20, description="A job handed back this many times is kept and queued."
+    )
+    spool_max: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Replies kept on disk while the broker is unreachable; beyond this the "
+        "oldest are dropped (and counted in telemetry).",
+    )
+    journal_sync: Literal["full", "normal"] = Field(
+        "full",
+        description="SQLite synchronous mode of the job journal: full survives power loss "
+        "(an fsync per reply), normal only a crash of the agent.",
+    )
     dedup_window_s: int = Field(
         24 * 3600,
         ge=0,

@@ -20,7 +20,9 @@ import structlog
 
 from edge_agent.errors import Code, EdgeAgentError, EngineError, JobError
 from edge_agent.inference import Interrupted
+from edge_agent.journal import DELIVERED, Journal, Stored, job_key, payload_digest
 from edge_agent.metrics import Metrics
+from edge_agent.outbox import Handoff, Memo
 from edge_agent.protocol import (
     Delivery,
     Job,
@@ -42,12 +44,26 @@ log = structlog.get_logger("edge_agent.worker")
 Ack = Callable[[], None]
 
 
-class Outbox(Protocol):
-    def deliver(self, reply: Reply, ack: Ack) -> None:
-        """Make the final reply durable, publish it, then acknowledge the job."""
+class ReplySink(Protocol):
+    def deliver(self, reply: Reply, ack: Ack, memo: Memo | None = None) -> None:
+        """Make the final reply durable, acknowledge the job, publish the reply."""
 
     def notify(self, reply: Reply) -> None:
         """Publish a progress message (accepted/running); best effort."""
+
+    def resend(self, stored: Stored) -> None:
+        """Publish a stored reply again."""
+
+    def hand_back(self, job: Handoff, ack: Ack, undo: Callable[[], None]) -> bool:
+        """Give a fleet job back to the fleet topic; False if that is not possible now."""
+
+
+@dataclass(frozen=True)
+class Handing:
+    """When a busy agent hands fleet jobs back (0 waiting jobs: never)."""
+
+    when_waiting: int = 1
+    max_hops: int = 3
 
 
 @dataclass(eq=False)
@@ -55,6 +71,8 @@ class Ticket:
     job: Job
     ack: Ack
     order: int
+    key: str | None = None  # dedup key in the journal
+    digest: str | None = None  # the job payload's digest
     cancelled: bool = False
     interrupt: str | None = None  # why a running job should stop: "cancelled" | "expired"
     extra_acks: list[Ack] = field(default_factory=list)
@@ -73,13 +91,15 @@ class Worker:
     def __init__(
         self,
         runner: JobRunner,
-        outbox: Outbox,
+        outbox: ReplySink,
         metrics: Metrics,
         *,
         topics: Topics,
         limits: JobLimits,
         model: ModelRef,
         max_queue: int,
+        journal: Journal | None = None,
+        handing: Handing = Handing(when_waiting=0),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
@@ -89,6 +109,8 @@ class Worker:
         self.limits = limits
         self.model = model
         self.max_queue = max_queue
+        self.journal = journal
+        self.handing = handing
         self.clock = clock
         self._heap: list[Ticket] = []
         self._by_id: dict[str, Ticket] = {}
@@ -127,9 +149,58 @@ class Worker:
             self.metrics.count("rejected")
             self.outbox.deliver(rejection(route, self.topics.device_id, exc), ack)
             return
-        self.offer(job, ack)
+        key = job_key(job.id, job.route.topic)
+        digest = payload_digest(delivery.payload)
+        if self._answered_before(job, key, digest, delivery, ack):
+            return
+        if self._hand_back(job, key, digest, delivery, ack):
+            return
+        self.offer(job, ack, key, digest)
 
-    def offer(self, job: Job, ack: Ack) -> None:
+    def _answered_before(
+        self, job: Job, key: str, digest: str, delivery: Delivery, ack: Ack
+    ) -> bool:
+        """A job this agent already ran: answer from the journal, never run it again."""
+        if self.journal is None:
+            return False
+        stored = self.journal.lookup(key)
+        if stored is None or stored.digest != digest:
+            return False  # new, or the same id reused for a different job
+        self.metrics.bump("duplicate_jobs")
+        if stored.state == DELIVERED and not delivery.dup:
+            self.outbox.resend(stored)  # the requester retried: give it the answer again
+        log.info("job.duplicate", job_id=job.id, redelivered=delivery.dup, reply_state=stored.state)
+        ack()
+        return True
+
+    def _hand_back(self, job: Job, key: str, digest: str, delivery: Delivery, ack: Ack) -> bool:
+        h = self.handing
+        if not delivery.shared or h.when_waiting <= 0 or delivery.hops >= h.max_hops:
+            return False
+        with self._cond:
+            waiting = len(self._by_id) - (1 if self._running else 0)
+            busy = self._running is not None and waiting >= h.when_waiting
+        if not busy:
+            return False
+        handoff = Handoff(
+            topic=self.topics.fleet_jobs(job.kind),
+            payload=delivery.payload,
+            response_topic=delivery.response_topic,
+            correlation_data=delivery.correlation_data,
+            deadline=job.deadline,
+            hops=delivery.hops + 1,
+        )
+
+        def keep_it() -> None:
+            self.offer(job, ack, key, digest)
+
+        if not self.outbox.hand_back(handoff, ack, keep_it):
+            return False
+        self.metrics.bump("handed_back")
+        log.info("job.handed_back", job_id=job.id, hops=handoff.hops, waiting=waiting)
+        return True
+
+    def offer(self, job: Job, ack: Ack, key: str | None = None, digest: str | None = None) -> None:
         with self._cond:
             if self._closing:
                 return  # not acknowledged: the broker redelivers it after restart
@@ -156,7 +227,7 @@ class Worker:
             if job.progress:  # before the queue, so `accepted` always precedes `running`
                 self.outbox.notify(self._status(job, Status.ACCEPTED))
             self._order += 1
-            ticket = Ticket(job=job, ack=ack, order=self._order)
+            ticket = Ticket(job=job, ack=ack, order=self._order, key=key, digest=digest)
             heapq.heappush(self._heap, ticket)
             self._by_id[job.id] = ticket
             self._cond.notify()
@@ -329,7 +400,15 @@ class Worker:
             for ack in acks:
                 ack()
 
-        self.outbox.deliver(reply, ack_all)
+        # Only jobs that ran are remembered: a retry after `overloaded`, `expired` or
+        # `cancelled` is a new attempt and must run.
+        remember = reply.status in (Status.DONE, Status.FAILED)
+        memo = Memo(
+            key=ticket.key if remember else None,
+            digest=ticket.digest if remember else None,
+            deadline=ticket.job.deadline,
+        )
+        self.outbox.deliver(reply, ack_all, memo)
 
     def _status(
         self, job: Job, status: Status, code: Code | None = None, message: str | None = None

@@ -12,11 +12,13 @@ from typing import Any
 from edge_agent.constraint import JsonConstraint
 from edge_agent.errors import Code, EngineError
 from edge_agent.inference import Classification, Extraction, Interrupted, StopCheck, Timings
+from edge_agent.journal import Journal, Stored
 from edge_agent.metrics import Metrics
+from edge_agent.outbox import Handoff, Memo
 from edge_agent.prompt import PromptPlan
 from edge_agent.protocol import Delivery, JobLimits, ModelRef, Reply, Topics
 from edge_agent.runner import JobRunner
-from edge_agent.worker import Worker
+from edge_agent.worker import Handing, Worker
 
 TOPICS = Topics("edge", "pi-1", "g")
 
@@ -72,16 +74,28 @@ class RecordingOutbox:
     replies: list[Reply] = field(default_factory=list)
     progress: list[Reply] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
+    memos: list[Memo | None] = field(default_factory=list)
+    resent: list[Stored] = field(default_factory=list)
+    handed: list[Handoff] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def deliver(self, reply: Reply, ack: Callable[[], None]) -> None:
+    def deliver(self, reply: Reply, ack: Callable[[], None], memo: Memo | None = None) -> None:
         with self.cond:
             self.replies.append(reply)
+            self.memos.append(memo)
             ack()
             self.cond.notify_all()
 
     def notify(self, reply: Reply) -> None:
         self.progress.append(reply)
+
+    def resend(self, stored: Stored) -> None:
+        self.resent.append(stored)
+
+    def hand_back(self, job: Handoff, ack: Callable[[], None], undo: Callable[[], None]) -> bool:
+        self.handed.append(job)
+        ack()
+        return True
 
     def wait(self, count: int, timeout: float = 5.0) -> list[Reply]:
         with self.cond:
@@ -265,3 +279,132 @@ def test_progress_messages_when_asked() -> None:
     outbox.wait(1)
     worker.stop()
     assert [str(r.status) for r in outbox.progress] == ["accepted", "running"]
+
+
+def journaled_worker(
+    tmp_path: Any, engine: FakeEngine, **kw: Any
+) -> tuple[Worker, RecordingOutbox, Journal]:
+    journal = Journal(tmp_path / "j.db", dedup_window_s=3600, spool_max=100)
+    outbox = RecordingOutbox()
+    worker = Worker(
+        JobRunner(engine),
+        outbox,
+        Metrics(),
+        topics=TOPICS,
+        limits=JobLimits(),
+        model=ModelRef("fake", "Q0", None),
+        max_queue=8,
+        journal=journal,
+        **kw,
+    )
+    worker.start()
+    return worker, outbox, journal
+
+
+def deliver(worker: Worker, outbox: RecordingOutbox, body: dict[str, Any], **kw: Any) -> None:
+    payload = json.dumps({"labels": ["a", "b"], "text": body["id"], **body}).encode()
+    worker.receive(
+        Delivery(
+            topic=kw.pop("topic", "edge/jobs/classify"),
+            payload=payload,
+            received_at=time.time(),
+            **kw,
+        ),
+        lambda: outbox.acks.append(body["id"]),
+    )
+
+
+def test_a_job_that_ran_is_answered_from_the_journal_and_never_runs_twice(tmp_path: Any) -> None:
+    engine = FakeEngine()
+    worker, outbox, journal = journaled_worker(tmp_path, engine)
+    deliver(worker, outbox, {"id": "once"})
+    first = outbox.wait(1)[0]
+    memo = outbox.memos[0]
+    assert memo is not None and memo.key is not None
+    # the outbox would journal it; do what it does, as delivered
+    row = journal.record(
+        key=memo.key,
+        digest=memo.digest,
+        job_id="once",
+        status="done",
+        topic=first.route.topic,
+        payload=first.encode(),
+        correlation=None,
+        deadline=None,
+    )
+    journal.mark_delivered(row)
+    deliver(worker, outbox, {"id": "once"}, dup=True)  # the broker redelivers: ack, no reply
+    deliver(worker, outbox, {"id": "once"})  # the requester retries: the stored reply again
+    time.sleep(0.1)
+    worker.stop()
+    assert engine.seen == ["once"]
+    assert len(outbox.resent) == 1 and outbox.resent[0].payload == first.encode()
+    assert outbox.acks == ["once", "once", "once"]
+
+
+def test_same_id_with_a_different_payload_is_a_new_job(tmp_path: Any) -> None:
+    engine = FakeEngine()
+    worker, outbox, journal = journaled_worker(tmp_path, engine)
+    deliver(worker, outbox, {"id": "reused", "text": "first"})
+    reply = outbox.wait(1)[0]
+    memo = outbox.memos[0]
+    assert memo is not None
+    journal.record(
+        key=memo.key,
+        digest=memo.digest,
+        job_id="reused",
+        status="done",
+        topic=reply.route.topic,
+        payload=reply.encode(),
+        correlation=None,
+        deadline=None,
+    )
+    deliver(worker, outbox, {"id": "reused", "text": "second"})
+    outbox.wait(2)
+    worker.stop()
+    assert engine.seen == ["first", "second"]
+
+
+def test_only_jobs_that_ran_are_remembered(tmp_path: Any) -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    worker, outbox, _ = journaled_worker(tmp_path, engine)
+    worker.max_queue = 1
+    deliver(worker, outbox, {"id": "runs"})
+    wait_running(engine, "runs")
+    deliver(worker, outbox, {"id": "waits"})
+    deliver(worker, outbox, {"id": "overflow"})
+    gate.set()
+    replies = outbox.wait(3)
+    worker.stop()
+    memos = {r.job_id: m for r, m in zip(replies, outbox.memos, strict=True)}
+    assert memos["overflow"] is None or memos["overflow"].key is None  # a retry must run
+    assert memos["runs"] is not None and memos["runs"].key is not None
+
+
+def test_busy_agent_hands_fleet_jobs_back(tmp_path: Any) -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    worker, outbox, _ = journaled_worker(
+        tmp_path, engine, handing=Handing(when_waiting=1, max_hops=3)
+    )
+    deliver(worker, outbox, {"id": "j1"}, shared=True)
+    wait_running(engine, "j1")
+    deliver(worker, outbox, {"id": "j2"}, shared=True)  # waits: 1 waiting now
+    deliver(worker, outbox, {"id": "j3"}, shared=True, response_topic="r/1", correlation_data=b"c")
+    deliver(worker, outbox, {"id": "j4"}, shared=True, hops=3)  # handed back enough: kept
+    deliver(
+        worker, outbox, {"id": "j5"}, topic="edge/devices/pi-1/jobs/classify"
+    )  # for this device
+    gate.set()
+    outbox.wait(4)
+    worker.stop()
+    assert [h.hops for h in outbox.handed] == [1]
+    handed = outbox.handed[0]
+    assert (handed.topic, handed.response_topic, handed.correlation_data) == (
+        "edge/jobs/classify",
+        "r/1",
+        b"c",
+    )
+    assert json.loads(handed.payload)["id"] == "j3"
+    assert sorted(engine.seen) == ["j1", "j2", "j4", "j5"]
