@@ -193,7 +193,7 @@ class Agent:
             model=loaded.ref,
             max_queue=s.jobs.max_queue,
             journal=journal,
-            handing=Handing(s.jobs.handoff_when_waiting, s.jobs.handoff_max_hops),
+            handing=Handing(s.jobs.handoff, s.jobs.handoff_keep, s.jobs.handoff_max_hops),
         )
         link = MqttLink(
             link_config(s, will_topic=self.topics.status()),
@@ -222,6 +222,7 @@ class Agent:
             ),
             publish=lambda payload: self._publish_telemetry(link, payload),
         )
+        outbox.start()
         worker.start()
         link.start()
         telemetry.start()
@@ -239,6 +240,7 @@ class Agent:
             telemetry.stop()
             worker.stop(timeout=30.0)
             link.stop(final=(self.topics.status(), b"stopped"))
+            outbox.stop()
             engine.close()
             journal.close()
             log.info("agent.stopped")

@@ -66,6 +66,7 @@ class LocalBroker:
         self.port = port or free_port()
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="edge-broker-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_config = extra_config
         self.verbose = verbose
         self.process: subprocess.Popen[bytes] | None = None

@@ -13,6 +13,7 @@ plain round-robin cannot strand jobs behind a slow board (docs/delivery.md).
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -83,12 +84,44 @@ class Outbox:
         self._lock = threading.Lock()
         self._rows: dict[int, int] = {}  # paho mid -> journal row, for replies in flight
         self._handoffs: dict[int, tuple[Ack, Callable[[], None]]] = {}  # mid -> (ack, undo)
+        self._acks: dict[int, Ack] = {}  # mid of an unjournaled reply -> its job's ack
         self._flushing = threading.Lock()
+        # Broker acknowledgements are settled on a thread of our own: paho calls
+        # on_published holding its outgoing-message lock, and we publish while holding
+        # self._lock (so a mid is registered before its PUBACK is looked up); taking
+        # self._lock in the callback would deadlock against that.
+        self._settle_queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._settler: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._settler = threading.Thread(target=self._settle_loop, name="outbox-acks", daemon=True)
+        self._settler.start()
+
+    def stop(self) -> None:
+        self._settle_queue.put(None)
+        if self._settler is not None:
+            self._settler.join(5)
 
     # ---- final replies ----------------------------------------------------------------
 
     def deliver(self, reply: Reply, ack: Ack, memo: Memo | None = None) -> None:
-        """Journal the reply (committed), acknowledge the job, then publish."""
+        """Get the reply out, and acknowledge the job only once the reply is safe.
+
+        A reply to remember (a job that ran) is committed to the journal first, then the
+        job is acknowledged, then the reply is published. Any other reply (a rejection, an
+        expiry) is published and the job acknowledged when the broker has the reply (its
+        PUBACK), which spares an fsync per bad message; if the broker is unreachable it
+        goes to the journal like the others.
+        """
+        deadline = memo.deadline if memo else None
+        if (memo is None or memo.key is None) and self.link.connected:
+            with self._lock:
+                mid = self._publish(
+                    reply.route.topic, reply.encode(), reply.route.correlation_data, deadline
+                )
+                if mid is not None:
+                    self._acks[mid] = ack
+                    return
         row = self.journal.record(
             key=memo.key if memo else None,
             digest=memo.digest if memo else None,
@@ -101,16 +134,12 @@ class Outbox:
         )
         ack()
         self._send_row(
-            row,
-            reply.route.topic,
-            reply.encode(),
-            reply.route.correlation_data,
-            memo.deadline if memo else None,
+            row, reply.route.topic, reply.encode(), reply.route.correlation_data, deadline
         )
 
-    def resend(self, stored: Stored) -> None:
+    def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
         """Publish a stored reply again (a requester retried a job already answered)."""
-        self._publish(stored.topic, stored.payload, stored.correlation, stored.deadline)
+        self._publish(stored.topic, stored.payload, correlation_data, stored.deadline)
 
     def notify(self, reply: Reply) -> None:
         """Progress messages (accepted, running): best effort, never journaled."""
@@ -206,9 +235,23 @@ class Outbox:
     # ---- broker acknowledgements (paho's thread) -----------------------------------------
 
     def on_published(self, mid: int, reason: int) -> None:
+        """paho's thread: hand the acknowledgement over and return at once."""
+        self._settle_queue.put((mid, reason))
+
+    def _settle_loop(self) -> None:
+        while (item := self._settle_queue.get()) is not None:
+            try:
+                self._settle(*item)
+            except Exception:  # a failed settlement must not stop the others
+                log.exception("outbox.settle_failed", mid=item[0])
+
+    def _settle(self, mid: int, reason: int) -> None:
         with self._lock:
             row = self._rows.pop(mid, None)
             handoff = self._handoffs.pop(mid, None)
+            ack_job = self._acks.pop(mid, None)
+        if ack_job is not None:
+            ack_job()
         if row is not None:
             if reason >= 0x80:
                 log.warning("reply.refused_by_broker", reason=hex(reason), row=row)

@@ -276,13 +276,17 @@ class JobSettings(_Section):
     )
     max_array_items: int = Field(16, ge=0, le=1000, description="Most items in an extracted array.")
     max_enum_values: int = Field(64, ge=1, le=1000, description="Most values in a schema enum.")
-    handoff_when_waiting: int = Field(
-        1,
+    handoff: bool = Field(
+        True,
+        description="A busy agent hands fleet jobs back to the fleet topic instead of "
+        "queueing them (MQTT 5 only). Mosquitto shares jobs round-robin whatever an agent's "
+        "load; handing back keeps a slow board from hoarding them (docs/delivery.md).",
+    )
+    handoff_keep: int = Field(
+        0,
         ge=0,
         le=1000,
-        description="A busy agent hands a fleet job back to the fleet topic when this many "
-        "jobs already wait for it (0: never). Mosquitto shares jobs round-robin whatever an "
-        "agent's load; handing back keeps a slow board from hoarding them (MQTT 5 only).",
+        description="Fleet jobs a busy agent still keeps waiting before it hands more back.",
     )
     handoff_max_hops: int = Field(
         3, ge=1, le=20, description="A job handed back this many times is kept and queued."

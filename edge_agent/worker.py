@@ -51,8 +51,8 @@ class ReplySink(Protocol):
     def notify(self, reply: Reply) -> None:
         """Publish a progress message (accepted/running); best effort."""
 
-    def resend(self, stored: Stored) -> None:
-        """Publish a stored reply again."""
+    def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
+        """Publish a stored reply again, with this attempt's correlation data."""
 
     def hand_back(self, job: Handoff, ack: Ack, undo: Callable[[], None]) -> bool:
         """Give a fleet job back to the fleet topic; False if that is not possible now."""
@@ -60,9 +60,10 @@ class ReplySink(Protocol):
 
 @dataclass(frozen=True)
 class Handing:
-    """When a busy agent hands fleet jobs back (0 waiting jobs: never)."""
+    """Whether and when a busy agent hands fleet jobs back to the fleet topic."""
 
-    when_waiting: int = 1
+    enabled: bool = True
+    keep: int = 0  # fleet jobs kept waiting behind the running one before handing back
     max_hops: int = 3
 
 
@@ -99,7 +100,7 @@ class Worker:
         model: ModelRef,
         max_queue: int,
         journal: Journal | None = None,
-        handing: Handing = Handing(when_waiting=0),
+        handing: Handing = Handing(enabled=False),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
@@ -167,19 +168,25 @@ class Worker:
         if stored is None or stored.digest != digest:
             return False  # new, or the same id reused for a different job
         self.metrics.bump("duplicate_jobs")
-        if stored.state == DELIVERED and not delivery.dup:
-            self.outbox.resend(stored)  # the requester retried: give it the answer again
+        # A broker redelivery (DUP) of a job whose reply is out or on its way needs no
+        # second reply. A new publish of the same job is the requester retrying: it gets
+        # the stored reply again, carrying the Correlation Data of this attempt.
+        fresh_attempt = not delivery.dup or delivery.correlation_data != stored.correlation
+        if fresh_attempt and (
+            stored.state == DELIVERED or delivery.correlation_data != stored.correlation
+        ):
+            self.outbox.resend(stored, delivery.correlation_data)
         log.info("job.duplicate", job_id=job.id, redelivered=delivery.dup, reply_state=stored.state)
         ack()
         return True
 
     def _hand_back(self, job: Job, key: str, digest: str, delivery: Delivery, ack: Ack) -> bool:
         h = self.handing
-        if not delivery.shared or h.when_waiting <= 0 or delivery.hops >= h.max_hops:
+        if not delivery.shared or not h.enabled or delivery.hops >= h.max_hops:
             return False
         with self._cond:
             waiting = len(self._by_id) - (1 if self._running else 0)
-            busy = self._running is not None and waiting >= h.when_waiting
+            busy = self._running is not None and waiting >= h.keep
         if not busy:
             return False
         handoff = Handoff(
@@ -324,6 +331,7 @@ class Worker:
                 ),
             )
             return
+        log.debug("job.started", job_id=job.id, kind=job.kind, queue_ms=round(queue_ms, 1))
         if job.progress:
             self.outbox.notify(self._status(job, Status.RUNNING))
 

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.harness import AgentProcess, start_agent_process
 from edge_agent.broker import LocalBroker
 from edge_agent.catalog import Catalog
 from edge_agent.mqtt import Incoming, Requester
@@ -103,113 +99,7 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-@dataclass
-class AgentProcess:
-    """An agent started as a subprocess (as systemd would), with its log."""
-
-    proc: subprocess.Popen[bytes]
-    device_id: str
-    prefix: str
-    state_dir: Path
-    log_path: Path
-    args: list[str]
-    env: dict[str, str]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_events(self) -> list[dict[str, Any]]:
-        events = []
-        for line in self.log_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-        return events
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def terminate(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-
 AgentFactory = Callable[..., AgentProcess]
-
-
-def start_agent_process(
-    broker_url: str,
-    prefix: str,
-    state_dir: Path,
-    *,
-    device_id: str | None = None,
-    protocol: str = "5",
-    env: dict[str, str] | None = None,
-    extra_args: list[str] | None = None,
-    wait_online: bool = True,
-    timeout: float = 60,
-) -> AgentProcess:
-    device = device_id or f"dev-{uuid.uuid4().hex[:6]}"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / f"agent-{device}-{int(time.time() * 1000)}.log"
-    full_env = {
-        **os.environ,
-        "EDGE_AGENT_MQTT__TOPIC_PREFIX": prefix,
-        "EDGE_AGENT_TELEMETRY__INTERVAL_S": "1",
-        "EDGE_AGENT_MODEL__N_THREADS": "2",
-        "EDGE_AGENT_MQTT__RECONNECT_MAX_S": "1",
-        **(env or {}),
-    }
-    args = [
-        sys.executable,
-        "-m",
-        "edge_agent",
-        "run",
-        "--broker",
-        broker_url,
-        "--device-id",
-        device,
-        "--state-dir",
-        str(state_dir),
-        "--protocol",
-        protocol,
-        "--log-format",
-        "json",
-        "--log-level",
-        "debug",
-        *(extra_args or []),
-    ]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
-    agent = AgentProcess(proc, device, prefix, state_dir, log_path, args, full_env)
-    if wait_online:
-        wait_for_log(agent, "agent.started", timeout)
-        wait_for_log(agent, "mqtt.connected", timeout)
-    return agent
-
-
-def wait_for_log(agent: AgentProcess, event: str, timeout: float, count: int = 1) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [e for e in agent.log_events() if e.get("event") == event]
-        if len(found) >= count:
-            return found[count - 1]
-        if not agent.alive():
-            raise AssertionError(
-                f"agent exited ({agent.proc.returncode}) before {event}:\n{agent.log_text()[-3000:]}"
-            )
-        time.sleep(0.05)
-    raise AssertionError(
-        f"no {event} in the agent log within {timeout}s:\n{agent.log_text()[-3000:]}"
-    )
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ class RecordingOutbox:
     def notify(self, reply: Reply) -> None:
         self.progress.append(reply)
 
-    def resend(self, stored: Stored) -> None:
+    def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
         self.resent.append(stored)
 
     def hand_back(self, job: Handoff, ack: Callable[[], None], undo: Callable[[], None]) -> bool:
@@ -385,9 +385,7 @@ def test_only_jobs_that_ran_are_remembered(tmp_path: Any) -> None:
 def test_busy_agent_hands_fleet_jobs_back(tmp_path: Any) -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    worker, outbox, _ = journaled_worker(
-        tmp_path, engine, handing=Handing(when_waiting=1, max_hops=3)
-    )
+    worker, outbox, _ = journaled_worker(tmp_path, engine, handing=Handing(keep=1, max_hops=3))
     deliver(worker, outbox, {"id": "j1"}, shared=True)
     wait_running(engine, "j1")
     deliver(worker, outbox, {"id": "j2"}, shared=True)  # waits: 1 waiting now
