@@ -264,31 +264,38 @@ class Agent:
 
     def _dispatch(self, worker: Worker, msg: Incoming, ack: Ack) -> None:
         t = self.topics
-        if t.kind_of(msg.topic) is not None:
-            fleet = msg.topic.startswith(f"{t.prefix}/jobs/")
-            worker.receive(
-                Delivery(
-                    topic=msg.topic,
-                    payload=msg.payload,
-                    received_at=time.time(),
-                    response_topic=msg.response_topic,
-                    correlation_data=msg.correlation_data,
-                    expiry_s=msg.expiry_s,
-                    dup=msg.dup,
-                    shared=fleet and self.settings.mqtt.protocol == "5",
-                    hops=_hops(msg.user_properties),
-                ),
-                ack,
-            )
-            return
-        ack()
+        # Control topics first: the fleet cancel topic, <prefix>/jobs/cancel, has the shape
+        # of a job topic.
         if msg.topic in (t.fleet_cancel(), t.device_cancel()):
+            ack()
             job_id = _cancel_id(msg.payload)
             if job_id is not None:
                 found = worker.cancel(job_id)
                 log.info("job.cancel_requested", job_id=job_id, found=found)
-        elif msg.topic in (t.fleet_rebirth(), t.device_rebirth()):
+            return
+        if msg.topic in (t.fleet_rebirth(), t.device_rebirth()):
+            ack()
             self._announce()
+            return
+        if t.kind_of(msg.topic) is None:
+            ack()
+            log.warning("mqtt.unexpected_topic", topic=msg.topic)
+            return
+        fleet = msg.topic.startswith(f"{t.prefix}/jobs/")
+        worker.receive(
+            Delivery(
+                topic=msg.topic,
+                payload=msg.payload,
+                received_at=time.time(),
+                response_topic=msg.response_topic,
+                correlation_data=msg.correlation_data,
+                expiry_s=msg.expiry_s,
+                dup=msg.dup,
+                shared=fleet and self.settings.mqtt.protocol == "5",
+                hops=_hops(msg.user_properties),
+            ),
+            ack,
+        )
 
     def _publish_telemetry(self, link: MqttLink, payload: bytes) -> None:
         link.publish(self.topics.telemetry(), payload, qos=0)

@@ -271,3 +271,63 @@ def test_retained_device_info_carries_the_model_choice(
     assert any(s["reason"] == "not downloaded" for s in model["skipped"])  # the chain above it
     assert info["capabilities"]["kinds"] == ["classify", "extract"]
     assert info["board"]["ram_total_bytes"] > 0
+
+
+def test_progress_then_cancel_of_a_running_job(
+    agent: AgentProcess, client: Requester, e2e_prefix: str
+) -> None:
+    job = {
+        "id": f"long-{uuid.uuid4().hex[:6]}",
+        "kind": "extract",
+        "progress": True,
+        "text": "Write everything you know about pumps.",
+        "schema": {
+            "type": "object",
+            "properties": {"notes": {"type": "array", "items": {"type": "string"}, "minItems": 16}},
+        },
+    }
+    client.publish(
+        f"{e2e_prefix}/jobs/extract",
+        json.dumps(job).encode(),
+        response_topic=f"{e2e_prefix}/replies/p",
+    )
+    statuses = []
+    for _ in range(2):
+        msg = client.wait_for(lambda m: json.loads(m.payload).get("id") == job["id"], 30)
+        assert msg is not None
+        statuses.append(json.loads(msg.payload)["status"])
+    assert statuses == ["accepted", "running"]
+    client.publish(f"{e2e_prefix}/jobs/cancel", json.dumps({"id": job["id"]}).encode())
+    reply = reply_for(client, job["id"], timeout=30)
+    assert reply["status"] == "cancelled"
+    assert reply["error"]["code"] == "cancelled"
+
+
+def test_message_expiry_is_the_deadline(
+    agent: AgentProcess, client: Requester, e2e_prefix: str
+) -> None:
+    blocker = {
+        "id": f"block-{uuid.uuid4().hex[:6]}",
+        "kind": "extract",
+        "text": "Write a long note.",
+        "schema": {
+            "type": "object",
+            "properties": {"n": {"type": "array", "items": {"type": "string"}, "minItems": 16}},
+        },
+    }
+    late = {"id": f"late-{uuid.uuid4().hex[:6]}", "text": "Door open.", "labels": ["a", "b"]}
+    client.publish(
+        f"{e2e_prefix}/devices/{agent.device_id}/jobs/extract",
+        json.dumps(blocker).encode(),
+        response_topic=f"{e2e_prefix}/replies/e",
+    )
+    client.publish(
+        f"{e2e_prefix}/devices/{agent.device_id}/jobs/classify",
+        json.dumps(late).encode(),
+        response_topic=f"{e2e_prefix}/replies/e",
+        expiry_s=1,
+    )
+    reply = reply_for(client, late["id"], timeout=60)
+    assert reply["status"] == "expired"
+    assert reply["error"]["code"] == "deadline_exceeded"
+    reply_for(client, blocker["id"], timeout=120)
