@@ -44,6 +44,8 @@ RETENTION["Q4_0"] = RETENTION["Q4_K_M"]
 # libraries (52 MiB measured on x86-64 after imports) plus a margin, and the token piece
 # table the constrained decoder keeps (about 48 bytes a token in Python objects).
 AGENT_BASE_BYTES = 56 * MIB
+# Bytes per block of 32 values: the lock's kv_bytes_per_token is for f16 (64).
+KV_BYTES = {"f16": 64, "q8_0": 34}
 PIECE_BYTES_PER_TOKEN = 48
 
 
@@ -216,13 +218,14 @@ class Runtime:
     n_ctx: int = 2048
     n_ubatch: int = 128
     n_seq_max: int = 33
+    kv_cache_type: str = "f16"
 
 
 def estimate(entry: ModelEntry, runtime: Runtime) -> Estimate:
     weights = entry.file_bytes or 0
     return Estimate(
         weights=weights,
-        kv_cache=entry.kv_bytes_per_token * runtime.n_ctx,
+        kv_cache=entry.kv_bytes_per_token * runtime.n_ctx * KV_BYTES[runtime.kv_cache_type] // 64,
         compute=entry.n_vocab * runtime.n_ubatch * 4 + 2 * MIB,
         outputs=entry.n_vocab * 4 * runtime.n_seq_max,
         agent=AGENT_BASE_BYTES + entry.n_vocab * PIECE_BYTES_PER_TOKEN,
@@ -242,6 +245,8 @@ class Policy:
     exclude_families: tuple[str, ...] = ()
     min_tokens_per_second: float | None = None
     runtime: Runtime = field(default_factory=Runtime)
+    # tokens/s this board measured (edge-agent bench), by entry; beats the lock's figure
+    measured_speeds: dict[str, float] = field(default_factory=dict)
 
 
 def budget(ram_bytes: int, cgroup_limit: int | None, policy: Policy) -> int:
@@ -366,10 +371,12 @@ def _rejection(entry: ModelEntry, est: Estimate, limit: int, policy: Policy) -> 
     if est.total > limit:
         return f"too big ({_gib(est.total)} > {_gib(limit)})"
     floor = policy.min_tokens_per_second
-    speed = entry.pi5_tokens_per_second
+    measured = policy.measured_speeds.get(entry.name)
+    speed = measured if measured is not None else entry.pi5_tokens_per_second
     if floor is not None and (speed is None or speed < floor):
         shown = "unknown" if speed is None else f"{speed:g}"
-        return f"too slow ({shown} < {floor:g} tokens/s on a Pi 5)"
+        where = "measured here" if measured is not None else "on a Pi 5"
+        return f"too slow ({shown} < {floor:g} tokens/s {where})"
     return None
 
 

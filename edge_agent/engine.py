@@ -21,6 +21,7 @@ import hashlib
 import math
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class EngineConfig:
     n_ubatch: int = 128
     max_sequences: int = 33  # 1 for the prompt + one per scored label
     prefix_cache_bytes: int = 32 * 1024 * 1024
+    kv_cache_type: str = "f16"  # or "q8_0": half the memory, needs flash attention, slower
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,11 @@ class LlamaEngine:
         # trimmed back after each job.
         ctx_params.swa_full = True
         ctx_params.no_perf = True
+        if config.kv_cache_type == "q8_0":
+            # Quantized V needs flash attention, which llama.cpp has on the CPU as well.
+            ctx_params.type_k = llama.GGML_TYPE_Q8_0
+            ctx_params.type_v = llama.GGML_TYPE_Q8_0
+            ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx = llama.llama_init_from_model(model, ctx_params)
         if not ctx:
             llama.llama_model_free(model)
@@ -138,11 +145,12 @@ class LlamaEngine:
         self._prefix_len = 0  # how much of it is the current shape's prefix
         self._saved = _StateCache(config.prefix_cache_bytes)
         self._shapes: OrderedDict[str, _Shape] = OrderedDict()
-        self._pieces = self._piece_table()
+        self._pieces = _Pieces(self._piece_table())
         self._byte_tokens = self._single_byte_tokens()
         self._turn_end = self._find_turn_end()
         self.facts = self._facts()
         self.stats = {"prefix_hits": 0, "prefix_restores": 0, "prefix_misses": 0}
+        _release_free_heap()
 
     # ---- public API -----------------------------------------------------------------
 
@@ -215,6 +223,15 @@ class LlamaEngine:
         """(prefix tokens, the job's own tokens) for a job: what the engine evaluates."""
         shape = self._shape(plan)
         return list(shape.prefix_tokens), self._job_tokens(shape, text)
+
+    def render_prompt(self, plan: PromptPlan, text: str) -> str:
+        """The whole prompt as text (template, fixed part, the job's text), for comparisons
+        with other runtimes and for debugging prompts."""
+        parts = self._render(plan)
+        job_index = len(parts) - 3
+        head = "".join(t for t, _ in parts[:job_index])
+        tail = "".join(t for t, _ in parts[job_index + 1 :])
+        return head + text + tail
 
     def label_tokens(
         self, plan: PromptPlan, labels: Sequence[str]
@@ -656,7 +673,7 @@ class LlamaEngine:
 
     def _single_byte_tokens(self) -> dict[int, int]:
         found: dict[int, int] = {}
-        for token, piece in enumerate(self._pieces):
+        for token, piece in enumerate(self._pieces.all()):
             if len(piece) == 1 and piece[0] not in found:
                 found[piece[0]] = token
         return found
@@ -677,6 +694,30 @@ class LlamaEngine:
             file_bytes=self.path.stat().st_size,
             chat_template=self._template is not None,
         )
+
+
+class _Pieces:
+    """The bytes of every token, packed: one blob and an offset table.
+
+    A list of bytes objects costs ~50 bytes a token in Python objects (13 MB for Gemma's
+    262K vocabulary); this costs 4 bytes a token plus the text itself.
+    """
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._blob = b"".join(pieces)
+        offsets = array("I", [0])
+        total = 0
+        for piece in pieces:
+            total += len(piece)
+            offsets.append(total)
+        self._offsets = offsets
+
+    def __getitem__(self, token: int) -> bytes:
+        return self._blob[self._offsets[token] : self._offsets[token + 1]]
+
+    def all(self) -> Iterator[bytes]:
+        for token in range(len(self._offsets) - 1):
+            yield self[token]
 
 
 class _StateCache:
@@ -704,6 +745,13 @@ class _StateCache:
         while self._size > self.capacity and self._items:
             _, dropped = self._items.popitem(last=False)
             self._size -= len(dropped)
+
+
+def _release_free_heap() -> None:
+    """Give back to the OS the heap that loading left free (token tables built and
+    dropped, llama.cpp's loader scratch): glibc keeps it otherwise, and it counts in RSS."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _plain_format(messages: Sequence[tuple[str, str]]) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
+from edge_agent.benchmark import measured_speeds
 from edge_agent.catalog import Catalog, ModelEntry, Policy, Runtime, Selection, select
 from edge_agent.errors import ConfigError, ModelError, ModelNotFound
 from edge_agent.probe import BoardFacts
@@ -79,7 +80,9 @@ def policy_for(settings: Settings) -> Policy:
             n_ctx=settings.n_ctx,
             n_ubatch=m.n_ubatch,
             n_seq_max=settings.jobs.max_labels + 1,
+            kv_cache_type=settings.model.kv_cache_type,
         ),
+        measured_speeds=measured_speeds(settings.state_dir),
     )
 
 

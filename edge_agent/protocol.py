@@ -157,6 +157,34 @@ class JobIn(_Wire):
 
 
 @dataclass(frozen=True)
+class Profile:
+    """A job shape defined in the agent's settings ([profiles.<name>]), so sensors send
+    only `{"id", "profile", "text"}`. A job's own fields override the profile's."""
+
+    kind: Kind
+    instructions: str | None = None
+    labels: tuple[str, ...] | None = None
+    schema: dict[str, Any] | None = None
+    examples: tuple[tuple[str, Any], ...] = ()  # (text, answer)
+
+
+def check_profile(name: str, profile: Profile, limits: JobLimits) -> None:
+    """Raise JobError if a configured profile could never make a valid job."""
+    if profile.kind == "classify":
+        labels = _labels(list(profile.labels) if profile.labels else None, limits)
+        for text, answer in profile.examples:
+            _classify_example(ExampleIn(text=text, answer=answer), labels)
+    else:
+        if profile.schema is None:
+            raise JobError(
+                Code.MISSING_FIELD, f"profiles.{name}.schema: an extract profile needs one"
+            )
+        compile_schema(profile.schema, limits.schema)
+        for text, answer in profile.examples:
+            _extract_example(ExampleIn(text=text, answer=answer))
+
+
+@dataclass(frozen=True)
 class ReplyRoute:
     """Where and how a job's reply goes; known even for jobs that fail to parse."""
 
@@ -187,7 +215,12 @@ class Job:
     ignored: tuple[str, ...] = ()
 
 
-def parse_job(delivery: Delivery, topics: Topics, limits: JobLimits) -> Job:
+def parse_job(
+    delivery: Delivery,
+    topics: Topics,
+    limits: JobLimits,
+    profiles: Mapping[str, Profile] | None = None,
+) -> Job:
     """Validate one job message; raises JobError with the code to reply with."""
     topic_kind = topics.kind_of(delivery.topic)
     data = decode_payload(delivery.payload, limits)
@@ -201,26 +234,23 @@ def parse_job(delivery: Delivery, topics: Topics, limits: JobLimits) -> Job:
         raw = JobIn.model_validate(data)
     except ValidationError as exc:
         raise _job_error(exc) from None
-    kind = raw.kind or topic_kind
-    if kind not in KINDS:
-        raise JobError(Code.UNKNOWN_KIND, f"kind: must be one of {', '.join(KINDS)}")
-    if topic_kind is not None and raw.kind is not None and raw.kind != topic_kind:
-        raise JobError(
-            Code.INVALID_FIELD, f"kind: {raw.kind!r} sent on the {topic_kind!r} job topic"
-        )
-    if len(raw.text) > limits.max_text_chars:
-        raise JobError(
-            Code.TEXT_TOO_LONG,
-            f"text: {len(raw.text)} characters, the limit is {limits.max_text_chars}",
-        )
-    if not raw.text.strip():
-        raise JobError(Code.INVALID_FIELD, "text: must not be empty")
+    kind, profile = _kind_and_profile(raw, topic_kind, profiles)
+    _check_text(raw.text, limits)
+    instructions = raw.instructions
+    if instructions is None and profile is not None:
+        instructions = profile.instructions
     if raw.instructions is not None and len(raw.instructions) > limits.max_instructions_chars:
         raise JobError(
             Code.INVALID_FIELD,
             f"instructions: longer than {limits.max_instructions_chars} characters",
         )
-    examples = raw.examples or []
+    examples = raw.examples
+    own_shape = raw.labels is not None or raw.schema_ is not None
+    if examples is None and profile is not None and not own_shape:
+        # A profile's examples answer with its labels or schema: a job that brings its
+        # own labels or schema does not get them.
+        examples = [ExampleIn(text=t, answer=a) for t, a in profile.examples]
+    examples = examples or []
     if len(examples) > limits.max_examples:
         raise JobError(Code.INVALID_FIELD, f"examples: more than {limits.max_examples}")
     deadline = _deadline(raw, delivery)
@@ -234,19 +264,57 @@ def parse_job(delivery: Delivery, topics: Topics, limits: JobLimits) -> Job:
         "received_at": delivery.received_at,
         "deadline": deadline,
         "progress": raw.progress,
-        "instructions": raw.instructions,
+        "instructions": instructions,
         "profile": raw.profile,
         "ignored": ignored,
     }
     if kind == "classify":
-        labels = _labels(raw.labels, limits)
+        wanted = raw.labels
+        if wanted is None and profile is not None and profile.labels:
+            wanted = list(profile.labels)
+        labels = _labels(wanted, limits)
         shots = tuple(_classify_example(e, labels) for e in examples)
         return Job(labels=labels, examples=shots, **common)
-    if raw.schema_ is None:
+    schema = raw.schema_ if raw.schema_ is not None else (profile.schema if profile else None)
+    if schema is None:
         raise JobError(Code.MISSING_FIELD, "schema: an extract job needs a JSON Schema")
-    node = compile_schema(raw.schema_, limits.schema)
+    node = compile_schema(schema, limits.schema)
     shots = tuple(_extract_example(e) for e in examples)
-    return Job(schema=raw.schema_, node=node, examples=shots, **common)
+    return Job(schema=schema, node=node, examples=shots, **common)
+
+
+def _kind_and_profile(
+    raw: JobIn, topic_kind: str | None, profiles: Mapping[str, Profile] | None
+) -> tuple[Kind, Profile | None]:
+    profile = None
+    if raw.profile is not None:
+        profile = (profiles or {}).get(raw.profile)
+        if profile is None:
+            raise JobError(
+                Code.UNKNOWN_PROFILE, f"profile: {raw.profile!r} is not defined on this agent"
+            )
+    kind = raw.kind or topic_kind or (profile.kind if profile else None)
+    if kind not in KINDS:
+        raise JobError(Code.UNKNOWN_KIND, f"kind: must be one of {', '.join(KINDS)}")
+    if topic_kind is not None and raw.kind is not None and raw.kind != topic_kind:
+        raise JobError(
+            Code.INVALID_FIELD, f"kind: {raw.kind!r} sent on the {topic_kind!r} job topic"
+        )
+    if profile is not None and profile.kind != kind:
+        raise JobError(
+            Code.INVALID_FIELD, f"profile: {raw.profile!r} is a {profile.kind} profile, not {kind}"
+        )
+    return kind, profile  # type: ignore[return-value]  # kind is checked to be a Kind
+
+
+def _check_text(text: str, limits: JobLimits) -> None:
+    if len(text) > limits.max_text_chars:
+        raise JobError(
+            Code.TEXT_TOO_LONG,
+            f"text: {len(text)} characters, the limit is {limits.max_text_chars}",
+        )
+    if not text.strip():
+        raise JobError(Code.INVALID_FIELD, "text: must not be empty")
 
 
 def decode_payload(payload: bytes, limits: JobLimits) -> dict[str, Any]:

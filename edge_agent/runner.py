@@ -16,6 +16,7 @@ from edge_agent.errors import Code, EngineError
 from edge_agent.inference import Engine, StopCheck, Timings
 from edge_agent.prompt import classify_plan, extract_plan
 from edge_agent.protocol import Job
+from edge_agent.schema import problems
 
 MAX_NEW_TOKENS = 512
 _SCORE_DIGITS = 4
@@ -49,6 +50,9 @@ class JobRunner:
             data = json.loads(found.text)
         except ValueError as exc:  # the constraint makes this unreachable; say so loudly
             raise EngineError(Code.INTERNAL_ERROR, f"decoder produced invalid JSON: {exc}") from exc
+        broken = problems(data, job.schema)
+        if broken:  # the constraint makes this unreachable; never send invalid data
+            raise EngineError(Code.INTERNAL_ERROR, f"extraction does not validate: {broken[0]}")
         result: dict[str, Any] = {"data": data}
         if found.truncated:
             result["truncated"] = True

@@ -198,6 +198,12 @@ def _compile_literal(schema: dict[str, Any], limits: SchemaLimits, path: str) ->
 
 
 def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "array"
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, str):
@@ -260,3 +266,60 @@ def schema_for_fields(fields: dict[str, str]) -> dict[str, Any]:
         "required": list(fields),
         "additionalProperties": False,
     }
+
+
+def problems(instance: Any, schema: dict[str, Any], path: str = "data") -> list[str]:
+    """Where `instance` breaks `schema` (the supported subset); empty when it validates.
+
+    The agent's own check of every extraction before it is sent, and `edge-agent eval`'s
+    schema-validity figure; tests cross-check it against the jsonschema library.
+    """
+    if "const" in schema:
+        return [] if _same(instance, schema["const"]) else [f"{path}: not the const value"]
+    if "enum" in schema:
+        if not any(_same(instance, v) for v in schema["enum"]):
+            return [f"{path}: not one of the enum values"]
+        if "type" not in schema:
+            return []
+    declared = schema.get("type")
+    kinds = declared if isinstance(declared, list) else [declared]
+    if not any(
+        _json_type(instance) == k
+        or (k == "number" and _json_type(instance) == "integer")
+        or (k == "null" and instance is None)
+        for k in kinds
+    ):
+        return [f"{path}: expected {declared}"]
+    found: list[str] = []
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        for name in schema.get("required", []):
+            if name not in instance:
+                found.append(f"{path}.{name}: required")
+        for name, value in instance.items():
+            if name in props:
+                found.extend(problems(value, props[name], f"{path}.{name}"))
+            elif schema.get("additionalProperties", True) is False:
+                found.append(f"{path}.{name}: not allowed")
+    elif isinstance(instance, list):
+        if len(instance) < schema.get("minItems", 0) or len(instance) > schema.get(
+            "maxItems", len(instance)
+        ):
+            found.append(f"{path}: {len(instance)} items is out of bounds")
+        for i, item in enumerate(instance):
+            found.extend(problems(item, schema.get("items", {}), f"{path}[{i}]"))
+    elif isinstance(instance, str) and (
+        not schema.get("minLength", 0) <= len(instance) <= schema.get("maxLength", len(instance))
+    ):
+        found.append(f"{path}: length {len(instance)} is out of bounds")
+    return found
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (type(a) is type(b) and a == b) or (
+        isinstance(a, int | float)
+        and isinstance(b, int | float)
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+        and a == b
+    )

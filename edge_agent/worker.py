@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from edge_agent.protocol import (
     Job,
     JobLimits,
     ModelRef,
+    Profile,
     Reply,
     Status,
     Topics,
@@ -101,6 +102,7 @@ class Worker:
         max_queue: int,
         journal: Journal | None = None,
         handing: Handing = Handing(enabled=False),
+        profiles: Mapping[str, Profile] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
@@ -112,6 +114,7 @@ class Worker:
         self.max_queue = max_queue
         self.journal = journal
         self.handing = handing
+        self.profiles = dict(profiles or {})
         self.clock = clock
         self._heap: list[Ticket] = []
         self._by_id: dict[str, Ticket] = {}
@@ -132,7 +135,7 @@ class Worker:
 
     def _receive(self, delivery: Delivery, ack: Ack) -> None:
         try:
-            job = parse_job(delivery, self.topics, self.limits)
+            job = parse_job(delivery, self.topics, self.limits, self.profiles)
         except JobError as exc:
             try:
                 data = decode_payload(delivery.payload, self.limits)

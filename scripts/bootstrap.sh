@@ -71,7 +71,7 @@ extras=""
 [ "$target" = test ] && extras="[test]"
 if ! "$VENV/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
   say "installing edge-agent; llama-cpp-python compiles llama.cpp from source the first time"
-  say "(about 5 minutes on 2 cores, 10-15 on a Pi 5; pip caches the wheel for next time)"
+  say "(about 5 minutes on 2 x86 cores, longer on a Pi; pip caches the wheel for next time)"
 fi
 "${PIP[@]}" install -v -e ".${extras}" 2>&1 | "$VENV/bin/python" scripts/pip_progress.py
 

@@ -15,6 +15,7 @@ from edge_agent.catalog import (
     MIB,
     Catalog,
     Policy,
+    Runtime,
     budget,
     estimate,
     load_lock,
@@ -88,7 +89,10 @@ def test_estimate_terms() -> None:
     assert entry is not None
     est = estimate(entry, Policy().runtime)
     assert est.weights == entry.size
-    assert est.kv_cache == 131072 * 2048  # 2 x 32 layers x 8 KV heads x 128 x 2 bytes x n_ctx
+    # f16 (the default): 2 x 32 layers x 8 KV heads x 128 x 2 bytes per token; q8_0 34/64 of it
+    assert est.kv_cache == 131072 * 2048
+    q8 = estimate(entry, Runtime(kv_cache_type="q8_0"))
+    assert q8.kv_cache == 131072 * 2048 * 34 // 64
     assert est.compute >= entry.n_vocab * 128 * 4
     assert est.total == est.weights + est.kv_cache + est.compute + est.outputs + est.agent
 
@@ -182,3 +186,22 @@ def test_catalog_replace_keeps_order() -> None:
     assert isinstance(replaced, Catalog)
     assert [e.name for e in replaced.entries] == [e.name for e in LOCK.entries]
     assert replaced.entries[3].sha256 == "0" * 64
+
+
+def test_measured_speed_beats_the_lock_figure() -> None:
+    fast_enough = Policy(min_tokens_per_second=3.0)
+    assert select(LOCK, 8 * GIB, None, fast_enough).selected.entry.family == "phi-4-mini"
+    measured = Policy(
+        min_tokens_per_second=3.0,
+        measured_speeds={
+            "phi-4-mini-instruct-q6_k": 1.1,
+            "phi-4-mini-instruct-q5_k_m": 1.2,
+            "phi-4-mini-instruct-q4_k_m": 1.5,
+            "phi-4-mini-instruct-q3_k_m": 1.9,
+        },
+    )
+    chosen = select(LOCK, 8 * GIB, None, measured)
+    assert chosen.selected.entry.family != "phi-4-mini"
+    assert "measured here" in next(
+        c.reason for c in chosen.candidates if c.entry.name == "phi-4-mini-instruct-q6_k"
+    )

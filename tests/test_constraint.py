@@ -259,3 +259,25 @@ def test_finish_closes_from_anywhere() -> None:
             assert state is not None
             out.append(byte)
         jsonschema.validate(json.loads(out), schema)
+
+
+@settings(max_examples=150, deadline=None)
+@given(root_schemas, st.integers(0, 2**32))
+def test_own_validator_agrees_with_jsonschema(schema: dict[str, Any], seed: int) -> None:
+    from edge_agent.schema import problems
+
+    rng = random.Random(seed)
+    good = canonical_instance(schema, rng)
+    assert problems(good, schema) == []
+    jsonschema.validate(good, schema)
+    bad = dict(good)
+    if bad:
+        key = next(iter(bad))
+        bad[key] = {"nested": [object.__name__]}  # the wrong type for any declared leaf
+        assert (problems(bad, schema) == []) == jsonschema.Draft202012Validator(schema).is_valid(
+            bad
+        )
+    missing = {k: v for i, (k, v) in enumerate(good.items()) if i > 0}
+    assert (problems(missing, schema) == []) == jsonschema.Draft202012Validator(schema).is_valid(
+        missing
+    )

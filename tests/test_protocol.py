@@ -13,10 +13,12 @@ from edge_agent.errors import Code, JobError
 from edge_agent.protocol import (
     Delivery,
     JobLimits,
+    Profile,
     Reply,
     ReplyRoute,
     Status,
     Topics,
+    check_profile,
     parse_job,
     reply_route,
     timings_dict,
@@ -316,3 +318,69 @@ def test_parser_never_fails_other_than_with_a_job_error(payload: bytes) -> None:
         else:
             assert job.id and job.text.strip()
             assert job.kind in ("classify", "extract")
+
+
+PROFILES = {
+    "severity": Profile(
+        kind="classify",
+        instructions="Rate it.",
+        labels=("normal", "critical"),
+        examples=(("Fire!", "critical"),),
+    ),
+    "reading": Profile(kind="extract", schema=SCHEMA),
+}
+
+
+def test_a_profile_supplies_the_job_shape() -> None:
+    job = parse_job(
+        delivery({"id": "p", "profile": "severity", "text": "Smoke in hall 2."}),
+        TOPICS,
+        LIMITS,
+        PROFILES,
+    )
+    assert (job.labels, job.instructions, job.profile) == (
+        ("normal", "critical"),
+        "Rate it.",
+        "severity",
+    )
+    assert job.examples[0].answer == "critical"
+    job = parse_job(
+        delivery({"id": "q", "profile": "reading", "text": "v=2"}, "edge/jobs/extract"),
+        TOPICS,
+        LIMITS,
+        PROFILES,
+    )
+    assert job.schema == SCHEMA
+
+
+def test_the_job_overrides_its_profile() -> None:
+    job = parse_job(
+        delivery({"id": "p", "profile": "severity", "text": "t", "labels": ["x", "y"]}),
+        TOPICS,
+        LIMITS,
+        PROFILES,
+    )
+    assert job.labels == ("x", "y")
+
+
+def test_profile_errors() -> None:
+    with pytest.raises(JobError) as info:
+        parse_job(delivery({"id": "p", "profile": "nope", "text": "t"}), TOPICS, LIMITS, PROFILES)
+    assert info.value.code == Code.UNKNOWN_PROFILE
+    with pytest.raises(JobError) as info:
+        parse_job(
+            delivery({"id": "p", "profile": "reading", "text": "t"}), TOPICS, LIMITS, PROFILES
+        )
+    assert info.value.code == Code.INVALID_FIELD  # an extract profile on the classify topic
+
+
+def test_profiles_are_checked_when_configured() -> None:
+    check_profile("ok", PROFILES["severity"], LIMITS)
+    with pytest.raises(JobError, match="labels"):
+        check_profile("bad", Profile(kind="classify", labels=()), LIMITS)
+    with pytest.raises(JobError, match="one of the labels"):
+        check_profile(
+            "bad", Profile(kind="classify", labels=("a",), examples=(("t", "b"),)), LIMITS
+        )
+    with pytest.raises(JobError, match="needs one"):
+        check_profile("bad", Profile(kind="extract"), LIMITS)
