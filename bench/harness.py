@@ -105,6 +105,8 @@ def start_agent_process(
     full_env = {
         **os.environ,
         "EDGE_AGENT_MQTT__TOPIC_PREFIX": prefix,
+        # tests share one broker: keep each one's Home Assistant discovery apart too
+        "EDGE_AGENT_TELEMETRY__DISCOVERY_PREFIX": f"{prefix}-ha",
         "EDGE_AGENT_TELEMETRY__INTERVAL_S": "1",
         "EDGE_AGENT_MODEL__N_THREADS": "2",
         "EDGE_AGENT_MQTT__RECONNECT_MAX_S": "1",

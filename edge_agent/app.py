@@ -8,6 +8,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,17 +17,33 @@ import structlog
 
 from edge_agent import __version__
 from edge_agent.catalog import Catalog, load_lock
+from edge_agent.errors import ConfigError, JobError
 from edge_agent.journal import Journal
 from edge_agent.loader import Loaded, load_model
 from edge_agent.metrics import Metrics
 from edge_agent.mqtt import Incoming, LinkConfig, MqttLink
 from edge_agent.outbox import Outbox
 from edge_agent.probe import BoardFacts, Sampler, board_facts
-from edge_agent.protocol import KINDS, WIRE_VERSION, Delivery, JobLimits, Topics
+from edge_agent.protocol import (
+    KINDS,
+    WIRE_VERSION,
+    Delivery,
+    JobLimits,
+    Profile,
+    Topics,
+    check_profile,
+)
 from edge_agent.runner import JobRunner
 from edge_agent.schema import SchemaLimits
 from edge_agent.settings import Settings
-from edge_agent.telemetry import Identity, TelemetryLoop, build_info, build_telemetry, encode
+from edge_agent.telemetry import (
+    Identity,
+    TelemetryLoop,
+    build_info,
+    build_telemetry,
+    encode,
+    ha_discovery,
+)
 from edge_agent.worker import Ack, Handing, Worker
 
 if TYPE_CHECKING:
@@ -57,6 +74,7 @@ def open_engine(path: Path, settings: Settings, board: BoardFacts) -> LlamaEngin
             n_ubatch=settings.model.n_ubatch,
             max_sequences=settings.jobs.max_labels + 1,
             prefix_cache_bytes=settings.model.prefix_cache_mb * 1024 * 1024,
+            kv_cache_type=settings.model.kv_cache_type,
         ),
     )
 
@@ -86,6 +104,27 @@ def job_limits(settings: Settings) -> JobLimits:
         ),
         reply_topic_prefixes=settings.mqtt.reply_topic_prefixes,
     )
+
+
+def job_profiles(settings: Settings) -> dict[str, Profile]:
+    """The configured profiles, checked: one that could never make a valid job is a
+    configuration error (exit 78), not a stream of rejected jobs."""
+    limits = job_limits(settings)
+    out: dict[str, Profile] = {}
+    for name, p in settings.profiles.items():
+        profile = Profile(
+            kind=p.kind,
+            instructions=p.instructions,
+            labels=p.labels,
+            schema=p.json_schema,
+            examples=tuple((e.text, e.answer) for e in p.examples),
+        )
+        try:
+            check_profile(name, profile, limits)
+        except JobError as exc:
+            raise ConfigError(f"profiles.{name}: {exc.message}") from exc
+        out[name] = profile
+    return out
 
 
 def topics_for(settings: Settings) -> Topics:
@@ -150,6 +189,8 @@ class Agent:
         self.session = 0
         self._link: MqttLink | None = None
         self._info: dict[str, Any] | None = None
+        self._discovery: list[tuple[str, dict[str, Any]]] = []
+        self._telemetry: TelemetryLoop | None = None
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -194,6 +235,7 @@ class Agent:
             max_queue=s.jobs.max_queue,
             journal=journal,
             handing=Handing(s.jobs.handoff, s.jobs.handoff_keep, s.jobs.handoff_max_hops),
+            profiles=job_profiles(s),
         )
         link = MqttLink(
             link_config(s, will_topic=self.topics.status()),
@@ -212,16 +254,20 @@ class Agent:
             model_quant=loaded.ref.quant,
         )
         self._info = self._device_info(loaded, identity)
+
+        def snapshot() -> dict[str, Any]:
+            inference = {**self.metrics.snapshot(), "spool": journal.counts()}
+            return build_telemetry(identity, sampler.read(), inference, worker.depth)
+
         telemetry = TelemetryLoop(
             s.telemetry.interval_s,
-            make=lambda: build_telemetry(
-                identity,
-                sampler.read(),
-                {**self.metrics.snapshot(), "spool": journal.counts()},
-                worker.depth,
-            ),
+            make=snapshot,
             publish=lambda payload: self._publish_telemetry(link, payload),
         )
+        self._telemetry = telemetry
+        if s.telemetry.home_assistant:
+            self._discovery = self._ha_configs(sampler)
+        exporter = self._start_exporter(snapshot, loaded) if s.telemetry.prometheus_port else None
         outbox.start()
         worker.start()
         link.start()
@@ -238,6 +284,8 @@ class Agent:
         finally:
             log.info("agent.stopping")
             telemetry.stop()
+            if exporter is not None:
+                exporter.close()
             worker.stop(timeout=30.0)
             link.stop(final=(self.topics.status(), b"stopped"))
             outbox.stop()
@@ -255,6 +303,8 @@ class Agent:
         )
         device = [t.device_jobs(k) for k in KINDS]
         control = [t.fleet_cancel(), t.device_cancel(), t.fleet_rebirth(), t.device_rebirth()]
+        if self.settings.telemetry.home_assistant:
+            control.append(self._ha_status_topic)
         return [(topic, 1) for topic in [*fleet, *device, *control]]
 
     def _on_connected(self, outbox: Outbox) -> None:
@@ -275,7 +325,16 @@ class Agent:
             return
         if msg.topic in (t.fleet_rebirth(), t.device_rebirth()):
             ack()
+            log.info("agent.rebirth", topic=msg.topic)
             self._announce()
+            return
+        if msg.topic == self._ha_status_topic:
+            ack()
+            if msg.payload.strip() == b"online":  # Home Assistant (re)started: announce again
+                log.info("homeassistant.announce")
+                self._announce()
+                if self._telemetry is not None:
+                    self._telemetry.publish_now()
             return
         if t.kind_of(msg.topic) is None:
             ack()
@@ -306,7 +365,51 @@ class Agent:
             return
         if self._info is not None:
             self._link.publish(self.topics.info(), encode(self._info), qos=1, retain=True)
+        for topic, config in self._discovery:
+            self._link.publish(topic, encode(config), qos=1, retain=True)
         self._link.publish(self.topics.status(), b"online", qos=1, retain=True)
+
+    @property
+    def _ha_status_topic(self) -> str:
+        return f"{self.settings.telemetry.discovery_prefix}/status"
+
+    def _ha_configs(self, sampler: Sampler) -> list[tuple[str, dict[str, Any]]]:
+        assert self.board is not None
+        s = self.settings
+        return ha_discovery(
+            prefix=s.telemetry.discovery_prefix,
+            device_id=s.device_id,
+            status_topic=self.topics.status(),
+            telemetry_topic=self.topics.telemetry(),
+            version=__version__,
+            board_model=self.board.board_model,
+            architecture=self.board.architecture,
+            has_soc_temperature=sampler.read().soc_temperature_c is not None,
+            interval_s=s.telemetry.interval_s,
+        )
+
+    def _start_exporter(
+        self, snapshot: Callable[[], dict[str, Any]], loaded: Loaded[LlamaEngine]
+    ) -> Any:
+        from edge_agent.exporter import MetricsServer
+
+        assert self.board is not None
+        assert self.settings.telemetry.prometheus_port is not None
+        labels = {
+            "device": self.settings.device_id,
+            "version": __version__,
+            "model": loaded.ref.name,
+            "quant": loaded.ref.quant,
+            "architecture": self.board.architecture,
+            "board": self.board.board_model or "unknown",
+        }
+        server = MetricsServer(
+            self.settings.telemetry.prometheus_port,
+            self.settings.telemetry.prometheus_bind,
+            lambda: (snapshot(), labels),
+        )
+        log.info("metrics.serving", port=server.port, bind=self.settings.telemetry.prometheus_bind)
+        return server
 
     def _device_info(self, loaded: Loaded[LlamaEngine], identity: Identity) -> dict[str, Any]:
         s = self.settings

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_probe_and_select(sub)
     _add_models(sub)
+    _add_bench_and_eval(sub)
+    _add_fleet(sub)
 
     config = sub.add_parser(
         "config",
@@ -164,6 +166,66 @@ def _add_probe_and_select(sub: Any) -> None:
     choose.add_argument("--json", action="store_true", help="print one JSON object")
     choose.add_argument("--model", metavar="NAME", help="pin a models.lock entry [model.name]")
     choose.set_defaults(func=cmd_select)
+
+
+def _add_bench_and_eval(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="measure this board: prompt and generation tokens/s, job latency",
+        description="Load the model this board runs (or --model) and measure prompt and "
+        "generation tokens/s, constrained generation tokens/s, and classify and extract job "
+        "latency (p50/p95). The figures are kept in <state_dir>/bench.json, where the "
+        "device info and the selector's speed preference (model.min_tokens_per_second) "
+        "read them.",
+    )
+    _common(bench)
+    bench.add_argument("--model", metavar="NAME|PATH", help="[model.name]")
+    bench.add_argument("--state-dir", type=Path, metavar="DIR", help="[state_dir]")
+    bench.add_argument("--rounds", type=int, default=3, help="repetitions (default 3)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy and latency of models on a classify or extract dataset",
+        description="Run every row of DATASET (JSON lines: classify rows {text, labels, "
+        "label}, extract rows {text, fields or schema, expected}) through each model and "
+        "print accuracy (classify), exact match, per-field accuracy and schema validity "
+        "(extract), and latency p50/p95.",
+    )
+    _common(ev)
+    ev.add_argument("datasets", nargs="+", type=Path, metavar="DATASET.jsonl")
+    ev.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME|PATH",
+        help="a models.lock entry or .gguf path; repeat to compare (default: this board's)",
+    )
+    ev.add_argument("--limit", type=int, help="only the first N rows of each dataset")
+    ev.add_argument("--state-dir", type=Path, metavar="DIR", help="[state_dir]")
+    ev.add_argument("--json", action="store_true", help="print a JSON list")
+    ev.set_defaults(func=cmd_eval)
+
+
+def _add_fleet(sub: Any) -> None:
+    from edge_agent.fleet import COLUMNS
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="a live table of every device under the topic prefix",
+        description="Subscribe to every device's status, info and telemetry and show one row "
+        "per device: status, board, model and quant, tokens/s, queue, latency p95, SoC "
+        "temperature, seconds since last seen. Refreshes in place; keys 1-9 and 0 sort by "
+        "a column, r reverses, q quits. --json prints one snapshot and exits.",
+    )
+    _common(fleet)
+    fleet.add_argument("--json", action="store_true", help="print one snapshot and exit")
+    fleet.add_argument(
+        "--wait", type=float, default=3.0, help="seconds to listen before --json (default 3)"
+    )
+    fleet.add_argument("--sort", choices=list(COLUMNS), default="device", help="sort column")
+    fleet.add_argument("--reverse", action="store_true", help="sort descending")
+    fleet.set_defaults(func=cmd_fleet)
 
 
 def _add_models(sub: Any) -> None:
@@ -224,7 +286,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             "broker": getattr(args, "broker", None),
             "protocol": getattr(args, "protocol", None),
         },
-        "model": {"name": getattr(args, "model", None)},
+        # `eval --model` is a list of models to compare, not the one to run
+        "model": {"name": m if isinstance(m := getattr(args, "model", None), str) else None},
         "log": {
             "level": getattr(args, "log_level", None),
             "format": getattr(args, "log_format", None),
@@ -236,6 +299,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is not cmd_run:
+        # Commands print their results on stdout; their logs go to stderr, warnings only.
+        from edge_agent import log
+
+        log.configure(getattr(args, "log_level", None) or "warning", "auto", sys.stderr)
     try:
         return int(args.func(args))
     except ConfigError as exc:
@@ -252,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _limit_malloc_arenas()
     from edge_agent import log
     from edge_agent.app import Agent, install_signal_handlers
 
@@ -260,6 +329,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(settings)
     install_signal_handlers(agent)
     return agent.run()
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives every thread that allocates its own arena (up to 8 per core); the agent
+    has a handful of threads, each leaving megabytes resident. Two arenas are plenty
+    (the same as MALLOC_ARENA_MAX=2, set before any thread starts)."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: no arenas to limit
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -538,7 +618,7 @@ def _models_list(settings: Settings, catalog: Any) -> int:
 
 
 def _models_fetch(settings: Settings, catalog: Any, args: argparse.Namespace) -> int:
-    from edge_agent.console import byte_progress, err, gib
+    from edge_agent.console import byte_progress, gib
     from edge_agent.loader import selection_for
     from edge_agent.probe import board_facts
     from edge_agent.store import fetch
@@ -550,11 +630,11 @@ def _models_fetch(settings: Settings, catalog: Any, args: argparse.Namespace) ->
     for name in names:
         entry = catalog.get(name)
         if entry is None:
-            err.print(f"[red]{name}: not in models.lock[/red]")
+            print(f"{name}: not in models.lock", file=sys.stderr)
             failed += 1
             continue
         if entry.bundled is not None:
-            err.print(f"{name}: bundled with its package, nothing to fetch")
+            print(f"{name}: bundled with its package, nothing to fetch", file=sys.stderr)
             continue
         try:
             with byte_progress(f"fetch {name}") as progress:
@@ -563,10 +643,10 @@ def _models_fetch(settings: Settings, catalog: Any, args: argparse.Namespace) ->
                     settings.model_dir,
                     mirror=args.mirror or settings.model.mirror,
                     allow_unpinned=args.allow_unpinned or settings.model.allow_unpinned,
-                    progress=progress,  # type: ignore[arg-type]
+                    progress=progress,
                 )
         except EdgeAgentError as exc:
-            err.print(f"[red]{name}: {exc}[/red]")
+            print(f"{name}: {exc}", file=sys.stderr)
             failed += 1
             continue
         if got.already_there:
@@ -602,7 +682,7 @@ def _models_verify(settings: Settings, catalog: Any, paths: list[Path]) -> int:
             continue
         try:
             with byte_progress(f"verify {path.name}") as progress:
-                digest = verify(path, entry, allow_unpinned=False, progress=progress)  # type: ignore[arg-type]
+                digest = verify(path, entry, allow_unpinned=False, progress=progress)
         except EdgeAgentError as exc:
             print(f"FAIL {path}: {exc}")
             bad += 1
@@ -642,7 +722,7 @@ def _models_lock(settings: Settings, catalog: Any, args: argparse.Namespace) -> 
         wanted = f"named {args.name}" if args.name else f"for file {file_name_of(args.source)}"
         raise ConfigError(f"no models.lock entry {wanted} (add the entry first, or pass --name)")
     with byte_progress(f"hash {file_name_of(args.source)}") as progress:
-        size, digest = digest_source(args.source, keep=args.keep, progress=progress)  # type: ignore[arg-type]
+        size, digest = digest_source(args.source, keep=args.keep, progress=progress)
     if entry.sha256 is not None and entry.sha256 != digest:
         print(
             f"warning: {entry.name} was pinned to {entry.sha256}; replacing it with {digest}",
@@ -655,3 +735,188 @@ def _models_lock(settings: Settings, catalog: Any, args: argparse.Namespace) -> 
     lock_path.write_text(dump_lock(catalog.replace(updated)))
     print(f"{entry.name}: size {size}, sha256 {digest} -> {lock_path}")
     return EX_OK
+
+
+def _open_model(settings: Settings, wanted: str | None) -> Any:
+    """Load `wanted` (entry or path), or what this board would run: (loaded, board)."""
+    from edge_agent.app import load_catalog, open_engine
+    from edge_agent.loader import load_model
+    from edge_agent.probe import board_facts
+
+    board = board_facts()
+    if wanted is not None:
+        settings = settings.model_copy(
+            update={"model": settings.model.model_copy(update={"name": wanted})}
+        )
+    catalog = load_catalog(settings)
+    loaded = load_model(settings, catalog, board, lambda path: open_engine(path, settings, board))
+    return loaded, board
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge_agent.app import thread_counts
+    from edge_agent.benchmark import run_bench, save
+    from edge_agent.console import step_progress, table
+
+    settings = settings_from(args)
+    loaded, board = _open_model(settings, args.model)
+    try:
+        with step_progress(f"bench {loaded.ref.name}") as progress:
+            result = run_bench(
+                loaded.engine,
+                model=(loaded.ref.name, loaded.ref.quant, loaded.ref.sha256),
+                threads=thread_counts(settings, board.cpu_cores),
+                cpu_cores=board.cpu_cores,
+                rounds=args.rounds,
+                progress=progress,
+            )
+    finally:
+        loaded.engine.close()
+    path = save(result, settings.state_dir)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return EX_OK
+    r = result
+    table(
+        ("figure", "value"),
+        [
+            ("model", f"{r.model} ({r.quant})"),
+            ("threads (generation / prompt)", f"{r.n_threads} / {r.n_threads_batch}"),
+            ("prompt tokens/s", r.prompt_tokens_per_second),
+            ("generation tokens/s", r.tokens_per_second),
+            ("constrained generation tokens/s", r.constrained_tokens_per_second),
+            ("classify job ms p50 / p95", f"{r.classify_ms_p50} / {r.classify_ms_p95}"),
+            ("extract job ms p50 / p95", f"{r.extract_ms_p50} / {r.extract_ms_p95}"),
+        ],
+    )
+    print(f"saved to {path}")
+    return EX_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edge_agent.console import step_progress, table
+    from edge_agent.evaluation import evaluate, load_rows
+
+    settings = settings_from(args)
+    datasets = [
+        (path, load_rows(path)[: args.limit] if args.limit else load_rows(path))
+        for path in args.datasets
+    ]
+    results = []
+    for wanted in args.model or [None]:
+        loaded, _board = _open_model(settings, wanted)
+        try:
+            for path, rows in datasets:
+                with step_progress(f"eval {loaded.ref.name} {path.name}") as progress:
+
+                    def count(done: int, total: int, bar: Any = progress) -> None:
+                        bar("rows", done, total)
+
+                    results.append(evaluate(loaded.engine, rows, path.name, loaded.ref.name, count))
+        finally:
+            loaded.engine.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return EX_OK
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    lines: list[tuple[object, ...]] = []
+    for r in results:
+        d = r.to_dict()
+        lines.append((
+            r.model, r.dataset, r.rows, pct(r.accuracy), pct(r.exact_match), pct(r.field_accuracy),
+            pct(r.validity), d["latency_ms_p50"], d["latency_ms_p95"],
+        ))  # fmt: skip
+    table(
+        ("model", "dataset", "rows", "accuracy", "exact", "fields", "valid", "ms p50", "ms p95"),
+        lines,
+    )
+    return EX_OK
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    import threading
+    import time
+
+    from edge_agent.fleet import COLUMNS, FleetState
+    from edge_agent.mqtt import Incoming, Requester
+
+    settings = settings_from(args)
+    m = settings.mqtt
+    state = FleetState(m.topic_prefix)
+    lock = threading.Lock()
+
+    def on_message(msg: Incoming) -> None:
+        with lock:
+            state.update(msg.topic, msg.payload)
+
+    client = Requester(
+        m.host, m.port, f"edge-fleet-{uuid.uuid4().hex[:8]}", protocol=m.protocol,
+        username=m.username, password=m.password.get_secret_value() if m.password else None,
+        tls_context=_tls_context(settings), on_message=on_message,
+    )  # fmt: skip
+    try:
+        client.connect()
+    except ConnectionError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    try:
+        for leaf in ("status", "info", "telemetry"):
+            client.subscribe(
+                f"{m.topic_prefix}/devices/+/{leaf}", qos=0 if leaf == "telemetry" else 1
+            )
+        if args.json or not sys.stdout.isatty():
+            time.sleep(args.wait)
+            with lock:
+                print(json.dumps(state.snapshot(), indent=2))
+            return EX_OK
+        return _fleet_live(state, lock, list(COLUMNS), args.sort, args.reverse)
+    finally:
+        client.close()
+
+
+def _fleet_live(state: Any, lock: Any, columns: list[str], sort: str, reverse: bool) -> int:
+    import select
+    import termios
+    import time
+    import tty
+
+    from edge_agent.console import LiveScreen
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if sys.stdin.isatty() else None
+    try:
+        if saved is not None:
+            tty.setcbreak(fd)
+        with LiveScreen() as screen:
+            while True:
+                with lock:
+                    body = state.render(sort, reverse)
+                    count = len(state.devices)
+                keys = "  ".join(f"{(i + 1) % 10}:{c}" for i, c in enumerate(columns))
+                screen.show(
+                    f"edge-agent fleet: {count} device(s), sorted by {sort}"
+                    f"{' (reversed)' if reverse else ''}   {time.strftime('%H:%M:%S')}\n"
+                    f"{keys}  r:reverse  q:quit\n\n{body}"
+                )
+                ready, _, _ = select.select([sys.stdin], [], [], 1.0) if saved else ([], [], [])
+                if not ready:
+                    if saved is None:
+                        time.sleep(1.0)
+                    continue
+                key = sys.stdin.read(1)
+                if key == "q":
+                    return EX_OK
+                if key == "r":
+                    reverse = not reverse
+                elif key.isdigit():
+                    index = (int(key) - 1) % 10
+                    if index < len(columns):
+                        sort = columns[index]
+    except KeyboardInterrupt:
+        return EX_OK
+    finally:
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -413,7 +413,9 @@ class Requester:
         username: str | None = None,
         password: str | None = None,
         tls_context: ssl.SSLContext | None = None,
+        on_message: Callable[[Incoming], None] | None = None,
     ) -> None:
+        self._callback = on_message
         version = MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311
         self.v5 = protocol == "5"
         self._client = paho.Client(
@@ -448,6 +450,9 @@ class Requester:
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
             expiry_s=getattr(props, "MessageExpiryInterval", None) if props else None,
         )
+        if self._callback is not None:
+            self._callback(incoming)
+            return
         with self._lock:
             self._messages.append(incoming)
             self._lock.notify_all()

@@ -208,6 +208,13 @@ class ModelSettings(_Section):
         description="Tokens per compute step. Smaller keeps the compute buffer small "
         "(vocabulary x n_ubatch x 4 bytes of logits).",
     )
+    kv_cache_type: Literal["f16", "q8_0"] = Field(
+        "f16",
+        description="Type of the KV cache. q8_0 halves its memory (with flash attention) but "
+        "made jobs 10-15% slower behind a long fixed prompt here, and moves label "
+        "log-probabilities by 0.12 nat on average (docs/performance.md): for boards short "
+        "of RAM.",
+    )
     prefix_cache_mb: int = Field(
         32,
         ge=0,
@@ -315,6 +322,46 @@ class TelemetrySettings(_Section):
     """What the agent publishes for dashboards."""
 
     interval_s: float = Field(30.0, gt=0, le=3600, description="Telemetry period in seconds.")
+    home_assistant: bool = Field(
+        True,
+        description="Publish Home Assistant MQTT discovery configs (retained) for the key "
+        "sensors, and again whenever Home Assistant announces itself online.",
+    )
+    discovery_prefix: TopicSegment = Field(
+        "homeassistant", description="Home Assistant's MQTT discovery prefix."
+    )
+    prometheus_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve Prometheus metrics on http://<prometheus_bind>:<port>/metrics; "
+        "unset: off.",
+    )
+    prometheus_bind: str = Field(
+        "127.0.0.1",
+        description="Address the metrics endpoint listens on; 0.0.0.0 for every interface.",
+    )
+
+
+class ExampleSettings(_Section):
+    """One few-shot example of a profile."""
+
+    text: str = Field(description="The example message.")
+    answer: str | dict[str, Any] = Field(
+        description="Its label (classify) or its data object (extract)."
+    )
+
+
+class ProfileSettings(_Section):
+    """A job shape sensors can name with `"profile": "<name>"` instead of sending it."""
+
+    kind: Literal["classify", "extract"] = Field(description="The job kind it is for.")
+    instructions: str | None = Field(None, description="Replaces the default instructions.")
+    labels: tuple[str, ...] | None = Field(None, description="Labels, for a classify profile.")
+    json_schema: dict[str, Any] | None = Field(
+        None, alias="schema", description="JSON Schema of the result, for an extract profile."
+    )
+    examples: tuple[ExampleSettings, ...] = Field((), description="Few-shot examples.")
 
 
 class LogSettings(_Section):
@@ -354,6 +401,11 @@ class Settings(BaseSettings):
         default_factory=TelemetrySettings, description="Telemetry publishing."
     )
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    profiles: dict[TopicSegment, ProfileSettings] = Field(
+        default_factory=dict,
+        description="Named job shapes ([profiles.<name>]): instructions, labels or schema, "
+        "examples. Their fixed prompt is evaluated once and reused by every job naming them.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:

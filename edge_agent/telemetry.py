@@ -136,3 +136,150 @@ class TelemetryLoop:
                 self._publish(encode(self._make()))
             except Exception:  # a bad reading must not end telemetry
                 log.exception("telemetry.failed")
+
+
+# ---- Home Assistant MQTT discovery -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HaSensor:
+    key: str  # object id and unique-id suffix
+    name: str
+    template: str  # value_template over the telemetry message
+    unit: str | None = None
+    device_class: str | None = None
+    state_class: str | None = "measurement"
+    precision: int | None = None
+
+
+HA_SENSORS = (
+    HaSensor(
+        "tokens_per_second",
+        "Generation speed",
+        "{{ value_json.tokens_per_second }}",
+        "tok/s",
+        precision=1,
+    ),
+    HaSensor(
+        "prompt_tokens_per_second",
+        "Prompt speed",
+        "{{ value_json.prompt_tokens_per_second }}",
+        "tok/s",
+        precision=1,
+    ),
+    HaSensor("queue_depth", "Queue depth", "{{ value_json.queue_depth }}", None, precision=0),
+    HaSensor(
+        "latency_p50",
+        "Job latency p50",
+        "{{ value_json.latency_ms_p50 }}",
+        "ms",
+        "duration",
+        precision=0,
+    ),
+    HaSensor(
+        "latency_p95",
+        "Job latency p95",
+        "{{ value_json.latency_ms_p95 }}",
+        "ms",
+        "duration",
+        precision=0,
+    ),
+    HaSensor(
+        "jobs_done", "Jobs done", "{{ value_json.jobs.done }}", None, None, "total_increasing", 0
+    ),
+    HaSensor(
+        "jobs_failed",
+        "Jobs failed",
+        "{{ value_json.jobs.failed }}",
+        None,
+        None,
+        "total_increasing",
+        0,
+    ),
+    HaSensor(
+        "memory_available",
+        "Memory available",
+        "{{ (value_json.memory.available_bytes / 1048576) | round(0) }}",
+        "MiB",
+        "data_size",
+        precision=0,
+    ),
+    HaSensor(
+        "agent_memory",
+        "Agent memory",
+        "{{ (value_json.memory.agent_rss_bytes / 1048576) | round(0) }}",
+        "MiB",
+        "data_size",
+        precision=0,
+    ),
+    HaSensor("cpu", "CPU", "{{ value_json.cpu_percent }}", "%", None, precision=0),
+)
+SOC_SENSOR = HaSensor(
+    "soc_temperature",
+    "SoC temperature",
+    "{{ value_json.soc_temperature_c }}",
+    "°C",
+    "temperature",
+    precision=1,
+)
+# The status topic carries three states; Home Assistant knows two.
+AVAILABILITY_TEMPLATE = "{{ 'online' if value == 'online' else 'offline' }}"
+
+
+def _ha_id(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in text)
+
+
+def ha_discovery(
+    *,
+    prefix: str,
+    device_id: str,
+    status_topic: str,
+    telemetry_topic: str,
+    version: str,
+    board_model: str | None,
+    architecture: str,
+    has_soc_temperature: bool,
+    interval_s: float,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Retained config messages that make the device and its sensors appear in Home
+    Assistant (MQTT discovery), with the device's status topic as availability."""
+    node = f"edge_agent_{_ha_id(device_id)}"
+    device = {
+        "identifiers": [node],
+        "name": f"edge-agent {device_id}",
+        "manufacturer": "edge-agent",
+        "model": board_model or architecture,
+        "sw_version": version,
+        "hw_version": architecture,
+    }
+    origin = {"name": "edge-agent", "sw_version": version}
+    sensors = [*HA_SENSORS, SOC_SENSOR] if has_soc_temperature else list(HA_SENSORS)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for s in sensors:
+        config: dict[str, Any] = {
+            "name": s.name,
+            "unique_id": f"{node}_{s.key}",
+            "state_topic": telemetry_topic,
+            "value_template": s.template,
+            "availability_topic": status_topic,
+            "availability_template": AVAILABILITY_TEMPLATE,
+            "payload_available": "online",
+            "payload_not_available": "offline",
+            # no telemetry for three periods: the value is stale, show it unavailable
+            "expire_after": max(60, int(interval_s * 3)),
+            "device": device,
+            "origin": origin,
+        }
+        if s.unit is not None:
+            config["unit_of_measurement"] = s.unit
+        if s.device_class is not None:
+            config["device_class"] = s.device_class
+        if s.state_class is not None:
+            config["state_class"] = s.state_class
+        if s.precision is not None:
+            config["suggested_display_precision"] = s.precision
+        if s.key in ("cpu", "memory_available", "agent_memory"):
+            config["entity_category"] = "diagnostic"
+        out.append((f"{prefix}/sensor/{node}/{s.key}/config", config))
+    return out

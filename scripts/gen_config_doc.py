@@ -39,6 +39,16 @@ username = "pi-07"
 
 [jobs]
 max_queue = 8
+
+[profiles.severity]            # a sensor then sends {"id", "profile": "severity", "text"}
+kind = "classify"
+instructions = "Rate how urgent the sensor message is."
+labels = ["normal", "warning", "critical"]
+examples = [{text = "Freezer F-2 holding at -19.8 C.", answer = "normal"}]
+
+[profiles.reading]
+kind = "extract"
+schema = {type = "object", properties = {device = {type = "string"}, value = {type = "number"}}}
 ```
 """
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from edge_agent.broker import LocalBroker
 from tests.conftest import AgentFactory
 
-COMMANDS = ["run", "submit", "demo", "config", "probe", "select", "models"]
+COMMANDS = ["run", "submit", "demo", "config", "probe", "select", "models", "bench", "eval"]
 
 
 def edge_agent(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -163,3 +164,56 @@ def test_models_subcommands_have_help() -> None:
     for action in ("list", "fetch", "verify", "gc", "lock"):
         result = edge_agent("models", action, "--help")
         assert result.returncode == 0, action
+
+
+@pytest.mark.model
+def test_eval_prints_accuracy_and_validity(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = Path(__file__).parent / "data" / "eval"
+    result = edge_agent(
+        "eval",
+        str(data / "sensor_classify.jsonl"),
+        str(data / "sensor_extract.jsonl"),
+        "--limit",
+        "4",
+        "--json",
+        "--state-dir",
+        str(tmp_path),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    classify, extract = json.loads(result.stdout)
+    assert classify["rows"] == 4 and 0.0 <= classify["accuracy"] <= 1.0
+    assert classify["exact_match"] is None
+    assert extract["schema_validity"] == 1.0  # every extraction validates
+    assert 0.0 <= extract["field_accuracy"] <= 1.0
+    assert extract["latency_ms_p50"] > 0
+
+
+@pytest.mark.model
+def test_bench_measures_and_keeps_the_figures(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = edge_agent(
+        "bench", "--rounds", "1", "--json", "--state-dir", str(tmp_path), timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["model"] == "smollm2-135m-instruct-q4_1"
+    for key in (
+        "prompt_tokens_per_second",
+        "tokens_per_second",
+        "constrained_tokens_per_second",
+        "classify_ms_p50",
+        "classify_ms_p95",
+        "extract_ms_p50",
+        "extract_ms_p95",
+    ):
+        assert figures[key] > 0, key
+    kept = json.loads((tmp_path / "bench.json").read_text())
+    assert kept["smollm2-135m-instruct-q4_1"]["tokens_per_second"] == figures["tokens_per_second"]
+
+
+def test_eval_rejects_a_malformed_dataset(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no labels"}\n')
+    result = edge_agent("eval", str(bad))
+    assert result.returncode == 78
+    assert "bad.jsonl:1" in result.stderr

@@ -119,3 +119,19 @@ def test_configuration_doc_matches_the_code() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_bad_profile_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    from edge_agent.app import job_profiles
+
+    good = write(tmp_path, '[profiles.sev]\nkind = "classify"\nlabels = ["a", "b"]\n')
+    assert set(job_profiles(load_settings(good))) == {"sev"}
+    bad = write(tmp_path, '[profiles.sev]\nkind = "classify"\nlabels = []\n')
+    with pytest.raises(ConfigError, match=r"profiles\.sev"):
+        job_profiles(load_settings(bad))
+    schema = write(
+        tmp_path,
+        '[profiles.r]\nkind = "extract"\nschema = {type = "object", properties = {a = {type = "string", pattern = "x"}}}\n',
+    )
+    with pytest.raises(ConfigError, match=r"profiles\.r.*pattern"):
+        job_profiles(load_settings(schema))
