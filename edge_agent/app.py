@@ -21,7 +21,7 @@ from edge_agent.errors import ConfigError, JobError
 from edge_agent.journal import Journal
 from edge_agent.loader import Loaded, load_model
 from edge_agent.metrics import Metrics
-from edge_agent.mqtt import Incoming, LinkConfig, MqttLink
+from edge_agent.mqtt import Incoming, LinkConfig, MqttLink, tls_context
 from edge_agent.outbox import Outbox
 from edge_agent.probe import BoardFacts, Sampler, board_facts
 from edge_agent.protocol import (
@@ -36,6 +36,7 @@ from edge_agent.protocol import (
 from edge_agent.runner import JobRunner
 from edge_agent.schema import SchemaLimits
 from edge_agent.settings import Settings
+from edge_agent.systemd import Notifier, Watchdog
 from edge_agent.telemetry import (
     Identity,
     TelemetryLoop,
@@ -43,6 +44,7 @@ from edge_agent.telemetry import (
     build_telemetry,
     encode,
     ha_discovery,
+    status_line,
 )
 from edge_agent.worker import Ack, Handing, Worker
 
@@ -158,6 +160,19 @@ def link_config(settings: Settings, will_topic: str | None) -> LinkConfig:
     )
 
 
+def check_connection_settings(link: LinkConfig) -> None:
+    """Refuse what can never connect (TLS files missing, unreadable, mismatched) with a
+    ConfigError naming the setting, and warn about a password sent in clear text."""
+    if link.tls:
+        tls_context(link.ca_file, link.cert_file, link.key_file, link.tls_insecure)
+    elif link.password is not None and link.host not in ("localhost", "127.0.0.1", "::1"):
+        log.warning(
+            "mqtt.password_in_clear",
+            broker=f"{link.host}:{link.port}",
+            hint="use an mqtts:// broker URL or mqtt.ca_file",
+        )
+
+
 def next_session(state_dir: Path) -> int:
     """A counter that grows on every start, so dashboards can tell restarts from reconnects."""
     path = state_dir / "session"
@@ -179,8 +194,10 @@ def next_session(state_dir: Path) -> int:
 class Agent:
     """One running edge-agent."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
         self.settings = settings
+        self.notifier = notifier or Notifier()
+        self._ready = False
         self.topics = topics_for(settings)
         self.metrics = Metrics()
         self._stop = threading.Event()
@@ -191,17 +208,41 @@ class Agent:
         self._info: dict[str, Any] | None = None
         self._discovery: list[tuple[str, dict[str, Any]]] = []
         self._telemetry: TelemetryLoop | None = None
+        self._worker: Worker | None = None
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
     def run(self) -> int:
         s = self.settings
+        notifier = self.notifier
+        link_settings = link_config(s, will_topic=self.topics.status())
+        check_connection_settings(link_settings)  # before minutes of model loading
+        # systemd arms the watchdog when the process starts: ping through the model load too
+        # (TimeoutStartSec= bounds that), then only while jobs make progress.
+        watchdog = Watchdog(notifier, self._progressing)
+        watchdog.start()
+        try:
+            return self._serve(link_settings, self._load())
+        finally:
+            watchdog.stop()
+            notifier.close()
+
+    def _progressing(self) -> bool:
+        """The watchdog's test: idle, or the running job decoded something recently."""
+        if self._worker is None:
+            return True
+        limit = (self.notifier.watchdog_s or 120.0) / 2
+        return self._worker.stalled_for() < limit
+
+    def _load(self) -> Loaded[LlamaEngine]:
+        s = self.settings
         self.session = next_session(s.state_dir)
         board = self.board = board_facts()
         catalog = load_catalog(s)
         gen_threads, batch_threads = thread_counts(s, board.cpu_cores)
         t0 = time.perf_counter()
+        self.notifier.status("selecting, verifying and loading the model")
         loaded = load_model(s, catalog, board, lambda path: open_engine(path, s, board))
         engine = loaded.engine
         self.model = loaded
@@ -217,6 +258,12 @@ class Agent:
             threads_batch=batch_threads,
             n_ctx=engine.facts.n_ctx,
         )
+        return loaded
+
+    def _serve(self, link_settings: LinkConfig, loaded: Loaded[LlamaEngine]) -> int:
+        s = self.settings
+        notifier = self.notifier
+        engine = loaded.engine
         journal = Journal(
             s.state_dir / "journal.db",
             dedup_window_s=s.jobs.dedup_window_s,
@@ -237,11 +284,13 @@ class Agent:
             handing=Handing(s.jobs.handoff, s.jobs.handoff_keep, s.jobs.handoff_max_hops),
             profiles=job_profiles(s),
         )
+        self._worker = worker
         link = MqttLink(
-            link_config(s, will_topic=self.topics.status()),
+            link_settings,
             subscriptions=self._subscriptions,
             on_message=lambda msg, ack: self._dispatch(worker, msg, ack),
             on_connected=lambda _present: self._on_connected(outbox),
+            on_disconnected=self._on_disconnected,
             on_published=outbox.on_published,
         )
         link_holder.append(link)
@@ -259,9 +308,15 @@ class Agent:
             inference = {**self.metrics.snapshot(), "spool": journal.counts()}
             return build_telemetry(identity, sampler.read(), inference, worker.depth)
 
+        def tick() -> dict[str, Any]:
+            payload = snapshot()
+            if self._ready:
+                notifier.status(status_line(payload, link.connected))
+            return payload
+
         telemetry = TelemetryLoop(
             s.telemetry.interval_s,
-            make=snapshot,
+            make=tick,
             publish=lambda payload: self._publish_telemetry(link, payload),
         )
         self._telemetry = telemetry
@@ -270,6 +325,7 @@ class Agent:
         exporter = self._start_exporter(snapshot, loaded) if s.telemetry.prometheus_port else None
         outbox.start()
         worker.start()
+        notifier.status(f"model {loaded.ref.name} loaded; connecting to {s.mqtt.broker}")
         link.start()
         telemetry.start()
         log.info(
@@ -283,6 +339,7 @@ class Agent:
             self._stop.wait()
         finally:
             log.info("agent.stopping")
+            notifier.stopping()
             telemetry.stop()
             if exporter is not None:
                 exporter.close()
@@ -308,6 +365,13 @@ class Agent:
         return [(topic, 1) for topic in [*fleet, *device, *control]]
 
     def _on_connected(self, outbox: Outbox) -> None:
+        model = self.model.ref.name if self.model is not None else "?"
+        line = f"serving {model} over {self.settings.mqtt.broker}"
+        if not self._ready:
+            self._ready = True
+            self.notifier.ready(line)  # model loaded and broker connected: Type=notify READY
+        else:
+            self.notifier.status(line)
         self._announce()
         # Replies that waited for the broker go out oldest first, off paho's thread.
         threading.Thread(target=outbox.flush, name="spool-flush", daemon=True).start()
@@ -355,6 +419,10 @@ class Agent:
             ),
             ack,
         )
+
+    def _on_disconnected(self) -> None:
+        if not self._stop.is_set():
+            self.notifier.status(f"broker {self.settings.mqtt.broker} unreachable, reconnecting")
 
     def _publish_telemetry(self, link: MqttLink, payload: bytes) -> None:
         link.publish(self.topics.telemetry(), payload, qos=0)

@@ -403,9 +403,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.device
         else topics.fleet_jobs(kind)
     )
-    client_id = f"edge-submit-{uuid.uuid4().hex[:8]}"
-    reply_topic = f"{settings.mqtt.topic_prefix}/replies/{client_id}"
     m = settings.mqtt
+    nonce = uuid.uuid4().hex[:8]
+    client_id = f"edge-submit-{nonce}"
+    # A fleet broker (deploy/mosquitto) lets a sensor read only <prefix>/replies/<its username>/#.
+    owner = m.username or client_id
+    reply_topic = f"{m.topic_prefix}/replies/{owner}/{nonce}"
     requester = Requester(
         m.host,
         m.port,
@@ -455,14 +458,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _tls_context(settings: Settings) -> Any:
     if not settings.mqtt.tls:
         return None
-    import ssl
+    from edge_agent.mqtt import tls_context
 
     m = settings.mqtt
-    context = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
-    if m.cert_file and m.key_file:
-        context.load_cert_chain(str(m.cert_file), str(m.key_file))
-    context.check_hostname = not m.tls_insecure
-    return context
+    return tls_context(
+        str(m.ca_file) if m.ca_file else None,
+        str(m.cert_file) if m.cert_file else None,
+        str(m.key_file) if m.key_file else None,
+        m.tls_insecure,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -53,6 +53,45 @@ class Incoming:
     user_properties: tuple[tuple[str, str], ...] = ()
 
 
+def tls_context(
+    ca_file: str | None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    insecure: bool = False,
+) -> ssl.SSLContext:
+    """The client side of TLS: the broker's certificate is always verified (against `ca_file`,
+    or the system's CAs), its host name too unless `insecure`. A file that is missing,
+    unreadable or does not match is a ConfigError naming it, so the agent refuses to start
+    instead of retrying a connection that can never work."""
+    for what, name in (("mqtt.ca_file", ca_file), ("mqtt.cert_file", cert_file),
+                       ("mqtt.key_file", key_file)):  # fmt: skip
+        if name is None:
+            continue
+        try:
+            with open(name, "rb") as f:
+                head = f.read(64)
+        except OSError as exc:
+            raise ConfigError(f"{what} {name}: {exc.strerror or exc}") from exc
+        if b"-----BEGIN" not in head:
+            raise ConfigError(f"{what} {name}: not a PEM file")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt.ca_file {ca_file}: not a usable CA certificate ({exc})") from exc
+    if cert_file and key_file:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"mqtt.cert_file {cert_file} / mqtt.key_file {key_file}: cannot be used "
+                f"together ({exc}); is the key the certificate's, and unencrypted?"
+            ) from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = not insecure
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     host: str
@@ -144,15 +183,7 @@ class MqttLink:
 
     def _configure_tls(self, client: paho.Client) -> None:
         c = self.config
-        try:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=c.ca_file)
-            if c.cert_file and c.key_file:
-                context.load_cert_chain(c.cert_file, c.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"TLS setup failed: {exc}") from exc
-        context.check_hostname = not c.tls_insecure
-        context.verify_mode = ssl.CERT_REQUIRED
-        client.tls_set_context(context)
+        client.tls_set_context(tls_context(c.ca_file, c.cert_file, c.key_file, c.tls_insecure))
 
     # ---- lifecycle --------------------------------------------------------------------
 

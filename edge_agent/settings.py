@@ -3,7 +3,9 @@ credential files and command-line flags (highest last).
 
     /etc/edge-agent/config.toml        [mqtt] broker = "mqtts://broker.lan:8883"
     EDGE_AGENT_MQTT__BROKER=...        nested fields use a double underscore
-    $CREDENTIALS_DIRECTORY/mqtt_password, tls_key_password  (systemd LoadCredential=)
+    $CREDENTIALS_DIRECTORY/mqtt__password          systemd LoadCredential=, read as a secrets
+    $CREDENTIALS_DIRECTORY/tls_key                 directory: <section>__<field>; tls_key is
+                                                   the client key when mqtt.cert_file is set
 
 Every field is described here and in docs/configuration.md; `edge-agent config` prints the
 effective values with secrets masked.
@@ -15,7 +17,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -30,7 +32,9 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
@@ -92,8 +96,9 @@ class MqttSettings(_Section):
     username: str | None = Field(None, description="Username for the broker, if it needs one.")
     password: SecretStr | None = Field(
         None,
-        description="Password for the broker. Prefer a credential file (mqtt_password in "
-        "$CREDENTIALS_DIRECTORY) to a value in the config file.",
+        description="Password for the broker. Prefer a credential file (mqtt__password in "
+        "$CREDENTIALS_DIRECTORY, systemd's LoadCredential=) to a value in the config file; "
+        "an empty value means none.",
     )
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
     topic_prefix: TopicSegment = Field(
@@ -144,12 +149,48 @@ class MqttSettings(_Section):
         "'edge/replies/'); others are answered on the device's results topic instead.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_credentials(cls, data: Any) -> Any:
+        """With a client certificate and no key file, use the `tls_key` credential."""
+        if isinstance(data, dict) and data.get("cert_file") and not data.get("key_file"):
+            key = credential_file("tls_key")
+            if key is not None:
+                data = {**data, "key_file": key}
+        return data
+
+    @field_validator("password")
+    @classmethod
+    def _empty_password_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> MqttSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(
+                "mqtt.cert_file and mqtt.key_file go together (the key may also come from "
+                "the tls_key credential)"
+            )
+        if not self.tls and (self.cert_file is not None or self.tls_insecure):
+            what = "cert_file" if self.cert_file is not None else "tls_insecure"
+            raise ValueError(
+                f"mqtt.{what} is set but TLS is off: use an mqtts:// broker URL or set mqtt.ca_file"
+            )
+        if self.password is not None and self.username is None:
+            raise ValueError("mqtt.password is set but mqtt.username is not")
+        return self
+
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("must look like mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        if parts.username is not None or parts.password is not None:
+            # the URL is logged and shown in status lines: credentials have their own fields
+            raise ValueError(
+                "must not hold credentials: use mqtt.username and the mqtt__password credential"
+            )
         try:
             _ = parts.port
         except ValueError as exc:
@@ -407,15 +448,6 @@ class Settings(BaseSettings):
         "examples. Their fixed prompt is evaluated once and reused by every job naming them.",
     )
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Settings:
-        m = self.mqtt
-        if (m.cert_file is None) != (m.key_file is None):
-            raise ValueError("mqtt.cert_file and mqtt.key_file go together")
-        if m.password is not None and m.username is None:
-            raise ValueError("mqtt.password is set but mqtt.username is not")
-        return self
-
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge-agent-{self.device_id}"
@@ -445,7 +477,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get())
-        return (init_settings, env_settings, _CredentialSource(settings_cls), toml)
+        credentials = _credential_source(settings_cls)
+        middle = (credentials,) if credentials is not None else ()
+        return (init_settings, env_settings, *middle, toml)
 
 
 class _ConfigFile:
@@ -464,24 +498,31 @@ class _ConfigFile:
 _CONFIG_FILE = _ConfigFile()
 
 
-class _CredentialSource(PydanticBaseSettingsSource):
-    """Secrets from systemd credentials ($CREDENTIALS_DIRECTORY), never from argv."""
+def _credential_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource | None:
+    """systemd credentials ($CREDENTIALS_DIRECTORY) as a pydantic-settings secrets directory:
+    the file `mqtt__password` sets mqtt.password. Secrets never come from argv."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or not Path(directory).is_dir():
+        return None
+    return NestedSecretsSettingsSource(
+        SecretsSettingsSource(settings_cls, secrets_dir=directory),
+        secrets_dir=directory,
+        secrets_prefix="",
+        secrets_nested_delimiter="__",
+        secrets_dir_max_size=1024 * 1024,
+    )
 
-    FILES: ClassVar[dict[str, tuple[str, str]]] = {"mqtt_password": ("mqtt", "password")}
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        directory = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            return {}
-        found: dict[str, Any] = {}
-        for filename, (section, key) in self.FILES.items():
-            path = Path(directory) / filename
-            if path.is_file():
-                found.setdefault(section, {})[key] = path.read_text().strip()
-        return found
+def credential_file(name: str) -> Path | None:
+    """A non-empty systemd credential file (an empty one means "not used")."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        return path if path.is_file() and path.stat().st_size > 0 else None
+    except OSError:
+        return None
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -63,6 +63,24 @@ def build_telemetry(
     }
 
 
+def status_line(telemetry: dict[str, Any], connected: bool) -> str:
+    """One line for `systemctl status` (systemd's STATUS=), from a telemetry message."""
+    model = telemetry.get("model", {})
+    jobs = telemetry.get("jobs", {})
+    tps = telemetry.get("tokens_per_second_avg")
+    parts = [
+        f"serving {model.get('name')}",
+        f"{jobs.get('done', 0)} done, {jobs.get('failed', 0)} failed, "
+        f"{telemetry.get('queue_depth', 0)} queued",
+    ]
+    if tps is not None:
+        parts.append(f"{tps:g} tokens/s")
+    pending = telemetry.get("spool", {}).get("spool_pending", 0)
+    if not connected:
+        parts.append(f"broker unreachable, reconnecting ({pending} replies spooled)")
+    return "; ".join(parts)
+
+
 def build_info(
     identity: Identity,
     version: str,

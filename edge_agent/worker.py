@@ -119,6 +119,7 @@ class Worker:
         self._heap: list[Ticket] = []
         self._by_id: dict[str, Ticket] = {}
         self._running: Ticket | None = None
+        self._running_since = 0.0
         self._cond = threading.Condition()
         self._order = 0
         self._closing = False
@@ -267,6 +268,19 @@ class Worker:
         with self._cond:
             return len(self._by_id)
 
+    def stalled_for(self) -> float:
+        """Seconds the running job has gone without forward progress (a decoded batch or
+        token); 0 when idle. Infinite if the inference thread died. The systemd watchdog
+        stops pinging when this grows too long, so a wedged inference gets restarted."""
+        with self._cond:
+            if self._thread is not None and not self._thread.is_alive() and not self._closing:
+                return float("inf")
+            if self._running is None:
+                return 0.0
+            since = self._running_since
+        last = max(since, self.metrics.last_token_at or 0.0)
+        return max(0.0, self.clock() - last)
+
     def _retry_after_ms(self) -> int:
         p50 = self.metrics.snapshot()["latency_ms_p50"] or 1000.0
         return int(p50 * max(1, len(self._by_id)))
@@ -295,6 +309,7 @@ class Worker:
                 if self._heap:
                     ticket = heapq.heappop(self._heap)
                     self._running = ticket
+                    self._running_since = self.clock()
                     return ticket
                 self._cond.wait()
 

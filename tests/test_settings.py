@@ -75,13 +75,55 @@ def test_missing_explicit_file_is_a_config_error(tmp_path: Path) -> None:
 def test_password_from_a_systemd_credential(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "mqtt_password").write_text("s3cret\n")
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    path = write(tmp_path, '[mqtt]\nusername = "pi-1"\n')
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt__password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    path = write(tmp_path, '[mqtt]\nusername = "pi-1"\npassword = "from-the-file"\n')
     s = load_settings(path)
     assert s.mqtt.password is not None
-    assert s.mqtt.password.get_secret_value() == "s3cret"
+    assert s.mqtt.password.get_secret_value() == "s3cret"  # the credential beats the file
     assert "s3cret" not in repr(s)
+
+
+def test_empty_credentials_mean_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt__password").write_text("")
+    (creds / "tls_key").write_text("")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    s = load_settings(write(tmp_path, 'device_id = "pi-1"\n'))
+    assert s.mqtt.password is None
+    assert s.mqtt.key_file is None
+
+
+def test_client_key_from_the_tls_key_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "tls_key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    text = '[mqtt]\nbroker = "mqtts://b:8883"\ncert_file = "/etc/edge-agent/pi-1.crt"\n'
+    s = load_settings(write(tmp_path, text))
+    assert s.mqtt.key_file == creds / "tls_key"
+    # without a certificate the key credential is not used
+    assert load_settings(write(tmp_path, 'device_id = "x"\n')).mqtt.key_file is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[mqtt]\ncert_file = "/c.pem"\nkey_file = "/k.pem"\n', "TLS is off"),
+        ("[mqtt]\ntls_insecure = true\n", "TLS is off"),
+        ('[mqtt]\nbroker = "mqtts://b"\ncert_file = "/c.pem"\n', "go together"),
+        ('[mqtt]\npassword = "x"\n', "username is not"),
+        ('[mqtt]\nbroker = "mqtt://pi:hunter2@b"\n', "must not hold credentials"),
+    ],
+)
+def test_inconsistent_tls_settings_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write(tmp_path, text))
 
 
 def test_every_field_is_described() -> None:

@@ -177,6 +177,9 @@ def test_online_again_after_a_broker_restart(tmp_path: Path) -> None:
     watcher = Watcher(broker.port, [f"{prefix}/devices/+/status"])
     try:
         assert watcher.wait(status_is(b"online"), 10)
+        # Let Mosquitto autosave (every second) the watcher's session, so the SIGKILL does
+        # not lose it and the new `online` reaches it live, not only as the retained copy.
+        time.sleep(1.5)
         broker.kill()
         restarted = time.time()
         broker.start()

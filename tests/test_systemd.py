@@ -1,0 +1,284 @@
+"""systemd integration: the notify protocol over a socket the test owns, the watchdog's
+progress rule, and the unit file checked by systemd-analyze."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from bench.harness import start_agent_process, wait_for_log
+from edge_agent.broker import LocalBroker
+from edge_agent.constraint import JsonConstraint
+from edge_agent.inference import Classification, Extraction, StopCheck, Timings
+from edge_agent.prompt import PromptPlan
+from edge_agent.systemd import Notifier, Watchdog
+from tests.test_worker import RecordingOutbox, make_worker, send
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "edge-agent.service"
+
+
+class NotifySocket:
+    """The receiving end of $NOTIFY_SOCKET, as systemd would hold it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + path[1:] if path.startswith("@") else path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+            with self._lock:
+                self.messages.append((time.monotonic(), fields))
+
+    def fields(self) -> list[dict[str, str]]:
+        with self._lock:
+            return [f for _, f in self.messages]
+
+    def count(self, key: str, since: float = 0.0) -> int:
+        with self._lock:
+            return sum(1 for t, f in self.messages if key in f and t >= since)
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 60) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for f in self.fields():
+                if key in f and (value is None or value in f[key]):
+                    return f
+            time.sleep(0.05)
+        raise AssertionError(f"no {key}={value or '*'} within {timeout}s; got {self.fields()}")
+
+    def close(self) -> None:
+        self._closed.set()
+        self.sock.close()
+        self._thread.join(2)
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    receiver = NotifySocket(str(tmp_path / "notify.sock"))
+    yield receiver
+    receiver.close()
+
+
+def test_notifier_speaks_the_protocol_on_a_path_and_an_abstract_socket(
+    notify_socket: NotifySocket,
+) -> None:
+    notifier = Notifier({"NOTIFY_SOCKET": notify_socket.path})
+    assert notifier.ready("serving")
+    assert notifier.status("busy")
+    assert notifier.stopping()
+    notify_socket.wait_for("STOPPING", "1", timeout=5)
+    assert notify_socket.fields() == [
+        {"READY": "1", "STATUS": "serving"},
+        {"STATUS": "busy"},
+        {"STOPPING": "1", "STATUS": "stopping"},
+    ]
+    notifier.close()
+
+    abstract = NotifySocket(f"@edge-agent-test-{uuid.uuid4().hex}")
+    try:
+        sender = Notifier({"NOTIFY_SOCKET": abstract.path})
+        assert sender.ready("up")
+        sender.close()
+        assert abstract.wait_for("READY", "1", timeout=5) == {"READY": "1", "STATUS": "up"}
+    finally:
+        abstract.close()
+
+
+def test_without_systemd_every_call_is_a_no_op() -> None:
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert not notifier.ready("x")
+    assert notifier.watchdog_s is None
+    watchdog = Watchdog(notifier, lambda: True)
+    watchdog.start()  # no thread: nothing to ping
+    watchdog.stop()
+    assert watchdog.pings == 0
+
+
+def test_watchdog_is_for_this_process_only(notify_socket: NotifySocket) -> None:
+    env = {"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "2000000"}
+    assert Notifier(env).watchdog_s == 2.0
+    assert Notifier({**env, "WATCHDOG_PID": str(os.getpid())}).watchdog_s == 2.0
+    assert Notifier({**env, "WATCHDOG_PID": "1"}).watchdog_s is None  # meant for another pid
+
+
+class WedgedEngine:
+    """Blocks inside "inference" without ever returning to the stop check, like a decode
+    stuck in C, until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def classify(
+        self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
+    ) -> Classification:
+        self.entered.set()
+        self.release.wait(30)
+        timings = Timings(prompt_ms=1, gen_ms=1, prompt_tokens=1, completion_tokens=0)
+        return Classification(labels[0], {labels[0]: 1.0}, timings)
+
+    def extract(
+        self,
+        plan: PromptPlan,
+        text: str,
+        constraint: JsonConstraint,
+        max_tokens: int,
+        stop: StopCheck,
+    ) -> Extraction:
+        raise NotImplementedError
+
+
+def test_a_wedged_inference_stops_the_watchdog_pings(notify_socket: NotifySocket) -> None:
+    engine = WedgedEngine()
+    worker, outbox = make_worker(engine)  # type: ignore[arg-type]
+    notifier = Notifier({"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "200000"})
+    watchdog = Watchdog(notifier, lambda: worker.stalled_for() < 0.3)
+    watchdog.start()
+    try:
+        time.sleep(0.5)
+        assert notify_socket.count("WATCHDOG") >= 3, "an idle agent is healthy"
+        send(worker, outbox, {"id": "stuck"})
+        assert engine.entered.wait(5)
+        time.sleep(0.5)  # past the 0.3 s stall limit
+        wedged = time.monotonic()
+        time.sleep(0.6)
+        assert notify_socket.count("WATCHDOG", since=wedged) == 0, "pinged while wedged"
+        assert worker.stalled_for() > 0.9
+        engine.release.set()
+        outbox_wait(outbox, 1)
+        resumed = time.monotonic()
+        time.sleep(0.5)
+        assert notify_socket.count("WATCHDOG", since=resumed) >= 2, "pings resume after the job"
+    finally:
+        engine.release.set()
+        watchdog.stop()
+        notifier.close()
+        worker.stop(2)
+
+
+def outbox_wait(outbox: RecordingOutbox, n: int, timeout: float = 10) -> None:
+    with outbox.cond:
+        assert outbox.cond.wait_for(lambda: len(outbox.replies) >= n, timeout)
+
+
+def test_the_agent_tells_systemd_what_it_is_doing(
+    broker: LocalBroker, prefix: str, tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """READY=1 only after the model is loaded and the broker answered; STATUS lines along the
+    way; watchdog pings while idle; STOPPING=1 on SIGTERM."""
+    agent = start_agent_process(
+        broker.url,
+        prefix,
+        tmp_path / "state",
+        env={"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "1000000"},
+        wait_online=False,
+    )
+    try:
+        ready = notify_socket.wait_for("READY", "1", timeout=90)
+        assert "serving smollm2" in ready["STATUS"], ready
+        statuses = [f["STATUS"] for f in notify_socket.fields() if "STATUS" in f]
+        loading = next(i for i, s in enumerate(statuses) if "loading the model" in s)
+        connecting = next(i for i, s in enumerate(statuses) if "connecting to" in s)
+        assert loading < connecting < statuses.index(ready["STATUS"])
+        # READY came after the model load and the first connection, as the log tells
+        assert wait_for_log(agent, "model.loaded", 1)
+        assert wait_for_log(agent, "mqtt.connected", 1)
+        # telemetry ticks (every second here) refresh the status with live counts
+        notify_socket.wait_for("STATUS", "0 done, 0 failed, 0 queued", timeout=10)
+        t = time.monotonic()
+        time.sleep(1.6)
+        assert notify_socket.count("WATCHDOG", since=t) >= 2  # every WATCHDOG_USEC / 2
+
+        broker.restart()  # the status says so while the broker is away, and recovers
+        notify_socket.wait_for("STATUS", "unreachable, reconnecting", timeout=20)
+        wait_for_log(agent, "mqtt.connected", 30, count=2)
+
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(30) == 0
+        notify_socket.wait_for("STOPPING", "1", timeout=5)
+        assert [f for f in notify_socket.fields() if "READY" in f] == [ready], "READY once"
+    finally:
+        agent.kill()
+
+
+# ---- the unit file -------------------------------------------------------------------
+
+
+def installed_unit(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this checkout's real entry point (verify checks
+    that the binary exists)."""
+    exe = shutil.which("edge-agent", path=str(Path(sys.executable).parent))
+    assert exe, "edge-agent entry point not installed in the venv"
+    text = UNIT.read_text().replace("/opt/edge-agent/current/venv/bin/edge-agent", exe)
+    out = tmp_path / "edge-agent.service"
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_systemd_analyze_verify_prints_nothing(tmp_path: Path) -> None:
+    unit = installed_unit(tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_exposure_is_rated_2_or_lower(tmp_path: Path) -> None:
+    unit = installed_unit(tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0, result.stdout
+
+
+def test_the_unit_keeps_the_promises_of_docs_deployment() -> None:
+    text = UNIT.read_text()
+    lines = {line.split("=", 1)[0] for line in text.splitlines() if "=" in line}
+    for key in (
+        "Type", "WatchdogSec", "DynamicUser", "StateDirectory", "LoadCredential",
+        "CapabilityBoundingSet", "SystemCallFilter", "MemoryHigh", "MemoryMax", "Restart",
+        "StartLimitBurst", "ProtectSystem",
+    ):  # fmt: skip
+        assert key in lines, key
+    assert "Type=notify" in text and "ProtectSystem=strict" in text
+    assert re.search(r"^CapabilityBoundingSet=$", text, re.M)
+    assert "LoadCredential=mqtt__password:" in text and "LoadCredential=tls_key:" in text
