@@ -48,6 +48,9 @@ class Metrics:
         self._tps = _Ewma(alpha)
         self._pps = _Ewma(alpha)
         self._last_token_at: float | None = None
+        # The same moment on the monotonic clock, for stall detection: the wall clock can
+        # step by hours when a Pi without an RTC gets its time from NTP after boot.
+        self._last_progress: float | None = None
         self._extra: dict[str, int] = {}
         self.started_at = time.time()
 
@@ -81,10 +84,16 @@ class Metrics:
     def progress(self) -> None:
         """The engine produced a token: forward progress, which the watchdog checks."""
         self._last_token_at = time.time()
+        self._last_progress = time.monotonic()
 
     @property
     def last_token_at(self) -> float | None:
         return self._last_token_at
+
+    @property
+    def last_progress(self) -> float | None:
+        """time.monotonic() of the last forward progress."""
+        return self._last_progress
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -69,10 +69,10 @@ def tls_context(
             continue
         try:
             with open(name, "rb") as f:
-                head = f.read(64)
+                text = f.read(1 << 20)  # all of it: CA bundles may open with comments
         except OSError as exc:
             raise ConfigError(f"{what} {name}: {exc.strerror or exc}") from exc
-        if b"-----BEGIN" not in head:
+        if b"-----BEGIN" not in text:
             raise ConfigError(f"{what} {name}: not a PEM file")
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)

@@ -278,8 +278,8 @@ class Worker:
             if self._running is None:
                 return 0.0
             since = self._running_since
-        last = max(since, self.metrics.last_token_at or 0.0)
-        return max(0.0, self.clock() - last)
+        last = max(since, self.metrics.last_progress or 0.0)
+        return max(0.0, time.monotonic() - last)
 
     def _retry_after_ms(self) -> int:
         p50 = self.metrics.snapshot()["latency_ms_p50"] or 1000.0
@@ -309,7 +309,7 @@ class Worker:
                 if self._heap:
                     ticket = heapq.heappop(self._heap)
                     self._running = ticket
-                    self._running_since = self.clock()
+                    self._running_since = time.monotonic()  # stalled_for's clock
                     return ticket
                 self._cond.wait()
 

@@ -310,9 +310,15 @@ def test_message_expiry_is_the_deadline(
         "id": f"block-{uuid.uuid4().hex[:6]}",
         "kind": "extract",
         "text": "Write a long note.",
+        # 64 strings (16 per array, the default limit): seconds of generation, so the late
+        # job waits in the queue well past its 1 s expiry (16 alone took under 1 s once)
         "schema": {
             "type": "object",
-            "properties": {"n": {"type": "array", "items": {"type": "string"}, "minItems": 16}},
+            "properties": {
+                f"n{i}": {"type": "array", "items": {"type": "string"}, "minItems": 16}
+                for i in range(4)
+            },
+            "required": [f"n{i}" for i in range(4)],
         },
     }
     late = {"id": f"late-{uuid.uuid4().hex[:6]}", "text": "Door open.", "labels": ["a", "b"]}
@@ -330,4 +336,5 @@ def test_message_expiry_is_the_deadline(
     reply = reply_for(client, late["id"], timeout=60)
     assert reply["status"] == "expired"
     assert reply["error"]["code"] == "deadline_exceeded"
-    reply_for(client, blocker["id"], timeout=120)
+    blocked = reply_for(client, blocker["id"], timeout=120)
+    print(f"\nblocker ran {blocked['timings']['total_ms']:.0f} ms")
