@@ -46,6 +46,17 @@ def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
     return False
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a broker (a clean shutdown: final save, Wills), SIGKILL if it hangs."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 class LocalBroker:
     """Mosquitto on 127.0.0.1:<free port>, configured the way our fleet config is."""
 
@@ -125,13 +136,7 @@ class LocalBroker:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
     def restart(self, timeout: float = 10.0) -> None:
         self.stop()
