@@ -42,6 +42,7 @@ class Code(StrEnum):
     INVALID_REPLY_TO = "invalid_reply_to"
     UNKNOWN_PROFILE = "unknown_profile"
     OVERLOADED = "overloaded"
+    DUPLICATE_ID = "duplicate_id"
     # failed: the job ran and could not finish
     CONTEXT_OVERFLOW = "context_overflow"
     INFERENCE_ERROR = "inference_error"

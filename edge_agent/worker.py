@@ -13,7 +13,7 @@ import heapq
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -30,6 +30,7 @@ from edge_agent.protocol import (
     ModelRef,
     Profile,
     Reply,
+    ReplyRoute,
     Status,
     Topics,
     decode_payload,
@@ -78,6 +79,10 @@ class Ticket:
     cancelled: bool = False
     interrupt: str | None = None  # why a running job should stop: "cancelled" | "expired"
     extra_acks: list[Ack] = field(default_factory=list)
+    # Further requests for this same job that arrived while it was held (a requester's
+    # retry with new Correlation Data, another requester): each gets the reply too, and
+    # its delivery is acknowledged when that reply is safe.
+    riders: list[tuple[ReplyRoute, Ack]] = field(default_factory=list)
 
     def sort_key(self) -> tuple[int, float, int]:
         deadline = self.job.deadline if self.job.deadline is not None else float("inf")
@@ -211,17 +216,39 @@ class Worker:
         log.info("job.handed_back", job_id=job.id, hops=handoff.hops, waiting=waiting)
         return True
 
+    def _join(self, current: Ticket, job: Job, ack: Ack, digest: str | None) -> bool:
+        """A job arrived with the id of one this agent holds (under self._cond). The same
+        request again is a broker redelivery (e.g. after a reconnect): answered once, both
+        deliveries acknowledged then. The same job from another request rides along and
+        gets the same reply. A different job under that id is rejected: two answers
+        under one id could not be told apart. False: not a duplicate after all."""
+        same_job = digest is None or current.digest is None or digest == current.digest
+        if same_job and job.route == current.job.route:
+            current.extra_acks.append(ack)
+            self.metrics.bump("duplicate_deliveries")
+            log.info("job.duplicate_in_flight", job_id=job.id)
+            return True
+        if same_job:
+            current.riders.append((job.route, ack))
+            self.metrics.bump("duplicate_jobs")
+            log.info("job.joined_in_flight", job_id=job.id, reply_topic=job.route.topic)
+            return True
+        error = JobError(
+            Code.DUPLICATE_ID,
+            f"a different job with id {job.id!r} is already queued or running on this device;"
+            " use unique ids, or send it again once that one is answered",
+        )
+        self.metrics.count("rejected")
+        log.warning("job.rejected", job_id=job.id, code=str(error.code), reason=error.message)
+        self.outbox.deliver(rejection(job.route, self.topics.device_id, error), ack)
+        return True
+
     def offer(self, job: Job, ack: Ack, key: str | None = None, digest: str | None = None) -> None:
         with self._cond:
             if self._closing:
                 return  # not acknowledged: the broker redelivers it after restart
             current = self._by_id.get(job.id)
-            if current is not None:
-                # The broker redelivered a job we already hold (e.g. after a reconnect):
-                # answer once, acknowledge both deliveries then.
-                current.extra_acks.append(ack)
-                self.metrics.bump("duplicate_deliveries")
-                log.info("job.duplicate_in_flight", job_id=job.id)
+            if current is not None and self._join(current, job, ack, digest):
                 return
             if len(self._by_id) - (1 if self._running else 0) >= self.max_queue:
                 retry = self._retry_after_ms()
@@ -435,6 +462,8 @@ class Worker:
             deadline=ticket.job.deadline,
         )
         self.outbox.deliver(reply, ack_all, memo)
+        for route, rider_ack in ticket.riders:
+            self.outbox.deliver(replace(reply, route=route), rider_ack)
 
     def _status(
         self, job: Job, status: Status, code: Code | None = None, message: str | None = None

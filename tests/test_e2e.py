@@ -310,8 +310,9 @@ def test_message_expiry_is_the_deadline(
         "id": f"block-{uuid.uuid4().hex[:6]}",
         "kind": "extract",
         "text": "Write a long note.",
+        "progress": True,
         # 64 strings (16 per array, the default limit): seconds of generation, so the late
-        # job waits in the queue well past its 1 s expiry (16 alone took under 1 s once)
+        # job waits in the queue well past its 1 s expiry
         "schema": {
             "type": "object",
             "properties": {
@@ -327,6 +328,16 @@ def test_message_expiry_is_the_deadline(
         json.dumps(blocker).encode(),
         response_topic=f"{e2e_prefix}/replies/e",
     )
+    # Only once the blocker runs: queued side by side, the late job's earlier deadline
+    # would put it first (earliest deadline first), and it would be answered in time.
+    running = client.wait_for(
+        lambda m: (
+            json.loads(m.payload).get("id") == blocker["id"]
+            and json.loads(m.payload).get("status") == "running"
+        ),
+        60,
+    )
+    assert running is not None, "the blocker never started"
     client.publish(
         f"{e2e_prefix}/devices/{agent.device_id}/jobs/classify",
         json.dumps(late).encode(),

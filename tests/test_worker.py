@@ -16,7 +16,7 @@ from edge_agent.journal import Journal, Stored
 from edge_agent.metrics import Metrics
 from edge_agent.outbox import Handoff, Memo
 from edge_agent.prompt import PromptPlan
-from edge_agent.protocol import Delivery, JobLimits, ModelRef, Reply, Topics
+from edge_agent.protocol import Delivery, JobLimits, ModelRef, Reply, Status, Topics
 from edge_agent.runner import JobRunner
 from edge_agent.worker import Handing, Worker
 
@@ -271,6 +271,57 @@ def test_redelivered_job_in_flight_runs_once_and_both_deliveries_are_acked() -> 
     assert engine.seen == ["dup"]
     assert len(outbox.replies) == 1
     assert outbox.acks == ["dup", "dup"]
+
+
+def send_as(
+    worker: Worker, outbox: RecordingOutbox, body: dict[str, Any], correlation: bytes
+) -> None:
+    """A classify job asking for its reply on edge/replies/s with this Correlation Data."""
+    worker.receive(
+        Delivery(
+            topic="edge/jobs/classify",
+            payload=json.dumps({"labels": ["a", "b"], **body}).encode(),
+            received_at=time.time(),
+            response_topic="edge/replies/s",
+            correlation_data=correlation,
+        ),
+        lambda: outbox.acks.append(correlation.decode()),
+    )
+
+
+def test_a_retry_of_a_job_in_flight_gets_the_reply_too_and_it_runs_once() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    worker, outbox = make_worker(engine)
+    send_as(worker, outbox, {"id": "r", "text": "t"}, b"first")
+    wait_running(engine, "t")
+    send_as(worker, outbox, {"id": "r", "text": "t"}, b"retry")  # new attempt, same job
+    gate.set()
+    replies = outbox.wait(2)
+    worker.stop()
+    assert engine.seen == ["t"]
+    assert sorted(r.route.correlation_data or b"" for r in replies) == [b"first", b"retry"]
+    assert {r.status for r in replies} == {Status.DONE}
+    assert sorted(outbox.acks) == ["first", "retry"]
+
+
+def test_a_different_job_under_an_id_in_flight_is_rejected_not_lost() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    worker, outbox = make_worker(engine)
+    send_as(worker, outbox, {"id": "same", "text": "one"}, b"1")
+    wait_running(engine, "one")
+    send_as(worker, outbox, {"id": "same", "text": "two"}, b"2")
+    rejected = outbox.wait(1)[0]
+    assert rejected.status == Status.REJECTED
+    assert rejected.error_code == Code.DUPLICATE_ID
+    assert rejected.route.correlation_data == b"2"
+    gate.set()
+    done = outbox.wait(2)[1]
+    worker.stop()
+    assert done.status == Status.DONE and done.route.correlation_data == b"1"
+    assert engine.seen == ["one"]
+    assert sorted(outbox.acks) == ["1", "2"]
 
 
 def test_progress_messages_when_asked() -> None:
