@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Run:
     rc: int
     output: str
     recap: dict[str, int]
+    seconds: float
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Deployment:
             "ANSIBLE_LOCAL_TEMP": str(self.cache / "ansible-tmp"),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        started = time.monotonic()
         result = subprocess.run(
             [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
              "-e", f"@{vars_file}", playbook],
@@ -123,8 +126,9 @@ class Deployment:
         match = RECAP.search(result.stdout)
         assert match, output[-4000:]
         recap = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
-        run = Run(result.returncode, output, recap)
+        run = Run(result.returncode, output, recap, time.monotonic() - started)
         self.runs.append(run)
+        print(f"\n{playbook}: {run.seconds:.0f} s, rc {run.rc}, {match.group(1).strip()}")
         return run
 
     def start_agent(self) -> AgentProcess:
@@ -256,6 +260,7 @@ def test_gate_passes_when_the_installed_agent_answers(deployment: Deployment) ->
     passed = re.search(r"Gate passed: localhost answered at ([\d.]+) tokens/s", run.output)
     assert passed, tail(run)
     assert float(passed.group(1)) >= 1.0
+    print(f"gate: {passed.group(1)} tokens/s")
 
 
 @pytest.mark.timeout(900)
