@@ -216,23 +216,23 @@ class Worker:
         log.info("job.handed_back", job_id=job.id, hops=handoff.hops, waiting=waiting)
         return True
 
-    def _join(self, current: Ticket, job: Job, ack: Ack, digest: str | None) -> bool:
+    def _join(self, current: Ticket, job: Job, ack: Ack, digest: str | None) -> None:
         """A job arrived with the id of one this agent holds (under self._cond). The same
         request again is a broker redelivery (e.g. after a reconnect): answered once, both
         deliveries acknowledged then. The same job from another request rides along and
         gets the same reply. A different job under that id is rejected: two answers
-        under one id could not be told apart. False: not a duplicate after all."""
+        under one id could not be told apart."""
         same_job = digest is None or current.digest is None or digest == current.digest
         if same_job and job.route == current.job.route:
             current.extra_acks.append(ack)
             self.metrics.bump("duplicate_deliveries")
             log.info("job.duplicate_in_flight", job_id=job.id)
-            return True
+            return
         if same_job:
             current.riders.append((job.route, ack))
             self.metrics.bump("duplicate_jobs")
             log.info("job.joined_in_flight", job_id=job.id, reply_topic=job.route.topic)
-            return True
+            return
         error = JobError(
             Code.DUPLICATE_ID,
             f"a different job with id {job.id!r} is already queued or running on this device;"
@@ -241,14 +241,14 @@ class Worker:
         self.metrics.count("rejected")
         log.warning("job.rejected", job_id=job.id, code=str(error.code), reason=error.message)
         self.outbox.deliver(rejection(job.route, self.topics.device_id, error), ack)
-        return True
 
     def offer(self, job: Job, ack: Ack, key: str | None = None, digest: str | None = None) -> None:
         with self._cond:
             if self._closing:
                 return  # not acknowledged: the broker redelivers it after restart
             current = self._by_id.get(job.id)
-            if current is not None and self._join(current, job, ack, digest):
+            if current is not None:
+                self._join(current, job, ack, digest)
                 return
             if len(self._by_id) - (1 if self._running else 0) >= self.max_queue:
                 retry = self._retry_after_ms()
