@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge_agent.benchmark import READING
 from edge_agent.broker import LocalBroker, find_mosquitto, free_port, wait_for_port
 from edge_agent.mqtt import Incoming, Requester
 
@@ -45,16 +46,7 @@ SAMPLES: list[dict[str, Any]] = [
     {
         "kind": "extract",
         "text": "Sensor TS-7 reports humidity 48.5 % in the server room.",
-        "schema": {
-            "type": "object",
-            "properties": {
-                "device": {"type": "string"},
-                "metric": {"type": "string"},
-                "value": {"type": "number"},
-                "unit": {"type": "string"},
-            },
-            "required": ["device", "metric", "value", "unit"],
-        },
+        "schema": READING,
     },
     {
         "kind": "extract",
