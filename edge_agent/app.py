@@ -4,11 +4,11 @@ telemetry meet. `Agent.run()` is what `edge-agent run` and the systemd unit star
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,16 +18,18 @@ import structlog
 from edge_agent import __version__
 from edge_agent.catalog import Catalog, load_lock
 from edge_agent.errors import ConfigError, JobError
-from edge_agent.journal import Journal
+from edge_agent.faults import Faults
+from edge_agent.health import Health
+from edge_agent.intake import Handing, Intake
+from edge_agent.journal import POISON_AFTER_CRASHES, Journal, RunningMarker
 from edge_agent.loader import Loaded, load_model
 from edge_agent.metrics import Metrics
-from edge_agent.mqtt import Incoming, LinkConfig, MqttLink, tls_context
+from edge_agent.mqtt import LinkConfig, MqttLink, Subscription, tls_context
 from edge_agent.outbox import Outbox
 from edge_agent.probe import BoardFacts, Sampler, board_facts
 from edge_agent.protocol import (
     KINDS,
     WIRE_VERSION,
-    Delivery,
     JobLimits,
     Profile,
     Topics,
@@ -46,12 +48,14 @@ from edge_agent.telemetry import (
     ha_discovery,
     status_line,
 )
-from edge_agent.worker import Ack, Handing, Worker
+from edge_agent.worker import Worker
 
 if TYPE_CHECKING:
     from edge_agent.engine import LlamaEngine
 
 log = structlog.get_logger("edge_agent.app")
+
+EX_SOFTWARE = 70  # the agent stopped itself: a thread died or stalled (sysexits.h)
 
 
 def default_lock_path() -> Path:
@@ -97,6 +101,7 @@ def job_limits(settings: Settings) -> JobLimits:
         max_label_chars=j.max_label_chars,
         max_instructions_chars=j.max_instructions_chars,
         max_examples=j.max_examples,
+        max_prompt_chars=j.max_prompt_chars,
         schema=SchemaLimits(
             max_depth=j.max_schema_depth,
             max_properties=j.max_schema_properties,
@@ -134,6 +139,7 @@ def topics_for(settings: Settings) -> Topics:
         prefix=settings.mqtt.topic_prefix,
         device_id=settings.device_id,
         share_group=settings.mqtt.share_group,
+        discovery_prefix=settings.telemetry.discovery_prefix,
     )
 
 
@@ -208,7 +214,7 @@ class Agent:
         self._info: dict[str, Any] | None = None
         self._discovery: list[tuple[str, dict[str, Any]]] = []
         self._telemetry: TelemetryLoop | None = None
-        self._worker: Worker | None = None
+        self.health = Health()
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -229,11 +235,9 @@ class Agent:
             notifier.close()
 
     def _progressing(self) -> bool:
-        """The watchdog's test: idle, or the running job decoded something recently."""
-        if self._worker is None:
-            return True
-        limit = (self.notifier.watchdog_s or 120.0) / 2
-        return self._worker.stalled_for() < limit
+        """The watchdog's test: every supervised thread alive and none stalled (an idle
+        inference thread is fine; a running job must decode something now and then)."""
+        return self.health.report().ok
 
     def _load(self) -> Loaded[LlamaEngine]:
         s = self.settings
@@ -264,37 +268,10 @@ class Agent:
         s = self.settings
         notifier = self.notifier
         engine = loaded.engine
-        journal = Journal(
-            s.state_dir / "journal.db",
-            dedup_window_s=s.jobs.dedup_window_s,
-            spool_max=s.jobs.spool_max,
-            synchronous=s.jobs.journal_sync.upper(),
-        )
-        link_holder: list[MqttLink] = []
-        outbox = Outbox(_LazyLink(link_holder), journal, self.metrics)
-        worker = Worker(
-            JobRunner(engine),
-            outbox,
-            self.metrics,
-            topics=self.topics,
-            limits=job_limits(s),
-            model=loaded.ref,
-            max_queue=s.jobs.max_queue,
-            journal=journal,
-            handing=Handing(s.jobs.handoff, s.jobs.handoff_keep, s.jobs.handoff_max_hops),
-            profiles=job_profiles(s),
-        )
-        self._worker = worker
-        link = MqttLink(
-            link_settings,
-            subscriptions=self._subscriptions,
-            on_message=lambda msg, ack: self._dispatch(worker, msg, ack),
-            on_connected=lambda _present: self._on_connected(outbox),
-            on_disconnected=self._on_disconnected,
-            on_published=outbox.on_published,
-        )
-        link_holder.append(link)
-        self._link = link
+        health = self.health
+        stall = s.health.stall_after_s
+        p = self._pipeline(link_settings, loaded)
+        journal, outbox, worker, intake, link = p.journal, p.outbox, p.worker, p.intake, p.link
         sampler = Sampler(s.model_dir)
         identity = Identity(
             device=s.device_id,
@@ -305,8 +282,10 @@ class Agent:
         self._info = self._device_info(loaded, identity)
 
         def snapshot() -> dict[str, Any]:
-            inference = {**self.metrics.snapshot(), "spool": journal.counts()}
-            return build_telemetry(identity, sampler.read(), inference, worker.depth)
+            counters = {**self.metrics.snapshot(), "spool": journal.counts()}
+            counters["health"] = health.report().to_dict()
+            counters["intake_backlog"] = intake.backlog
+            return build_telemetry(identity, sampler.read(), counters, worker.depth)
 
         def tick() -> dict[str, Any]:
             payload = snapshot()
@@ -318,6 +297,7 @@ class Agent:
             s.telemetry.interval_s,
             make=tick,
             publish=lambda payload: self._publish_telemetry(link, payload),
+            beat=health.beat("telemetry", max(stall, 3 * s.telemetry.interval_s)),
         )
         self._telemetry = telemetry
         if s.telemetry.home_assistant:
@@ -325,6 +305,7 @@ class Agent:
         exporter = self._start_exporter(snapshot, loaded) if s.telemetry.prometheus_port else None
         outbox.start()
         worker.start()
+        intake.start()
         notifier.status(f"model {loaded.ref.name} loaded; connecting to {s.mqtt.broker}")
         link.start()
         telemetry.start()
@@ -335,23 +316,123 @@ class Agent:
             session=self.session,
             version=__version__,
         )
+        code = 0
         try:
-            self._stop.wait()
+            code = self._watch(telemetry)
         finally:
-            log.info("agent.stopping")
+            degraded = code != 0
+            log.info("agent.stopping", degraded=degraded)
             notifier.stopping()
             telemetry.stop()
             if exporter is not None:
                 exporter.close()
-            worker.stop(timeout=30.0)
-            link.stop(final=(self.topics.status(), b"stopped"))
+            intake.stop()  # what it had not read stays unacknowledged: redelivered later
+            worker.stop(timeout=5.0 if degraded else 30.0)
+            outbox.drain(timeout=10.0)
+            # A degraded stop is a failure: leave `offline` (as the Last Will would) rather
+            # than `stopped`, which tells dashboards someone stopped it on purpose.
+            link.stop(final=(self.topics.status(), b"offline" if degraded else b"stopped"))
             outbox.stop()
-            engine.close()
+            if not degraded:  # a wedged thread may still be inside llama.cpp
+                engine.close()
             journal.close()
-            log.info("agent.stopped")
+            log.info("agent.stopped", exit_code=code)
+        return code
+
+    def _pipeline(self, link_settings: LinkConfig, loaded: Loaded[LlamaEngine]) -> _Pipeline:
+        """Journal, outbox, inference, intake and the MQTT link, wired: a message goes
+        link -> intake -> worker -> outbox -> link (docs/architecture.md)."""
+        s = self.settings
+        health = self.health
+        stall = s.health.stall_after_s
+        journal = Journal(
+            s.state_dir / "journal.db",
+            dedup_window_s=s.jobs.dedup_window_s,
+            spool_max=s.jobs.spool_max,
+            synchronous=s.jobs.journal_sync.upper(),
+        )
+        marker = RunningMarker(s.state_dir / "running")
+        self._count_crash(marker, journal)
+        link_holder: list[MqttLink] = []
+        outbox = Outbox(_LazyLink(link_holder), journal, self.metrics, health.beat("outbox", stall))
+        runner = JobRunner(loaded.engine)
+        worker = Worker(
+            runner,
+            outbox,
+            self.metrics,
+            topics=self.topics,
+            model=loaded.ref,
+            max_queue=s.jobs.max_queue,
+            beat=health.beat("inference", stall),
+            marker=marker,
+            faults=Faults.from_env(),
+        )
+        intake = Intake(
+            topics=self.topics,
+            limits=job_limits(s),
+            worker=worker,
+            outbox=outbox,
+            metrics=self.metrics,
+            model=loaded.ref,
+            journal=journal,
+            profiles=job_profiles(s),
+            handing=Handing(s.jobs.handoff, s.jobs.handoff_keep, s.jobs.handoff_max_hops),
+            mqtt5=s.mqtt.protocol == "5",
+            budget=runner.check_budget,
+            on_rebirth=self._announce,
+            on_ha_online=self._ha_online,
+            beat=health.beat("intake", stall),
+        )
+        link = MqttLink(
+            link_settings,
+            subscriptions=self._subscriptions,
+            on_message=intake.submit,
+            on_connected=lambda _present: self._on_connected(outbox),
+            on_disconnected=self._on_disconnected,
+            on_published=outbox.on_published,
+            on_acked=self.metrics.record_ack,
+        )
+        link_holder.append(link)
+        self._link = link
+        return _Pipeline(journal, outbox, worker, intake, link)
+
+    def _watch(self, telemetry: TelemetryLoop) -> int:
+        """The main thread: wait for a stop signal, watching health. A change of health is
+        published at once (info and telemetry); without a systemd watchdog to do it, a
+        degraded agent ends itself after `health.exit_after_s` so it gets restarted."""
+        state = "ok"
+        while not self._stop.wait(1.0):
+            report = self.health.report()
+            if report.state != state:
+                state = report.state
+                log.warning("health.changed", state=state, reasons=list(report.reasons))
+                self._announce()
+                telemetry.publish_now()
+            if (
+                not report.ok
+                and self.notifier.watchdog_s is None
+                and self.health.degraded_for() >= self.settings.health.exit_after_s
+            ):
+                log.critical("agent.exiting_degraded", reasons=list(report.reasons))
+                return EX_SOFTWARE
         return 0
 
-    def _subscriptions(self) -> list[tuple[str, int]]:
+    def _count_crash(self, marker: RunningMarker, journal: Journal) -> None:
+        """If the last process died while running a job, count that against the job: one
+        that did it twice is answered `job_crashed` from then on, never run again."""
+        left = marker.take()
+        if left is None:
+            return
+        digest, job_id = left
+        count = journal.note_crash(digest, job_id)
+        log.error(
+            "agent.died_while_running",
+            job_id=job_id,
+            times=count,
+            poison=count >= POISON_AFTER_CRASHES,
+        )
+
+    def _subscriptions(self) -> list[Subscription]:
         t = self.topics
         fleet = (
             [t.shared_fleet_jobs(k) for k in KINDS]
@@ -361,8 +442,8 @@ class Agent:
         device = [t.device_jobs(k) for k in KINDS]
         control = [t.fleet_cancel(), t.device_cancel(), t.fleet_rebirth(), t.device_rebirth()]
         if self.settings.telemetry.home_assistant:
-            control.append(self._ha_status_topic)
-        return [(topic, 1) for topic in [*fleet, *device, *control]]
+            control.append(t.ha_status())
+        return [Subscription(topic) for topic in [*fleet, *device, *control]]
 
     def _on_connected(self, outbox: Outbox) -> None:
         model = self.model.ref.name if self.model is not None else "?"
@@ -373,52 +454,13 @@ class Agent:
         else:
             self.notifier.status(line)
         self._announce()
-        # Replies that waited for the broker go out oldest first, off paho's thread.
-        threading.Thread(target=outbox.flush, name="spool-flush", daemon=True).start()
+        outbox.flush()  # replies that waited for the broker go out oldest first
 
-    def _dispatch(self, worker: Worker, msg: Incoming, ack: Ack) -> None:
-        t = self.topics
-        # Control topics first: the fleet cancel topic, <prefix>/jobs/cancel, has the shape
-        # of a job topic.
-        if msg.topic in (t.fleet_cancel(), t.device_cancel()):
-            ack()
-            job_id = _cancel_id(msg.payload)
-            if job_id is not None:
-                found = worker.cancel(job_id)
-                log.info("job.cancel_requested", job_id=job_id, found=found)
-            return
-        if msg.topic in (t.fleet_rebirth(), t.device_rebirth()):
-            ack()
-            log.info("agent.rebirth", topic=msg.topic)
-            self._announce()
-            return
-        if msg.topic == self._ha_status_topic:
-            ack()
-            if msg.payload.strip() == b"online":  # Home Assistant (re)started: announce again
-                log.info("homeassistant.announce")
-                self._announce()
-                if self._telemetry is not None:
-                    self._telemetry.publish_now()
-            return
-        if t.kind_of(msg.topic) is None:
-            ack()
-            log.warning("mqtt.unexpected_topic", topic=msg.topic)
-            return
-        fleet = msg.topic.startswith(f"{t.prefix}/jobs/")
-        worker.receive(
-            Delivery(
-                topic=msg.topic,
-                payload=msg.payload,
-                received_at=time.time(),
-                response_topic=msg.response_topic,
-                correlation_data=msg.correlation_data,
-                expiry_s=msg.expiry_s,
-                dup=msg.dup,
-                shared=fleet and self.settings.mqtt.protocol == "5",
-                hops=_hops(msg.user_properties),
-            ),
-            ack,
-        )
+    def _ha_online(self) -> None:
+        """Home Assistant (re)started: announce again, with fresh figures."""
+        self._announce()
+        if self._telemetry is not None:
+            self._telemetry.publish_now()
 
     def _on_disconnected(self) -> None:
         if not self._stop.is_set():
@@ -428,18 +470,16 @@ class Agent:
         link.publish(self.topics.telemetry(), payload, qos=0)
 
     def _announce(self) -> None:
-        """Publish device info, then presence, on every connect (and on rebirth)."""
+        """Publish device info, then presence, on every connect (and on rebirth, and when
+        health changes)."""
         if self._link is None:
             return
         if self._info is not None:
-            self._link.publish(self.topics.info(), encode(self._info), qos=1, retain=True)
+            info = {**self._info, "health": self.health.report().to_dict()}
+            self._link.publish(self.topics.info(), encode(info), qos=1, retain=True)
         for topic, config in self._discovery:
             self._link.publish(topic, encode(config), qos=1, retain=True)
         self._link.publish(self.topics.status(), b"online", qos=1, retain=True)
-
-    @property
-    def _ha_status_topic(self) -> str:
-        return f"{self.settings.telemetry.discovery_prefix}/status"
 
     def _ha_configs(self, sampler: Sampler) -> list[tuple[str, dict[str, Any]]]:
         assert self.board is not None
@@ -513,6 +553,15 @@ class Agent:
         return build_info(identity, __version__, self.board.to_dict(), model, capabilities, runtime)
 
 
+@dataclass(frozen=True)
+class _Pipeline:
+    journal: Journal
+    outbox: Outbox
+    worker: Worker
+    intake: Intake
+    link: MqttLink
+
+
 class _LazyLink:
     """Lets the outbox exist before the link (they reference each other)."""
 
@@ -525,22 +574,6 @@ class _LazyLink:
 
     def publish(self, topic: str, payload: bytes, **kwargs: Any) -> int | None:
         return self._holder[0].publish(topic, payload, **kwargs) if self._holder else None
-
-
-def _hops(user_properties: tuple[tuple[str, str], ...]) -> int:
-    for key, value in user_properties:
-        if key == "edge-hops" and value.isdigit():
-            return int(value)
-    return 0
-
-
-def _cancel_id(payload: bytes) -> str | None:
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        return None
-    job_id = data.get("id") if isinstance(data, dict) else None
-    return job_id if isinstance(job_id, str) and job_id else None
 
 
 def install_signal_handlers(agent: Agent) -> None:

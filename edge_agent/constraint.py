@@ -114,6 +114,22 @@ class JsonConstraint:
 
     def __init__(self, node: ObjectNode) -> None:
         self.segments = compile_segments(node)
+        self._shortest: int | None = None
+
+    def shortest_length(self) -> int:
+        """Bytes of the shortest document the schema allows (the least an answer needs)."""
+        if self._shortest is None:
+            state = self.initial()
+            count = 0
+            while not self.is_complete(state) and count < 1 << 20:
+                byte = self.finish_byte(state)
+                next_state = None if byte is None else self.step(state, byte)
+                if next_state is None:  # pragma: no cover - finish_byte always fits
+                    break
+                state = next_state
+                count += 1
+            self._shortest = count
+        return self._shortest
 
     def initial(self) -> State:
         return ((self.segments, 0, _initial_sub(self.segments[0])),)

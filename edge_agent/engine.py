@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.constraint import JsonConstraint, State
-from edge_agent.errors import Code, EngineError, ModelLoadError
+from edge_agent.errors import Code, EngineError, JobError, ModelLoadError
 from edge_agent.inference import Classification, Extraction, Interrupted, StopCheck, Timings
 from edge_agent.prompt import PromptPlan
 
@@ -145,6 +145,9 @@ class LlamaEngine:
         self._prefix_len = 0  # how much of it is the current shape's prefix
         self._saved = _StateCache(config.prefix_cache_bytes)
         self._shapes: OrderedDict[str, _Shape] = OrderedDict()
+        # The intake thread tokenizes (the token budget) while the inference thread decodes:
+        # llama.cpp's tokenizer only reads the vocabulary, but these caches are shared.
+        self._shape_lock = threading.Lock()
         self._pieces = _Pieces(self._piece_table())
         self._byte_tokens = self._single_byte_tokens()
         self._turn_end = self._find_turn_end()
@@ -216,8 +219,33 @@ class LlamaEngine:
             timings.gen_ms = (time.perf_counter() - start) * 1000.0
         return timings
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenize(text, special=False))
+    def fits(
+        self,
+        plan: PromptPlan,
+        text: str,
+        labels: Sequence[str] | None = None,
+        constraint: JsonConstraint | None = None,
+    ) -> int:
+        """The context cells a job needs (its prompt, and the label continuations or the
+        shortest answer its schema allows); raises JobError `context_too_long` when that
+        is more than the context holds. Safe to call from another thread than the one that
+        runs jobs: it only tokenizes."""
+        shape = self._shape(plan)
+        prompt = len(shape.prefix_tokens) + len(self._job_tokens(shape, text))
+        answer = 0
+        if labels is not None:
+            tokens, with_end = self._label_tokens(shape, tuple(labels))
+            answer = sum(len(t) if with_end else len(t) - 1 for t in tokens)
+        if constraint is not None:
+            answer = constraint.shortest_length()  # bytes: at least as many as its tokens
+        need = prompt + answer + 8
+        if need > self._n_ctx:
+            raise JobError(
+                Code.CONTEXT_TOO_LONG,
+                f"the job needs {need} tokens of context ({prompt} of prompt, {answer} for "
+                f"the answer); this agent's context holds {self._n_ctx} (model.n_ctx)",
+            )
+        return need
 
     def job_tokens(self, plan: PromptPlan, text: str) -> tuple[list[int], list[int]]:
         """(prefix tokens, the job's own tokens) for a job: what the engine evaluates."""
@@ -255,10 +283,11 @@ class LlamaEngine:
 
     def _shape(self, plan: PromptPlan) -> _Shape:
         key = plan.key
-        shape = self._shapes.get(key)
-        if shape is not None:
-            self._shapes.move_to_end(key)
-            return shape
+        with self._shape_lock:
+            shape = self._shapes.get(key)
+            if shape is not None:
+                self._shapes.move_to_end(key)
+                return shape
         parts = self._render(plan)
         # parts alternate: template text, content, template text, ... then the answer
         # prefix; the content before the last template part is the job's text placeholder,
@@ -275,9 +304,10 @@ class LlamaEngine:
         # ends a line (chat templates end with "assistant\n").
         lead = " " if tail_text and not tail_text[-1].isspace() else ""
         shape = _Shape(prefix_tokens=prefix, suffix_parts=suffix, label_lead=lead)
-        self._shapes[key] = shape
-        if len(self._shapes) > 64:
-            self._shapes.popitem(last=False)
+        with self._shape_lock:
+            self._shapes[key] = shape
+            if len(self._shapes) > 64:
+                self._shapes.popitem(last=False)
         return shape
 
     def _render(self, plan: PromptPlan) -> list[tuple[str, bool]]:
@@ -343,14 +373,14 @@ class LlamaEngine:
         self, shape: _Shape, text: str, timings: Timings, stop: StopCheck
     ) -> npt.NDArray[np.float32]:
         """Bring sequence 0 to prefix + the job's tokens; return the last position's logits."""
-        self._ensure_prefix(shape.prefix_tokens, timings, stop)
         job = self._job_tokens(shape, text)
-        if len(self._kv_tokens) + len(job) + 8 > self._n_ctx:
+        if len(shape.prefix_tokens) + len(job) + 8 > self._n_ctx:
             raise EngineError(
                 Code.CONTEXT_OVERFLOW,
-                f"prompt needs {len(self._kv_tokens) + len(job)} tokens; the context holds "
-                f"{self._n_ctx}",
+                f"prompt needs {len(shape.prefix_tokens) + len(job)} tokens; the context "
+                f"holds {self._n_ctx}",
             )
+        self._ensure_prefix(shape.prefix_tokens, timings, stop)
         pos = len(self._kv_tokens)
         logits = self._decode(job, pos, stop)
         self._kv_tokens = self._kv_tokens + job
@@ -504,7 +534,8 @@ class LlamaEngine:
         return dict(zip(labels, logps, strict=True))
 
     def _label_tokens(self, shape: _Shape, labels: tuple[str, ...]) -> tuple[list[list[int]], bool]:
-        cached = shape.label_tokens.get(labels)
+        with self._shape_lock:
+            cached = shape.label_tokens.get(labels)
         if cached is not None:
             return cached
         tokens = [self._tokenize(shape.label_lead + label, special=False) for label in labels]
@@ -513,9 +544,10 @@ class LlamaEngine:
             a != b and len(a) < len(b) and b[: len(a)] == a for a in as_tuples for b in as_tuples
         )
         result = (tokens, with_end)
-        shape.label_tokens[labels] = result
-        if len(shape.label_tokens) > 32:
-            shape.label_tokens.pop(next(iter(shape.label_tokens)))
+        with self._shape_lock:
+            shape.label_tokens[labels] = result
+            if len(shape.label_tokens) > 32:
+                shape.label_tokens.pop(next(iter(shape.label_tokens)))
         return result
 
     def _decode_multi(self, entries: list[tuple[int, int, int]]) -> list[npt.NDArray[np.float32]]:

@@ -43,9 +43,12 @@ class Code(StrEnum):
     UNKNOWN_PROFILE = "unknown_profile"
     OVERLOADED = "overloaded"
     DUPLICATE_ID = "duplicate_id"
+    CONTEXT_TOO_LONG = "context_too_long"
+    RETAINED_JOB = "retained_job"
     # failed: the job ran and could not finish
     CONTEXT_OVERFLOW = "context_overflow"
     INFERENCE_ERROR = "inference_error"
+    JOB_CRASHED = "job_crashed"
     INTERNAL_ERROR = "internal_error"
     # expired / cancelled
     DEADLINE_EXCEEDED = "deadline_exceeded"

@@ -46,6 +46,8 @@ GAUGES = {
     "edge_agent_disk_free_bytes": ("disk_free_bytes", "Free disk in the model directory."),
     "edge_agent_soc_temperature_celsius": ("soc_temperature_c", "SoC temperature."),
     "edge_agent_spool_pending": ("spool.spool_pending", "Replies waiting for the broker."),
+    "edge_agent_intake_backlog": ("intake_backlog", "Deliveries waiting to be read."),
+    "edge_agent_poison_jobs": ("spool.poison_jobs", "Jobs refused for crashing the agent."),
 }
 COUNTERS = {
     "edge_agent_duplicate_jobs": ("counters.duplicate_jobs", "Jobs answered from the journal."),
@@ -101,7 +103,25 @@ class _TelemetryCollector(Collector):
         spool = message.get("spool") or {}
         dropped.add_metric([device, "full"], float(spool.get("spool_dropped_full", 0)))
         dropped.add_metric([device, "expired"], float(spool.get("spool_dropped_expired", 0)))
+        dropped.add_metric([device, "unsendable"], float(spool.get("spool_dropped_unsendable", 0)))
         yield dropped
+        health = message.get("health") or {}
+        up = GaugeMetricFamily(
+            "edge_agent_healthy",
+            "1 when every agent thread is alive and progressing, 0 when degraded.",
+            labels=["device"],
+        )
+        up.add_metric([device], 1.0 if health.get("state") == "ok" else 0.0)
+        yield up
+        puback = GaugeMetricFamily(
+            "edge_agent_puback_ms",
+            "Time from a job's arrival to its acknowledgement, over the window.",
+            labels=["device", "quantile"],
+        )
+        for quantile, key in (("0.5", "puback_ms_p50"), ("0.99", "puback_ms_p99")):
+            if isinstance(message.get(key), int | float):
+                puback.add_metric([device, quantile], float(message[key]))
+        yield puback
         for name, (path, text) in COUNTERS.items():
             counter = CounterMetricFamily(name, text, labels=["device"])
             counter.add_metric([device], float(_get(message, path) or 0))

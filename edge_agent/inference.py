@@ -63,6 +63,15 @@ class Extraction:
 
 
 class Engine(Protocol):
+    def fits(
+        self,
+        plan: PromptPlan,
+        text: str,
+        labels: Sequence[str] | None = None,
+        constraint: JsonConstraint | None = None,
+    ) -> int:
+        """Context cells the job needs; raises JobError `context_too_long` if too many."""
+
     def classify(
         self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
     ) -> Classification: ...

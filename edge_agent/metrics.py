@@ -42,6 +42,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(OUTCOMES, 0)
         self._latency: deque[float] = deque(maxlen=window)
+        self._acks: deque[float] = deque(maxlen=window)
         self._ttft: float | None = None
         self._tps_last: float | None = None
         self._pps_last: float | None = None
@@ -81,6 +82,11 @@ class Metrics:
                 self._pps_last = prompt_tokens_per_second
                 self._pps.add(prompt_tokens_per_second)
 
+    def record_ack(self, seconds: float) -> None:
+        """A job's delivery was acknowledged (PUBACK sent) this long after it arrived."""
+        with self._lock:
+            self._acks.append(seconds * 1000.0)
+
     def progress(self) -> None:
         """The engine produced a token: forward progress, which the watchdog checks."""
         self._last_token_at = time.time()
@@ -98,12 +104,15 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             latencies = list(self._latency)
+            acks = list(self._acks)
             return {
                 "jobs": dict(self._counts),
                 "counters": dict(self._extra),
                 "latency_ms_p50": _round(percentile(latencies, 50)),
                 "latency_ms_p95": _round(percentile(latencies, 95)),
                 "latency_window": len(latencies),
+                "puback_ms_p50": _round(percentile(acks, 50)),
+                "puback_ms_p99": _round(percentile(acks, 99)),
                 "time_to_first_token_ms": _round(self._ttft),
                 "tokens_per_second": _round(self._tps_last),
                 "tokens_per_second_avg": _round(self._tps.value),

@@ -40,17 +40,25 @@ log = structlog.get_logger("edge_agent.mqtt")
 Ack = Callable[[], None]
 
 
+# MQTT 5 Message Expiry Interval: a four-byte integer; 0 would mean "no expiry".
+MAX_EXPIRY_S = 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class Incoming:
+    """One delivery as paho gave it: nothing parsed, nothing checked (the intake does that,
+    off paho's thread). Property values are whatever the packet carried."""
+
     topic: str
     payload: bytes
     qos: int
     retain: bool
-    response_topic: str | None
-    correlation_data: bytes | None
-    expiry_s: int | None
+    response_topic: Any
+    correlation_data: Any
+    expiry_s: Any
     dup: bool = False
-    user_properties: tuple[tuple[str, str], ...] = ()
+    user_properties: Any = ()
+    received_at: float = 0.0  # time.time() when paho handed it over
 
 
 def tls_context(
@@ -93,6 +101,13 @@ def tls_context(
 
 
 @dataclass(frozen=True)
+class Subscription:
+    topic: str
+    qos: int = 1
+    retained: bool = False  # also take the retained message at subscribe time (MQTT 5)
+
+
+@dataclass(frozen=True)
 class LinkConfig:
     host: str
     port: int
@@ -122,13 +137,15 @@ class MqttLink:
     def __init__(
         self,
         config: LinkConfig,
-        subscriptions: Callable[[], Sequence[tuple[str, int]]],
+        subscriptions: Callable[[], Sequence[Subscription]],
         on_message: Callable[[Incoming, Ack], None],
         on_connected: Callable[[bool], None] = lambda _session_present: None,
         on_disconnected: Callable[[], None] = lambda: None,
         on_published: Callable[[int, int], None] = lambda _mid, _reason: None,
+        on_acked: Callable[[float], None] = lambda _seconds: None,
     ) -> None:
         self.config = config
+        self._on_acked = on_acked
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._on_connected = on_connected
@@ -295,9 +312,20 @@ class MqttLink:
         subs = list(self._subscriptions())
         if subs:
             if self.v5:
-                client.subscribe([(t, SubscribeOptions(qos=q)) for t, q in subs])
+                # Retain handling 2: the broker sends no retained message at subscribe time.
+                # A job or cancel published with retain would otherwise come back on every
+                # reconnect.
+                client.subscribe(
+                    [
+                        (
+                            s.topic,
+                            SubscribeOptions(qos=s.qos, retainHandling=0 if s.retained else 2),
+                        )
+                        for s in subs
+                    ]
+                )
             else:
-                client.subscribe(subs)
+                client.subscribe([(s.topic, s.qos) for s in subs])
         self._connected.set()
         log.info(
             "mqtt.connected",
@@ -320,39 +348,45 @@ class MqttLink:
             self._on_disconnected()
 
     def _message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
-        correlation = getattr(props, "CorrelationData", None) if props else None
-        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
-        user = getattr(props, "UserProperty", None) if props else None
-        incoming = Incoming(
-            topic=msg.topic,
-            payload=bytes(msg.payload),
-            qos=msg.qos,
-            retain=bool(msg.retain),
-            response_topic=response_topic,
-            correlation_data=bytes(correlation) if correlation is not None else None,
-            expiry_s=int(expiry) if expiry is not None else None,
-            dup=bool(msg.dup),
-            user_properties=tuple((str(k), str(v)) for k, v in user or ()),
-        )
+        """Hand the raw delivery and its ack handle over; no parsing, nothing that can
+        raise before the ack handle exists (a message left unacknowledged would use up
+        Receive Maximum)."""
+        received = time.time()
         generation, mid, qos = self._generation, msg.mid, msg.qos
 
         def ack() -> None:
-            self._ack(generation, mid, qos)
+            self._ack(generation, mid, qos, received)
 
+        props = getattr(msg, "properties", None)
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # paho decodes the topic lazily; a broker may send junk
+            topic = msg._topic.decode("utf-8", "replace")
+        incoming = Incoming(
+            topic=topic,
+            payload=bytes(msg.payload),
+            qos=qos,
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+            expiry_s=getattr(props, "MessageExpiryInterval", None),
+            dup=bool(msg.dup),
+            user_properties=getattr(props, "UserProperty", ()),
+            received_at=received,
+        )
         self._on_message(incoming, ack)
 
     def _publish(self, _client: Any, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
         self._on_published(mid, int(getattr(reason, "value", 0)))
 
-    def _ack(self, generation: int, mid: int, qos: int) -> None:
+    def _ack(self, generation: int, mid: int, qos: int, received: float) -> None:
         if qos == 0:
             return
         if generation != self._generation or not self.connected:
             log.debug("mqtt.stale_ack_skipped", mid=mid)
             return
         self._client.ack(mid, qos)
+        self._on_acked(time.time() - received)
 
     # ---- publishing (any thread) ------------------------------------------------------
 
@@ -411,7 +445,9 @@ def _properties(
     if response_topic is not None:
         props.ResponseTopic = response_topic
     if expiry_s is not None:
-        props.MessageExpiryInterval = max(1, expiry_s)
+        # 0 means "never expires" and more than four bytes raises in paho: clamp, so no
+        # deadline can make a publish fail.
+        props.MessageExpiryInterval = min(max(1, int(expiry_s)), MAX_EXPIRY_S)
     if user_properties:
         props.UserProperty = user_properties
     return props
@@ -517,6 +553,7 @@ class Requester:
         correlation_data: bytes | None = None,
         expiry_s: int | None = None,
         retain: bool = False,
+        user_properties: list[tuple[str, str]] | None = None,
     ) -> None:
         props = None
         if self.v5:
@@ -528,6 +565,8 @@ class Requester:
                 props.CorrelationData = correlation_data
             if expiry_s is not None:
                 props.MessageExpiryInterval = expiry_s
+            if user_properties:
+                props.UserProperty = user_properties
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if qos > 0:
             info.wait_for_publish(10)

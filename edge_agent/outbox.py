@@ -1,10 +1,14 @@
 """Where replies go: into the journal (durably), then the job is acknowledged, then the
 reply is published; the journal is emptied as the broker acknowledges each reply.
 
-The outbox is the only writer of replies, so the rule "acknowledge a job only once its
-reply is safe" lives in one place. While the broker is unreachable replies wait in the
-journal (the offline spool) and go out oldest first after the reconnect, unless their
-job's deadline passed.
+The outbox is the only writer of replies and of the journal, on one thread of its own
+("outbox"), so the rule "acknowledge a job only once its reply is safe" lives in one place
+and nothing else ever waits for an fsync. Other threads hand it work through a queue and
+return at once. Replies that arrive together are committed together (one fsync for a
+batch), which keeps replies flowing on an SD card whose fsync takes a second.
+
+While the broker is unreachable replies wait in the journal (the offline spool) and go
+out oldest first after the reconnect, unless their job's deadline passed.
 
 It also hands fleet jobs back: a busy agent republishes a job it cannot start soon to the
 fleet topic and acknowledges its copy only once the broker has the new one, so Mosquitto's
@@ -16,15 +20,17 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
-from edge_agent.journal import Journal, Stored
+from edge_agent.errors import StoreError
+from edge_agent.health import Beat
+from edge_agent.journal import Entry, Journal, Stored
 from edge_agent.metrics import Metrics
-from edge_agent.protocol import CONTENT_TYPE, Reply
+from edge_agent.protocol import CONTENT_TYPE, MAX_DEADLINE_S, Reply
 
 log = structlog.get_logger("edge_agent.outbox")
 
@@ -32,6 +38,10 @@ Ack = Callable[[], None]
 # MQTT 5 PUBACK reason codes below 0x80 mean the broker took the message; 0x10 ("no
 # matching subscribers") is accepted but nobody got it.
 NO_MATCHING_SUBSCRIBERS = 0x10
+# A spooled reply the link refuses this many times (it raised, not "not connected") is
+# dropped, so no row can make every flush fail again after a restart.
+MAX_SEND_FAILURES = 3
+_BATCH = 256
 
 
 class Publisher(Protocol):
@@ -76,36 +86,136 @@ class Handoff:
     hops: int
 
 
+@dataclass(frozen=True)
+class _Final:
+    reply: Reply
+    payload: bytes
+    acks: tuple[Ack, ...]
+    memo: Memo | None
+
+
+@dataclass(frozen=True)
+class _Progress:
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class _Resend:
+    stored: Stored
+    correlation_data: bytes | None
+
+
+@dataclass(frozen=True)
+class _HandBack:
+    job: Handoff
+    ack: Ack
+    undo: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class _Settle:
+    mid: int
+    reason: int
+
+
+@dataclass(frozen=True)
+class _Flush:
+    pass
+
+
+_Work = _Final | _Progress | _Resend | _HandBack | _Settle | _Flush
+
+
 class Outbox:
-    def __init__(self, link: Publisher, journal: Journal, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        link: Publisher,
+        journal: Journal,
+        metrics: Metrics,
+        beat: Beat | None = None,
+    ) -> None:
         self.link = link
         self.journal = journal
         self.metrics = metrics
-        self._lock = threading.Lock()
+        self.beat = beat
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        # Keys of remembered replies handed over but not yet committed: the intake waits
+        # for them before it looks the key up in the journal (docs/architecture.md).
+        self._uncommitted: dict[str, int] = {}
+        self._uncommitted_lock = threading.Lock()
+        # Owned by the outbox thread only:
         self._rows: dict[int, int] = {}  # paho mid -> journal row, for replies in flight
+        self._acks: dict[int, tuple[Ack, ...]] = {}  # mid of an unjournaled reply -> acks
         self._handoffs: dict[int, tuple[Ack, Callable[[], None]]] = {}  # mid -> (ack, undo)
-        self._acks: dict[int, Ack] = {}  # mid of an unjournaled reply -> its job's ack
-        self._flushing = threading.Lock()
-        # Broker acknowledgements are settled on a thread of our own: paho calls
-        # on_published holding its outgoing-message lock, and we publish while holding
-        # self._lock (so a mid is registered before its PUBACK is looked up); taking
-        # self._lock in the callback would deadlock against that.
-        self._settle_queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        self._settler: threading.Thread | None = None
+        self._send_failures: dict[int, int] = {}  # journal row -> times the link raised
+        self._idle = threading.Condition()
+        self._busy = 0
+
+    # ---- the thread ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._settler = threading.Thread(target=self._settle_loop, name="outbox-acks", daemon=True)
-        self._settler.start()
+        self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
+        self._thread.start()
 
-    def stop(self) -> None:
-        self._settle_queue.put(None)
-        if self._settler is not None:
-            self._settler.join(5)
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what was handed over (a clean stop loses no reply), then end the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
-    # ---- final replies ----------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def deliver(self, reply: Reply, ack: Ack, memo: Memo | None = None) -> None:
-        """Get the reply out, and acknowledge the job only once the reply is safe.
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch: list[_Work] = [item]
+            stop = False
+            while len(batch) < _BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            if self.beat is not None:
+                self.beat.busy()
+            try:
+                self._process(batch)
+            except Exception:  # one bad batch must not end the outbox
+                log.exception("outbox.batch_failed", items=len(batch))
+                if self.beat is not None:
+                    self.beat.error()
+            finally:
+                if self.beat is not None:
+                    self.beat.idle()
+                with self._idle:
+                    self._busy -= len(batch)
+                    self._idle.notify_all()
+            if stop:
+                return
+
+    def _put(self, work: _Work) -> None:
+        with self._idle:
+            self._busy += 1
+        self._queue.put(work)
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until everything handed over so far is processed (tests, shutdown)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+    # ---- handing work over (any thread) -------------------------------------------------
+
+    def deliver(self, reply: Reply, acks: Ack | Sequence[Ack], memo: Memo | None = None) -> None:
+        """Get the reply out, and acknowledge the job's delivery (or deliveries) only once
+        the reply is safe.
 
         A reply to remember (a job that ran) is committed to the journal first, then the
         job is acknowledged, then the reply is published. Any other reply (a rejection, an
@@ -113,64 +223,129 @@ class Outbox:
         PUBACK), which spares an fsync per bad message; if the broker is unreachable it
         goes to the journal like the others.
         """
-        deadline = memo.deadline if memo else None
-        if (memo is None or memo.key is None) and self.link.connected:
-            with self._lock:
-                mid = self._publish(
-                    reply.route.topic, reply.encode(), reply.route.correlation_data, deadline
-                )
-                if mid is not None:
-                    self._acks[mid] = ack
-                    return
-        row = self.journal.record(
-            key=memo.key if memo else None,
-            digest=memo.digest if memo else None,
-            job_id=reply.job_id,
-            status=str(reply.status),
-            topic=reply.route.topic,
-            payload=reply.encode(),
-            correlation=reply.route.correlation_data,
-            deadline=memo.deadline if memo else None,
-        )
-        ack()
-        self._send_row(
-            row, reply.route.topic, reply.encode(), reply.route.correlation_data, deadline
-        )
-
-    def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
-        """Publish a stored reply again (a requester retried a job already answered)."""
-        self._publish(stored.topic, stored.payload, correlation_data, stored.deadline)
+        ack_list = (acks,) if callable(acks) else tuple(acks)
+        if memo is not None and memo.key is not None:
+            with self._uncommitted_lock:
+                self._uncommitted[memo.key] = self._uncommitted.get(memo.key, 0) + 1
+        self._put(_Final(reply, reply.encode(), ack_list, memo))
 
     def notify(self, reply: Reply) -> None:
         """Progress messages (accepted, running): best effort, never journaled."""
-        self._publish(reply.route.topic, reply.encode(), reply.route.correlation_data, None)
+        self._put(_Progress(reply))
 
-    def flush(self) -> int:
-        """Publish what waited in the journal, oldest first. Runs after each connect."""
-        if not self._flushing.acquire(blocking=False):
-            return 0
-        sent = 0
+    def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
+        """Publish a stored reply again (a requester retried a job already answered)."""
+        self._put(_Resend(stored, correlation_data))
+
+    def hand_back(self, job: Handoff, ack: Ack, undo: Callable[[], None]) -> None:
+        """Republish `job`; its original is acknowledged once the broker has the copy.
+
+        `undo` runs instead (on the outbox thread) if the copy cannot be published, the
+        broker refuses it or nobody was subscribed, so the job is then kept here.
+        """
+        self._put(_HandBack(job, ack, undo))
+
+    def flush(self) -> None:
+        """Publish what waited in the journal, oldest first (after each connect)."""
+        self._put(_Flush())
+
+    def on_published(self, mid: int, reason: int) -> None:
+        """paho's thread: hand the acknowledgement over and return at once."""
+        self._put(_Settle(mid, reason))
+
+    def uncommitted(self, key: str) -> bool:
+        """A remembered reply with this key was handed over and is not in the journal yet."""
+        with self._uncommitted_lock:
+            return key in self._uncommitted
+
+    # ---- the work (outbox thread) -----------------------------------------------------
+
+    def _process(self, batch: list[_Work]) -> None:
+        finals = [w for w in batch if isinstance(w, _Final)]
+        to_store = [f for f in finals if self._must_store(f)]
+        rows: dict[int, int] = {}  # id(final) -> journal row
+        if to_store:
+            try:
+                stored = self.journal.record_many([_entry(f) for f in to_store])
+                rows = {id(f): row for f, row in zip(to_store, stored, strict=True)}
+            except StoreError as exc:
+                # The disk refused (full, failing): answer anyway, acknowledged on the
+                # broker's PUBACK like a rejection; only durability across a crash is lost.
+                log.error("journal.write_failed", error=str(exc), replies=len(to_store))
+                self.metrics.bump("journal_write_errors")
+            finally:
+                self._forget_uncommitted(to_store)
+        delivered: list[int] = []
+        for work in batch:
+            try:
+                if isinstance(work, _Final):
+                    self._send_final(work, rows.get(id(work)))
+                elif isinstance(work, _Progress):
+                    self._publish(work.reply.route.topic, work.reply.encode(),
+                                  work.reply.route.correlation_data, None)  # fmt: skip
+                elif isinstance(work, _Resend):
+                    s = work.stored
+                    self._publish(s.topic, s.payload, work.correlation_data, s.deadline)
+                elif isinstance(work, _HandBack):
+                    self._hand_back(work)
+                elif isinstance(work, _Settle):
+                    row = self._settle(work.mid, work.reason)
+                    if row is not None:
+                        delivered.append(row)
+                else:
+                    self._flush()
+            except Exception:  # one item must not cost the others their replies
+                log.exception("outbox.item_failed", item=type(work).__name__)
+                if self.beat is not None:
+                    self.beat.error()
+        if delivered:
+            try:
+                self.journal.mark_delivered(delivered)
+            except StoreError as exc:
+                log.error("journal.write_failed", error=str(exc), delivered=len(delivered))
+
+    def _must_store(self, final: _Final) -> bool:
+        remembered = final.memo is not None and final.memo.key is not None
+        return remembered or not self.link.connected
+
+    def _forget_uncommitted(self, finals: list[_Final]) -> None:
+        with self._uncommitted_lock:
+            for f in finals:
+                key = f.memo.key if f.memo is not None else None
+                if key is None:
+                    continue
+                left = self._uncommitted.get(key, 0) - 1
+                if left > 0:
+                    self._uncommitted[key] = left
+                else:
+                    self._uncommitted.pop(key, None)
+
+    def _send_final(self, final: _Final, row: int | None) -> None:
+        reply = final.reply
+        deadline = final.memo.deadline if final.memo else None
+        if row is not None:
+            # Safe on disk: acknowledge the job now, then publish.
+            _ack_all(final.acks)
+            self._send_row(row, reply.route.topic, final.payload,
+                           reply.route.correlation_data, deadline)  # fmt: skip
+            return
+        mid = self._publish(reply.route.topic, final.payload, reply.route.correlation_data,
+                            deadline)  # fmt: skip
+        if mid is not None:
+            self._acks[mid] = final.acks  # acknowledged on the reply's PUBACK
+            return
+        # Not connected (or the link refused it) and not journaled: store it now.
         try:
-            while self.link.connected:
-                batch = self.journal.pending(limit=200)
-                batch = [s for s in batch if s.row not in self._rows.values()]
-                if not batch:
-                    break
-                for stored in batch:
-                    if not self._send_row(
-                        stored.row,
-                        stored.topic,
-                        stored.payload,
-                        stored.correlation,
-                        stored.deadline,
-                    ):
-                        return sent
-                    sent += 1
-        finally:
-            self._flushing.release()
-        if sent:
-            log.info("spool.flushed", replies=sent)
-        return sent
+            (row,) = self.journal.record_many([_entry(final)])
+        except StoreError as exc:
+            log.error("journal.write_failed", error=str(exc), replies=1)
+            self.metrics.bump("journal_write_errors")
+            _ack_all(final.acks)  # nowhere to keep it: never block the session for it
+            self.metrics.bump("replies_lost")
+            return
+        _ack_all(final.acks)
+        self._send_row(row, reply.route.topic, final.payload,
+                       reply.route.correlation_data, deadline)  # fmt: skip
 
     def _send_row(
         self,
@@ -180,43 +355,84 @@ class Outbox:
         correlation: bytes | None,
         deadline: float | None,
     ) -> bool:
-        with self._lock:
-            mid = self._publish(topic, payload, correlation, deadline)
-            if mid is None:
-                return False  # stays pending in the journal until the next connect
-            self._rows[mid] = row
-        self.journal.mark_in_flight(row, mid)
+        """Publish a journaled reply; False when it must wait for the next connect."""
+        try:
+            mid = self._publish(topic, payload, correlation, deadline, strict=True)
+        except Exception:  # the link refused this very message
+            failures = self._send_failures.get(row, 0) + 1
+            self._send_failures[row] = failures
+            log.exception("reply.publish_failed", row=row, attempt=failures)
+            if failures >= MAX_SEND_FAILURES:
+                log.error("reply.dropped_unsendable", row=row, topic=topic)
+                self.journal.drop(row, "unsendable")
+                self._send_failures.pop(row, None)
+            return True  # not a reason to stop the flush
+        if mid is None:
+            return False  # stays pending in the journal until the next connect
+        self._send_failures.pop(row, None)
+        self._rows[mid] = row
         return True
 
     def _publish(
-        self, topic: str, payload: bytes, correlation: bytes | None, deadline: float | None
+        self,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+        deadline: float | None,
+        *,
+        strict: bool = False,
     ) -> int | None:
+        """Publish at QoS 1; None when not connected. With `strict`, what the link raises
+        is raised; otherwise it is logged and the message counts as not sent."""
         expiry = None
         if deadline is not None:
-            expiry = max(1, int(deadline - time.time()))
-        return self.link.publish(
-            topic,
-            payload,
-            qos=1,
-            correlation_data=correlation,
-            content_type=CONTENT_TYPE,
-            expiry_s=expiry,
-        )
+            expiry = reply_expiry(deadline, time.time())
+        try:
+            return self.link.publish(
+                topic,
+                payload,
+                qos=1,
+                correlation_data=correlation,
+                content_type=CONTENT_TYPE,
+                expiry_s=expiry,
+            )
+        except Exception:
+            if strict:
+                raise
+            log.exception("reply.publish_failed", topic=topic)
+            return None
 
-    # ---- handing fleet jobs back -------------------------------------------------------
+    def _flush(self) -> None:
+        sent = 0
+        tried: set[int] = set()
+        now = time.time()
+        while self.link.connected:
+            batch = self.journal.pending(limit=200, exclude=[*self._rows.values(), *tried])
+            if not batch:
+                break
+            for stored in batch:
+                tried.add(stored.row)
+                if stored.deadline is not None and stored.deadline < now:
+                    self.journal.drop(stored.row, "expired")
+                    continue
+                if not self._send_row(
+                    stored.row, stored.topic, stored.payload, stored.correlation, stored.deadline
+                ):
+                    return
+                sent += 1
+        if sent:
+            log.info("spool.flushed", replies=sent)
 
-    def hand_back(self, job: Handoff, ack: Ack, undo: Callable[[], None]) -> bool:
-        """Republish `job`; its original is acknowledged once the broker has the copy.
-
-        `undo` runs instead if the broker refuses the copy or nobody was subscribed, so the
-        job is then kept here. False when not connected (the caller keeps the job).
-        """
+    def _hand_back(self, work: _HandBack) -> None:
+        job = work.job
         expiry = None
         if job.deadline is not None:
             expiry = int(job.deadline - time.time())
             if expiry < 1:
-                return False
-        with self._lock:
+                work.undo()
+                return
+            expiry = min(expiry, MAX_DEADLINE_S)
+        try:
             mid = self.link.publish(
                 job.topic,
                 job.payload,
@@ -227,35 +443,23 @@ class Outbox:
                 expiry_s=expiry,
                 user_properties=[("edge-hops", str(job.hops))],
             )
-            if mid is None:
-                return False
-            self._handoffs[mid] = (ack, undo)
-        return True
+        except Exception:
+            log.exception("job.handback_failed")
+            mid = None
+        if mid is None:
+            work.undo()
+            return
+        self._handoffs[mid] = (work.ack, work.undo)
 
-    # ---- broker acknowledgements (paho's thread) -----------------------------------------
-
-    def on_published(self, mid: int, reason: int) -> None:
-        """paho's thread: hand the acknowledgement over and return at once."""
-        self._settle_queue.put((mid, reason))
-
-    def _settle_loop(self) -> None:
-        while (item := self._settle_queue.get()) is not None:
-            try:
-                self._settle(*item)
-            except Exception:  # a failed settlement must not stop the others
-                log.exception("outbox.settle_failed", mid=item[0])
-
-    def _settle(self, mid: int, reason: int) -> None:
-        with self._lock:
-            row = self._rows.pop(mid, None)
-            handoff = self._handoffs.pop(mid, None)
-            ack_job = self._acks.pop(mid, None)
-        if ack_job is not None:
-            ack_job()
-        if row is not None:
-            if reason >= 0x80:
-                log.warning("reply.refused_by_broker", reason=hex(reason), row=row)
-            self.journal.mark_delivered(row)
+    def _settle(self, mid: int, reason: int) -> int | None:
+        """A PUBACK: the journal row it settles, if any."""
+        row = self._rows.pop(mid, None)
+        handoff = self._handoffs.pop(mid, None)
+        acks = self._acks.pop(mid, None)
+        if acks is not None:
+            _ack_all(acks)
+        if row is not None and reason >= 0x80:
+            log.warning("reply.refused_by_broker", reason=hex(reason), row=row)
         if handoff is not None:
             ack, undo = handoff
             if reason >= 0x80 or reason == NO_MATCHING_SUBSCRIBERS:
@@ -263,9 +467,32 @@ class Outbox:
                 undo()
             else:
                 ack()
+        return row
 
-    def on_disconnected(self) -> None:
-        """paho resends in-flight messages on reconnect; hand-backs are its to resend too."""
 
-    def counts(self) -> dict[str, int]:
-        return self.journal.counts()
+def reply_expiry(deadline: float, now: float) -> int:
+    """The Message Expiry of a reply: what is left of its job's deadline, in whole seconds,
+    at least 1 (0 would mean none) and at most MAX_DEADLINE_S."""
+    return int(min(max(1.0, deadline - now), float(MAX_DEADLINE_S)))
+
+
+def _entry(final: _Final) -> Entry:
+    reply, memo = final.reply, final.memo
+    return Entry(
+        key=memo.key if memo else None,
+        digest=memo.digest if memo else None,
+        job_id=reply.job_id,
+        status=str(reply.status),
+        topic=reply.route.topic,
+        payload=final.payload,
+        correlation=reply.route.correlation_data,
+        deadline=memo.deadline if memo else None,
+    )
+
+
+def _ack_all(acks: Sequence[Ack]) -> None:
+    for ack in acks:
+        try:
+            ack()
+        except Exception:  # an ack that fails is the link's business; the others go on
+            log.exception("job.ack_failed")

@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -27,6 +27,12 @@ Kind = Literal["classify", "extract"]
 CONTENT_TYPE = "application/json"
 MAX_ID_CHARS = 128
 MAX_TOPIC_BYTES = 1024
+# The furthest ahead a deadline may lie, counted from receipt: later ones (a `deadline` in
+# year 9999, a Message Expiry of 136 years) are clamped to it. Seven days, like `ttl_ms`'s
+# upper bound; it keeps every expiry the agent publishes far inside MQTT's 32-bit range.
+MAX_DEADLINE_S = 7 * 24 * 3600
+# MQTT 5 Message Expiry Interval is a four-byte integer.
+MAX_EXPIRY_S = 0xFFFFFFFF
 
 
 class Status(StrEnum):
@@ -41,12 +47,23 @@ class Status(StrEnum):
 
 
 @dataclass(frozen=True)
+class TopicMatch:
+    """What an incoming topic is for: a job of some kind (fleet or device), a control
+    message, or something the agent never subscribed to."""
+
+    role: Literal["job", "cancel", "rebirth", "ha_status", "unknown"]
+    kind: str | None = None  # for jobs: the kind the topic names (maybe not one we know)
+    fleet: bool = False  # for jobs and cancels: the fleet topic, not this device's
+
+
+@dataclass(frozen=True)
 class Topics:
-    """Every topic the agent uses, built in one place."""
+    """Every topic the agent uses, built and parsed in one place."""
 
     prefix: str
     device_id: str
     share_group: str
+    discovery_prefix: str = "homeassistant"
 
     def fleet_jobs(self, kind: str) -> str:
         return f"{self.prefix}/jobs/{kind}"
@@ -85,6 +102,39 @@ class Topics:
         """Wildcard over every device's `leaf` topic (for the fleet view)."""
         return f"{self.prefix}/devices/+/{leaf}"
 
+    def ha_status(self) -> str:
+        """Home Assistant's birth/last-will topic: `online` when it (re)starts."""
+        return f"{self.discovery_prefix}/status"
+
+    def parse(self, topic: str) -> TopicMatch:
+        """What a topic the agent received is for. Control topics first: the fleet cancel
+        topic, <prefix>/jobs/cancel, has the shape of a job topic."""
+        if topic == self.fleet_cancel():
+            return TopicMatch("cancel", fleet=True)
+        if topic == self.device_cancel():
+            return TopicMatch("cancel")
+        if topic in (self.fleet_rebirth(), self.device_rebirth()):
+            return TopicMatch("rebirth")
+        if topic == self.ha_status():
+            return TopicMatch("ha_status")
+        kind = self.kind_of(topic)
+        if kind is not None:
+            return TopicMatch("job", kind=kind, fleet=topic.startswith(f"{self.prefix}/jobs/"))
+        return TopicMatch("unknown")
+
+    def reserved(self, topic: str) -> bool:
+        """A topic no reply may be published to: the fleet's job, cancel and command
+        topics, every device's topics but this agent's own results topic, and Home
+        Assistant's discovery tree. A reply there could fake another board's status, feed
+        a job loop, or rewrite a dashboard."""
+        if topic == self.results():
+            return False
+        head = topic.split("/", 1)[0]
+        levels = topic.split("/")
+        if head == self.discovery_prefix:
+            return True
+        return head == self.prefix and len(levels) > 1 and levels[1] in ("jobs", "cmd", "devices")
+
     def kind_of(self, topic: str) -> str | None:
         """The job kind a job topic names (fleet or device form), else None."""
         levels = topic.split("/")
@@ -102,12 +152,15 @@ class Topics:
 
 @dataclass(frozen=True)
 class JobLimits:
+    """What a job may ask for (the `jobs.*` settings); defaults match the settings'."""
+
     max_payload_bytes: int = 65536
-    max_text_chars: int = 4000
+    max_text_chars: int = 2000
     max_labels: int = 32
     max_label_chars: int = 64
-    max_instructions_chars: int = 4000
+    max_instructions_chars: int = 1500
     max_examples: int = 16
+    max_prompt_chars: int = 4000
     schema: SchemaLimits = field(default_factory=SchemaLimits)
     reply_topic_prefixes: tuple[str, ...] = ()
 
@@ -125,10 +178,13 @@ class Delivery:
     dup: bool = False  # the broker redelivers it (DUP flag)
     shared: bool = False  # came through the fleet's shared subscription
     hops: int = 0  # times agents handed it back to the fleet (user property edge-hops)
+    retained: bool = False  # replayed from the broker's retained store at subscribe time
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=False)
+    # Strict: JSON's types are the contract. `true` is not the number 1 and "7" is not a
+    # priority; a sensor that sends them gets `invalid_field` naming the field.
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
 
 class ExampleIn(_Wire):
@@ -148,8 +204,8 @@ class JobIn(_Wire):
     reply_to: str | None = None
     correlation_id: str | None = Field(None, max_length=256)
     priority: int = Field(5, ge=0, le=9)
-    deadline: datetime | None = None
-    ttl_ms: int | None = Field(None, ge=1, le=7 * 24 * 3600 * 1000)
+    deadline: str | None = Field(None, max_length=64)  # ISO 8601 with a zone; see _deadline
+    ttl_ms: int | None = Field(None, ge=1, le=MAX_DEADLINE_S * 1000)
     progress: bool = False
     instructions: str | None = None
     examples: list[ExampleIn] | None = None
@@ -220,15 +276,26 @@ def parse_job(
     topics: Topics,
     limits: JobLimits,
     profiles: Mapping[str, Profile] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Job:
-    """Validate one job message; raises JobError with the code to reply with."""
+    """Validate one job message (`data`: its payload, if already decoded); raises
+    JobError with the code to reply with."""
     topic_kind = topics.kind_of(delivery.topic)
-    data = decode_payload(delivery.payload, limits)
+    if data is None:
+        data = decode_payload(delivery.payload, limits)
+    check_characters(data, delivery.payload)
     route = reply_route(delivery, data, topics, limits)
-    if route.topic == topics.results() and _asked_reply_to(delivery, data):
-        raise JobError(Code.INVALID_REPLY_TO, _reply_to_problem(delivery, data, limits))
+    problem = reply_to_problem(delivery, data, topics, limits)
+    if problem is not None:
+        raise JobError(Code.INVALID_REPLY_TO, problem)
+    if delivery.retained:
+        raise JobError(
+            Code.RETAINED_JOB,
+            "the job came from the broker's retained store (published with retain): jobs "
+            "must not be retained; clear it with an empty retained message on its topic",
+        )
     version = data.get("v", WIRE_VERSION)
-    if version != WIRE_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version != WIRE_VERSION:
         raise JobError(Code.UNSUPPORTED_VERSION, f"v: this agent speaks version {WIRE_VERSION}")
     try:
         raw = JobIn.model_validate(data)
@@ -244,15 +311,7 @@ def parse_job(
             Code.INVALID_FIELD,
             f"instructions: longer than {limits.max_instructions_chars} characters",
         )
-    examples = raw.examples
-    own_shape = raw.labels is not None or raw.schema_ is not None
-    if examples is None and profile is not None and not own_shape:
-        # A profile's examples answer with its labels or schema: a job that brings its
-        # own labels or schema does not get them.
-        examples = [ExampleIn(text=t, answer=a) for t, a in profile.examples]
-    examples = examples or []
-    if len(examples) > limits.max_examples:
-        raise JobError(Code.INVALID_FIELD, f"examples: more than {limits.max_examples}")
+    examples = _examples(raw, profile, limits)
     deadline = _deadline(raw, delivery)
     ignored = tuple(sorted(set(data) - set(JobIn.model_fields) - {"schema"}))
     common: dict[str, Any] = {
@@ -274,13 +333,75 @@ def parse_job(
             wanted = list(profile.labels)
         labels = _labels(wanted, limits)
         shots = tuple(_classify_example(e, labels) for e in examples)
-        return Job(labels=labels, examples=shots, **common)
-    schema = raw.schema_ if raw.schema_ is not None else (profile.schema if profile else None)
-    if schema is None:
-        raise JobError(Code.MISSING_FIELD, "schema: an extract job needs a JSON Schema")
-    node = compile_schema(schema, limits.schema)
-    shots = tuple(_extract_example(e) for e in examples)
-    return Job(schema=schema, node=node, examples=shots, **common)
+        job = Job(labels=labels, examples=shots, **common)
+    else:
+        schema = raw.schema_ if raw.schema_ is not None else (profile.schema if profile else None)
+        if schema is None:
+            raise JobError(Code.MISSING_FIELD, "schema: an extract job needs a JSON Schema")
+        node = compile_schema(schema, limits.schema)
+        shots = tuple(_extract_example(e) for e in examples)
+        job = Job(schema=schema, node=node, examples=shots, **common)
+    _check_prompt_size(job, limits)
+    return job
+
+
+def _examples(raw: JobIn, profile: Profile | None, limits: JobLimits) -> list[ExampleIn]:
+    examples = raw.examples
+    own_shape = raw.labels is not None or raw.schema_ is not None
+    if examples is None and profile is not None and not own_shape:
+        # A profile's examples answer with its labels or schema: a job that brings its
+        # own labels or schema does not get them.
+        examples = [ExampleIn(text=t, answer=a) for t, a in profile.examples]
+    examples = examples or []
+    if len(examples) > limits.max_examples:
+        raise JobError(Code.INVALID_FIELD, f"examples: more than {limits.max_examples}")
+    for i, example in enumerate(examples):
+        if len(example.text) > limits.max_text_chars:
+            raise JobError(
+                Code.INVALID_FIELD,
+                f"examples.{i}.text: longer than {limits.max_text_chars} characters",
+            )
+    return examples
+
+
+def prompt_chars(job: Job) -> int:
+    """Characters of everything a job puts in the prompt: instructions, labels or schema,
+    examples and its text (what `jobs.max_prompt_chars` bounds)."""
+    total = len(job.text) + len(job.instructions or "")
+    total += sum(len(label) + 3 for label in job.labels)
+    total += sum(len(e.text) + len(e.answer) for e in job.examples)
+    if job.schema is not None:
+        total += _schema_chars(job.schema)
+    return total
+
+
+def _schema_chars(schema: Any) -> int:
+    """What a schema adds to the prompt: its property names, descriptions and fixed values."""
+    if not isinstance(schema, dict):
+        return 0
+    total = 0
+    description = schema.get("description")
+    if isinstance(description, str):
+        total += len(description)
+    for key in ("enum", "const"):
+        if key in schema:
+            total += len(canonical_json(schema[key]))
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        for name, sub in properties.items():
+            total += len(name) + 12 + _schema_chars(sub)
+    return total + _schema_chars(schema.get("items"))
+
+
+def _check_prompt_size(job: Job, limits: JobLimits) -> None:
+    size = prompt_chars(job)
+    if size > limits.max_prompt_chars:
+        raise JobError(
+            Code.CONTEXT_TOO_LONG,
+            f"the prompt (instructions, labels or schema, examples and text) is {size} "
+            f"characters; this agent takes at most {limits.max_prompt_chars} "
+            "(jobs.max_prompt_chars)",
+        )
 
 
 def _kind_and_profile(
@@ -338,6 +459,49 @@ def decode_payload(payload: bytes, limits: JobLimits) -> dict[str, Any]:
     return data
 
 
+def check_characters(data: dict[str, Any], payload: bytes) -> None:
+    """Every string must be Unicode text. UTF-8 bytes cannot carry a lone surrogate, but a
+    JSON escape can ("\\ud800"): such a string cannot be encoded again, nor tokenized.
+    Only escapes make them, so look only when the payload has one."""
+    if b"\\u" not in payload:
+        return
+    where = _surrogate_path(data, "")
+    if where is not None:
+        raise JobError(
+            Code.INVALID_FIELD,
+            f"{where or 'payload'}: contains a lone surrogate (a \\uD800-\\uDFFF escape "
+            "without its pair), which is not a Unicode character",
+        )
+
+
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        return path if _has_surrogate(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if _has_surrogate(key):
+                return path or "payload"
+            found = _surrogate_path(item, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -345,36 +509,56 @@ def _reject_constant(name: str) -> Any:
 def reply_route(
     delivery: Delivery, data: Mapping[str, Any] | None, topics: Topics, limits: JobLimits
 ) -> ReplyRoute:
-    """Where to answer, from MQTT 5 properties, else the payload, else the results topic."""
+    """Where to answer, from MQTT 5 properties, else the payload, else the results topic.
+    A reply topic that may not be used (see `reply_to_problem`) falls back to the results
+    topic, where the rejection that says why goes."""
     payload = data or {}
     job_id = payload.get("id")
     corr_id = payload.get("correlation_id")
     route_id = job_id if isinstance(job_id, str) and 0 < len(job_id) <= MAX_ID_CHARS else None
     corr = corr_id if isinstance(corr_id, str) and len(corr_id) <= 256 else None
-    wanted = delivery.response_topic
-    if wanted is None and isinstance(payload.get("reply_to"), str):
-        wanted = payload["reply_to"]
-    topic = wanted if wanted is not None and valid_reply_topic(wanted, limits) else None
+    wanted = _wanted_reply_topic(delivery, payload)
+    usable = isinstance(wanted, str) and _reply_topic_problem(wanted, topics, limits) is None
     return ReplyRoute(
-        topic=topic or topics.results(),
+        topic=wanted if usable and isinstance(wanted, str) else topics.results(),
         correlation_data=delivery.correlation_data,
-        correlation_id=corr,
-        job_id=route_id,
+        correlation_id=corr if isinstance(corr, str) and not _has_surrogate(corr) else None,
+        job_id=route_id if route_id is not None and not _has_surrogate(route_id) else None,
     )
 
 
-def _asked_reply_to(delivery: Delivery, data: Mapping[str, Any]) -> bool:
-    return delivery.response_topic is not None or "reply_to" in data
+def _wanted_reply_topic(delivery: Delivery, payload: Mapping[str, Any]) -> Any:
+    if delivery.response_topic is not None:
+        return delivery.response_topic
+    return payload.get("reply_to")
 
 
-def _reply_to_problem(delivery: Delivery, data: Mapping[str, Any], limits: JobLimits) -> str:
-    wanted = delivery.response_topic if delivery.response_topic is not None else data["reply_to"]
+def reply_to_problem(
+    delivery: Delivery, data: Mapping[str, Any], topics: Topics, limits: JobLimits
+) -> str | None:
+    """Why the reply topic a job asked for cannot be used; None when it asked for none or
+    for a usable one."""
+    wanted = _wanted_reply_topic(delivery, data)
+    if wanted is None:
+        return None
     if not isinstance(wanted, str):
         return "reply_to: must be a string"
-    if limits.reply_topic_prefixes and not wanted.startswith(limits.reply_topic_prefixes):
-        allowed = ", ".join(limits.reply_topic_prefixes)
-        return f"reply_to: must start with one of: {allowed}"
-    return "reply_to: not a valid topic to publish to (empty, wildcards, '$' or too long)"
+    return _reply_topic_problem(wanted, topics, limits)
+
+
+def _reply_topic_problem(topic: str, topics: Topics, limits: JobLimits) -> str | None:
+    if not valid_reply_topic(topic, limits):
+        if limits.reply_topic_prefixes and valid_reply_topic(topic, JobLimits()):
+            allowed = ", ".join(limits.reply_topic_prefixes)
+            return f"reply_to: must start with one of: {allowed}"
+        return "reply_to: not a valid topic to publish to (empty, wildcards, '$' or too long)"
+    if topics.reserved(topic):
+        return (
+            "reply_to: a topic of the fleet's own (jobs, commands, device status, telemetry, "
+            "Home Assistant discovery) cannot take replies; use e.g. "
+            f"{topics.prefix}/replies/<you>/..."
+        )
+    return None
 
 
 def valid_reply_topic(topic: str, limits: JobLimits) -> bool:
@@ -422,18 +606,34 @@ def _extract_example(example: ExampleIn) -> Example:
 
 
 def _deadline(raw: JobIn, delivery: Delivery) -> float | None:
-    """The earliest of: MQTT 5 message expiry, `deadline`, `ttl_ms` (all from receipt)."""
+    """The earliest of: MQTT 5 message expiry, `deadline`, `ttl_ms` (all from receipt),
+    clamped to MAX_DEADLINE_S after receipt, so every deadline maps to a Message Expiry
+    MQTT can carry. None when the job set none."""
     candidates: list[float] = []
     if delivery.expiry_s is not None:
-        candidates.append(delivery.received_at + delivery.expiry_s)
+        candidates.append(delivery.received_at + max(0, delivery.expiry_s))
     if raw.deadline is not None:
-        moment = raw.deadline
-        if moment.tzinfo is None:
-            raise JobError(Code.INVALID_FIELD, "deadline: needs a time zone (e.g. ...Z)")
-        candidates.append(moment.astimezone(UTC).timestamp())
+        candidates.append(parse_deadline(raw.deadline))
     if raw.ttl_ms is not None:
         candidates.append(delivery.received_at + raw.ttl_ms / 1000.0)
-    return min(candidates) if candidates else None
+    if not candidates:
+        return None
+    return min(*candidates, delivery.received_at + MAX_DEADLINE_S)
+
+
+def parse_deadline(text: str) -> float:
+    """An ISO 8601 time with a zone, as a POSIX timestamp (any year 1-9999, any offset)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise JobError(
+            Code.INVALID_FIELD, "deadline: not an ISO 8601 time (e.g. 2026-11-27T10:00:00Z)"
+        ) from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise JobError(Code.INVALID_FIELD, "deadline: needs a time zone (e.g. ...Z)")
+    # timestamp() subtracts offsets without building the UTC datetime, which would
+    # overflow for 9999-12-31T23:59:59-12:00 (astimezone raised OverflowError here).
+    return moment.timestamp()
 
 
 def _job_error(exc: ValidationError) -> JobError:
@@ -547,7 +747,3 @@ def timings_dict(
 
 def _ms(value: float) -> float:
     return round(value, 1) if math.isfinite(value) else 0.0
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

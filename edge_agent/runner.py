@@ -7,6 +7,7 @@ schema is compiled once however many jobs use it), and the result shape of wire 
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,18 @@ class JobRunner:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self._constraints: OrderedDict[str, JsonConstraint] = OrderedDict()
+        self._lock = threading.Lock()  # the intake's thread checks budgets meanwhile
+
+    def check_budget(self, job: Job) -> None:
+        """Raise JobError `context_too_long` if the job cannot fit the engine's context;
+        called by the intake, before the job is queued."""
+        if job.kind == "classify":
+            plan = classify_plan(job.labels, job.instructions, job.examples)
+            self.engine.fits(plan, job.text, labels=job.labels)
+            return
+        assert job.schema is not None
+        plan = extract_plan(job.schema, job.instructions, job.examples)
+        self.engine.fits(plan, job.text, constraint=self._constraint(job))
 
     def run(self, job: Job, stop: StopCheck) -> Outcome:
         if job.kind == "classify":
@@ -60,13 +73,15 @@ class JobRunner:
 
     def _constraint(self, job: Job) -> JsonConstraint:
         key = json.dumps(job.schema, sort_keys=True)
-        constraint = self._constraints.get(key)
-        if constraint is None:
-            assert job.node is not None
-            constraint = JsonConstraint(job.node)
+        with self._lock:
+            constraint = self._constraints.get(key)
+            if constraint is not None:
+                self._constraints.move_to_end(key)
+                return constraint
+        assert job.node is not None
+        constraint = JsonConstraint(job.node)
+        with self._lock:
             self._constraints[key] = constraint
             if len(self._constraints) > 64:
                 self._constraints.popitem(last=False)
-        else:
-            self._constraints.move_to_end(key)
         return constraint

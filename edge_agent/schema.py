@@ -38,6 +38,11 @@ _KEYWORDS: dict[str, frozenset[str]] = {
 }
 
 
+# Numbers in enum / const: as long as the decoder's own (15 integer and 10 fraction digits,
+# a sign and a point), so a schema cannot force thousands of digits into the answer.
+MAX_NUMBER_CHARS = 32
+
+
 @dataclass(frozen=True)
 class SchemaLimits:
     """Bounds that keep a job's schema cheap to compile and its output bounded."""
@@ -174,6 +179,9 @@ def _compile_literal(schema: dict[str, Any], limits: SchemaLimits, path: str) ->
             raise _fail(Code.INVALID_SCHEMA, f"{path}.enum", "must be a non-empty list")
         if len(values) > limits.max_enum:
             raise _fail(Code.INVALID_SCHEMA, f"{path}.enum", f"more than {limits.max_enum} values")
+    kinds: list[Any] | None = None
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
     texts: list[str] = []
     for value in values:
         if isinstance(value, float) and not math.isfinite(value):
@@ -184,17 +192,37 @@ def _compile_literal(schema: dict[str, Any], limits: SchemaLimits, path: str) ->
             )
         if isinstance(value, str) and len(value) > limits.max_string_chars:
             raise _fail(Code.INVALID_SCHEMA, f"{path}.enum", "a value is too long")
-        text = json.dumps(value, ensure_ascii=False)
+        if kinds is not None and not _admits(kinds, value):
+            # Only values the declared type admits, so `{"type": "string", "enum": [...]}`
+            # cannot produce a number.
+            continue
+        written = value
+        if isinstance(value, float) and value.is_integer() and "number" not in (kinds or []):
+            # 1.0 is an integer in JSON Schema; written as 1 it is one for every validator
+            # (and for ours, which then checks the type the schema declares).
+            written = int(value)
+        text = json.dumps(written, ensure_ascii=False)
+        if not isinstance(written, str) and len(text) > MAX_NUMBER_CHARS:
+            raise _fail(
+                Code.INVALID_SCHEMA,
+                f"{path}.enum",
+                f"numbers are limited to {MAX_NUMBER_CHARS} characters",
+            )
         if text not in texts:
             texts.append(text)
-    if "type" in schema:
-        # Keep only values the declared type admits, so `{"type": "string", "enum": [...]}`
-        # cannot produce a number; an enum left empty by its type can never validate.
-        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        texts = [t for t in texts if _json_type(json.loads(t)) in kinds or _is_int_number(t, kinds)]
-        if not texts:
-            raise _fail(Code.INVALID_SCHEMA, path, "no enum value matches the declared type")
+    if not texts:
+        # An enum left empty by its type can never validate.
+        raise _fail(Code.INVALID_SCHEMA, path, "no enum value matches the declared type")
     return LiteralNode(texts=tuple(texts))
+
+
+def _admits(kinds: list[Any], value: Any) -> bool:
+    kind = _json_type(value)
+    if kind in kinds:
+        return True
+    if kind == "integer" and "number" in kinds:
+        return True
+    return kind == "number" and value.is_integer() and "integer" in kinds
 
 
 def _json_type(value: Any) -> str:
@@ -211,15 +239,6 @@ def _json_type(value: Any) -> str:
     if isinstance(value, int):
         return "integer"
     return "number"
-
-
-def _is_int_number(text: str, kinds: list[Any]) -> bool:
-    value = json.loads(text)
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return "number" in kinds
-    return isinstance(value, float) and value.is_integer() and "integer" in kinds
 
 
 def _compile_object(
@@ -283,12 +302,7 @@ def problems(instance: Any, schema: dict[str, Any], path: str = "data") -> list[
             return []
     declared = schema.get("type")
     kinds = declared if isinstance(declared, list) else [declared]
-    if not any(
-        _json_type(instance) == k
-        or (k == "number" and _json_type(instance) == "integer")
-        or (k == "null" and instance is None)
-        for k in kinds
-    ):
+    if not _admits(kinds, instance):
         return [f"{path}: expected {declared}"]
     found: list[str] = []
     if isinstance(instance, dict):

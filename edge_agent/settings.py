@@ -232,9 +232,10 @@ class ModelSettings(_Section):
         None,
         ge=256,
         le=131072,
-        description="Context size in tokens; default sized from the job limits (jobs.*): "
-        "instructions and text at 3 characters a token, plus labels or schema and the "
-        "answer, rounded up to 256.",
+        description="Context size in tokens; default sized from the job limits: "
+        "jobs.max_prompt_chars at 3 characters a token, plus the chat template and the "
+        "answer, rounded up to 256. A job that does not fit is answered `context_too_long` "
+        "before it runs.",
     )
     n_threads: int | None = Field(
         None, ge=1, le=256, description="Threads for generation; default cores - 1 (min 1)."
@@ -312,6 +313,14 @@ class JobSettings(_Section):
         1500, ge=0, le=100_000, description="Longest `instructions` a job may carry."
     )
     max_examples: int = Field(16, ge=0, le=256, description="Most few-shot examples per job.")
+    max_prompt_chars: int = Field(
+        4000,
+        ge=100,
+        le=1_000_000,
+        description="Longest prompt a job may make, in characters: its instructions, labels "
+        "or schema fields, examples and text together. Bigger jobs are answered "
+        "`context_too_long` at once. The default context (model.n_ctx) is sized from it.",
+    )
     max_schema_depth: int = Field(6, ge=1, le=32, description="Deepest nesting in a schema.")
     max_schema_properties: int = Field(
         64, ge=1, le=1000, description="Most properties in a schema, counted over all levels."
@@ -405,6 +414,26 @@ class ProfileSettings(_Section):
     examples: tuple[ExampleSettings, ...] = Field((), description="Few-shot examples.")
 
 
+class HealthSettings(_Section):
+    """When the agent calls itself degraded, and what it does then."""
+
+    stall_after_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="A thread busy with one item this long without progress (for inference: "
+        "without a decoded batch or token) is stalled: health turns degraded.",
+    )
+    exit_after_s: float = Field(
+        30.0,
+        ge=0,
+        le=86400,
+        description="Without a systemd watchdog (WatchdogSec=), the agent exits with status "
+        "70 once health has been degraded this long, so its supervisor restarts it. Under "
+        "the watchdog it stops pinging instead and systemd restarts it.",
+    )
+
+
 class LogSettings(_Section):
     """Where and how the agent logs."""
 
@@ -441,6 +470,9 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(
         default_factory=TelemetrySettings, description="Telemetry publishing."
     )
+    health: HealthSettings = Field(
+        default_factory=HealthSettings, description="Stall detection and restarts."
+    )
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
     profiles: dict[TopicSegment, ProfileSettings] = Field(
         default_factory=dict,
@@ -461,11 +493,10 @@ class Settings(BaseSettings):
         """The context size: configured, or sized from the job limits."""
         if self.model.n_ctx is not None:
             return self.model.n_ctx
-        j = self.jobs
-        prompt = (j.max_text_chars + j.max_instructions_chars) // 3
-        fixed = 256  # labels or schema, chat template
+        prompt = self.jobs.max_prompt_chars // 3
+        template = 128  # the chat template's own tokens around the messages
         answer = 512  # the most tokens an extraction may generate (runner.MAX_NEW_TOKENS)
-        return max(512, -(-(prompt + fixed + answer) // 256) * 256)
+        return max(512, -(-(prompt + template + answer) // 256) * 256)
 
     @classmethod
     def settings_customise_sources(

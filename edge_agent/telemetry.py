@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from edge_agent.health import Beat, supervised
 from edge_agent.probe import Readings
 
 log = structlog.get_logger("edge_agent.telemetry")
@@ -123,16 +124,21 @@ class TelemetryLoop:
         interval_s: float,
         make: Callable[[], dict[str, Any]],
         publish: Callable[[bytes], None],
+        beat: Beat | None = None,
     ) -> None:
         self.interval_s = interval_s
         self._make = make
         self._publish = publish
+        self._beat = beat
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
+        if self._beat is None:
+            self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
+        else:
+            self._thread = supervised(self._beat, self._loop, name="telemetry")
         self._thread.start()
 
     def publish_now(self) -> None:
@@ -150,10 +156,17 @@ class TelemetryLoop:
             self._kick.clear()
             if self._stop.is_set():
                 return
+            if self._beat is not None:
+                self._beat.busy()
             try:
                 self._publish(encode(self._make()))
             except Exception:  # a bad reading must not end telemetry
                 log.exception("telemetry.failed")
+                if self._beat is not None:
+                    self._beat.error()
+            finally:
+                if self._beat is not None:
+                    self._beat.idle()
 
 
 # ---- Home Assistant MQTT discovery -------------------------------------------------------

@@ -1,10 +1,11 @@
 """The job queue and the one inference thread.
 
-Jobs come in on paho's network thread through `receive()`, which only validates and
-enqueues (or answers at once when the job is bad or the queue is full): it never blocks
-and never raises. The thread named "inference" takes the most urgent job, checks its
-deadline, runs it, and hands the reply to the outbox, which stores and publishes it and
-only then acknowledges the job's MQTT message.
+Jobs come from the intake stage (`intake.Intake`, its own thread) through `offer()`, which
+queues them or answers at once (queue full, an id already held). The thread named
+"inference" takes the most urgent job, checks its deadline, runs it, and hands the reply
+to the outbox, which stores and publishes it and only then acknowledges the job's MQTT
+message. The thread is supervised: a failing job is answered `failed` and the loop goes
+on; if the thread itself dies, health turns degraded (`health.py`).
 """
 
 from __future__ import annotations
@@ -12,31 +13,28 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
 
 from edge_agent.errors import Code, EdgeAgentError, EngineError, JobError
+from edge_agent.faults import Faults
+from edge_agent.health import Beat, Health, supervised
 from edge_agent.inference import Interrupted
-from edge_agent.journal import DELIVERED, Journal, Stored, job_key, payload_digest
+from edge_agent.journal import RunningMarker
+from edge_agent.log import bind_job
 from edge_agent.metrics import Metrics
 from edge_agent.outbox import Handoff, Memo
 from edge_agent.protocol import (
-    Delivery,
     Job,
-    JobLimits,
     ModelRef,
-    Profile,
     Reply,
     ReplyRoute,
     Status,
     Topics,
-    decode_payload,
-    parse_job,
     rejection,
-    reply_route,
     timings_dict,
 )
 from edge_agent.runner import JobRunner
@@ -47,26 +45,14 @@ Ack = Callable[[], None]
 
 
 class ReplySink(Protocol):
-    def deliver(self, reply: Reply, ack: Ack, memo: Memo | None = None) -> None:
+    def deliver(self, reply: Reply, acks: Ack | list[Ack], memo: Memo | None = None) -> None:
         """Make the final reply durable, acknowledge the job, publish the reply."""
 
     def notify(self, reply: Reply) -> None:
         """Publish a progress message (accepted/running); best effort."""
 
-    def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
-        """Publish a stored reply again, with this attempt's correlation data."""
-
-    def hand_back(self, job: Handoff, ack: Ack, undo: Callable[[], None]) -> bool:
-        """Give a fleet job back to the fleet topic; False if that is not possible now."""
-
-
-@dataclass(frozen=True)
-class Handing:
-    """Whether and when a busy agent hands fleet jobs back to the fleet topic."""
-
-    enabled: bool = True
-    keep: int = 0  # fleet jobs kept waiting behind the running one before handing back
-    max_hops: int = 3
+    def hand_back(self, job: Handoff, ack: Ack, undo: Callable[[], None]) -> None:
+        """Give a fleet job back to the fleet topic; `undo` runs if that fails."""
 
 
 @dataclass(eq=False)
@@ -102,119 +88,37 @@ class Worker:
         metrics: Metrics,
         *,
         topics: Topics,
-        limits: JobLimits,
         model: ModelRef,
         max_queue: int,
-        journal: Journal | None = None,
-        handing: Handing = Handing(enabled=False),
-        profiles: Mapping[str, Profile] | None = None,
+        beat: Beat | None = None,
+        marker: RunningMarker | None = None,
+        faults: Faults | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.runner = runner
         self.outbox = outbox
         self.metrics = metrics
         self.topics = topics
-        self.limits = limits
         self.model = model
         self.max_queue = max_queue
-        self.journal = journal
-        self.handing = handing
-        self.profiles = dict(profiles or {})
         self.clock = clock
+        self.marker = marker
+        self.faults = faults or Faults()
+        self.beat: Beat = beat or Health().beat("inference", stall_after_s=60.0)
         self._heap: list[Ticket] = []
         self._by_id: dict[str, Ticket] = {}
         self._running: Ticket | None = None
-        self._running_since = 0.0
         self._cond = threading.Condition()
         self._order = 0
         self._closing = False
         self._thread: threading.Thread | None = None
 
-    # ---- intake, on paho's thread -----------------------------------------------------
+    # ---- taking jobs (the intake's thread) ----------------------------------------------
 
-    def receive(self, delivery: Delivery, ack: Ack) -> None:
-        """Validate and enqueue one job message; answers bad ones at once. Never raises."""
-        try:
-            self._receive(delivery, ack)
-        except Exception:  # a bug here must not kill paho's network thread
-            log.exception("job.intake_failed", topic=delivery.topic)
-
-    def _receive(self, delivery: Delivery, ack: Ack) -> None:
-        try:
-            job = parse_job(delivery, self.topics, self.limits, self.profiles)
-        except JobError as exc:
-            try:
-                data = decode_payload(delivery.payload, self.limits)
-            except JobError:
-                data = None
-            route = reply_route(delivery, data, self.topics, self.limits)
-            log.warning(
-                "job.rejected",
-                job_id=route.job_id,
-                code=str(exc.code),
-                reason=exc.message,
-                topic=delivery.topic,
-                bytes=len(delivery.payload),
-            )
-            self.metrics.count("rejected")
-            self.outbox.deliver(rejection(route, self.topics.device_id, exc), ack)
-            return
-        key = job_key(job.id, job.route.topic)
-        digest = payload_digest(delivery.payload)
-        if self._answered_before(job, key, digest, delivery, ack):
-            return
-        if self._hand_back(job, key, digest, delivery, ack):
-            return
-        self.offer(job, ack, key, digest)
-
-    def _answered_before(
-        self, job: Job, key: str, digest: str, delivery: Delivery, ack: Ack
-    ) -> bool:
-        """A job this agent already ran: answer from the journal, never run it again."""
-        if self.journal is None:
-            return False
-        stored = self.journal.lookup(key)
-        if stored is None or stored.digest != digest:
-            return False  # new, or the same id reused for a different job
-        self.metrics.bump("duplicate_jobs")
-        # A broker redelivery (DUP) of a job whose reply is out or on its way needs no
-        # second reply. A new publish of the same job is the requester retrying: it gets
-        # the stored reply again, carrying the Correlation Data of this attempt.
-        fresh_attempt = not delivery.dup or delivery.correlation_data != stored.correlation
-        if fresh_attempt and (
-            stored.state == DELIVERED or delivery.correlation_data != stored.correlation
-        ):
-            self.outbox.resend(stored, delivery.correlation_data)
-        log.info("job.duplicate", job_id=job.id, redelivered=delivery.dup, reply_state=stored.state)
-        ack()
-        return True
-
-    def _hand_back(self, job: Job, key: str, digest: str, delivery: Delivery, ack: Ack) -> bool:
-        h = self.handing
-        if not delivery.shared or not h.enabled or delivery.hops >= h.max_hops:
-            return False
+    def holds(self, job_id: str) -> bool:
+        """A job with this id is queued or running here."""
         with self._cond:
-            waiting = len(self._by_id) - (1 if self._running else 0)
-            busy = self._running is not None and waiting >= h.keep
-        if not busy:
-            return False
-        handoff = Handoff(
-            topic=self.topics.fleet_jobs(job.kind),
-            payload=delivery.payload,
-            response_topic=delivery.response_topic,
-            correlation_data=delivery.correlation_data,
-            deadline=job.deadline,
-            hops=delivery.hops + 1,
-        )
-
-        def keep_it() -> None:
-            self.offer(job, ack, key, digest)
-
-        if not self.outbox.hand_back(handoff, ack, keep_it):
-            return False
-        self.metrics.bump("handed_back")
-        log.info("job.handed_back", job_id=job.id, hops=handoff.hops, waiting=waiting)
-        return True
+            return job_id in self._by_id
 
     def _join(self, current: Ticket, job: Job, ack: Ack, digest: str | None) -> None:
         """A job arrived with the id of one this agent holds (under self._cond). The same
@@ -250,7 +154,7 @@ class Worker:
             if current is not None:
                 self._join(current, job, ack, digest)
                 return
-            if len(self._by_id) - (1 if self._running else 0) >= self.max_queue:
+            if self.waiting >= self.max_queue:
                 retry = self._retry_after_ms()
                 overload = JobError(
                     Code.OVERLOADED, f"queue is full ({self.max_queue} jobs waiting)"
@@ -271,11 +175,13 @@ class Worker:
             self._cond.notify()
         log.debug("job.queued", job_id=job.id, kind=job.kind, priority=job.priority)
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job; True if this agent had it."""
+    def cancel(self, job_id: str, reply_topic: str) -> bool:
+        """Cancel a queued or running job; True if this agent had it. The cancel must name
+        the job's reply topic too (its key), so a client that only learned an id cannot
+        cancel another requester's job."""
         with self._cond:
             ticket = self._by_id.get(job_id)
-            if ticket is None:
+            if ticket is None or ticket.job.route.topic != reply_topic:
                 return False
             if ticket is self._running:
                 ticket.interrupt = "cancelled"
@@ -295,18 +201,15 @@ class Worker:
         with self._cond:
             return len(self._by_id)
 
-    def stalled_for(self) -> float:
-        """Seconds the running job has gone without forward progress (a decoded batch or
-        token); 0 when idle. Infinite if the inference thread died. The systemd watchdog
-        stops pinging when this grows too long, so a wedged inference gets restarted."""
+    @property
+    def waiting(self) -> int:
+        """Jobs queued behind the running one (call under self._cond or accept a race)."""
+        return len(self._by_id) - (1 if self._running else 0)
+
+    def busy(self) -> tuple[bool, int]:
+        """(a job is running, jobs waiting behind it)."""
         with self._cond:
-            if self._thread is not None and not self._thread.is_alive() and not self._closing:
-                return float("inf")
-            if self._running is None:
-                return 0.0
-            since = self._running_since
-        last = max(since, self.metrics.last_progress or 0.0)
-        return max(0.0, time.monotonic() - last)
+            return self._running is not None, self.waiting
 
     def _retry_after_ms(self) -> int:
         p50 = self.metrics.snapshot()["latency_ms_p50"] or 1000.0
@@ -315,7 +218,7 @@ class Worker:
     # ---- the inference thread --------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread = supervised(self.beat, self._loop)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -336,7 +239,7 @@ class Worker:
                 if self._heap:
                     ticket = heapq.heappop(self._heap)
                     self._running = ticket
-                    self._running_since = time.monotonic()  # stalled_for's clock
+                    self.beat.busy()
                     return ticket
                 self._cond.wait()
 
@@ -345,16 +248,25 @@ class Worker:
             ticket = self._next()
             if ticket is None:
                 return
+            if self.marker is not None and ticket.digest is not None:
+                self.marker.set(ticket.digest, ticket.job.id)
+            self.faults.on_inference(ticket.job.id)  # test-only; may end this thread
+            bind_job(ticket.job.id)
             try:
                 self._run(ticket)
             except Exception:  # never lose the thread; the job gets a failed reply
                 log.exception("job.crashed", job_id=ticket.job.id)
+                self.beat.error()
                 self.metrics.count("failed")
                 self._finish(
                     ticket,
                     self._status(ticket.job, Status.FAILED, Code.INTERNAL_ERROR, "internal error"),
                 )
             finally:
+                bind_job(None)
+                self.beat.idle()
+                if self.marker is not None:
+                    self.marker.clear()
                 with self._cond:
                     self._running = None
                     self._by_id.pop(ticket.job.id, None)
@@ -382,6 +294,7 @@ class Worker:
 
         def stop() -> bool:
             self.metrics.progress()
+            self.beat.progress()
             if (
                 ticket.interrupt is None
                 and job.deadline is not None
@@ -400,6 +313,11 @@ class Worker:
             log.info("job.interrupted", job_id=job.id, reason=reason)
             self.metrics.count(str(status))
             self._finish(ticket, self._status(job, status, code, f"{reason} while running"))
+            return
+        except JobError as exc:  # refused before it ran (the token budget)
+            log.warning("job.rejected", job_id=job.id, code=str(exc.code), reason=exc.message)
+            self.metrics.count("rejected")
+            self._finish(ticket, rejection(job.route, self.topics.device_id, exc))
             return
         except EdgeAgentError as exc:
             code = exc.code if isinstance(exc, EngineError) else Code.INFERENCE_ERROR
@@ -447,12 +365,6 @@ class Worker:
         self._finish(ticket, reply)
 
     def _finish(self, ticket: Ticket, reply: Reply) -> None:
-        acks = [ticket.ack, *ticket.extra_acks]
-
-        def ack_all() -> None:
-            for ack in acks:
-                ack()
-
         # Only jobs that ran are remembered: a retry after `overloaded`, `expired` or
         # `cancelled` is a new attempt and must run.
         remember = reply.status in (Status.DONE, Status.FAILED)
@@ -461,7 +373,7 @@ class Worker:
             digest=ticket.digest if remember else None,
             deadline=ticket.job.deadline,
         )
-        self.outbox.deliver(reply, ack_all, memo)
+        self.outbox.deliver(reply, [ticket.ack, *ticket.extra_acks], memo)
         for route, rider_ack in ticket.riders:
             self.outbox.deliver(replace(reply, route=route), rider_ack)
 

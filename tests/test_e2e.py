@@ -297,7 +297,20 @@ def test_progress_then_cancel_of_a_running_job(
         assert msg is not None
         statuses.append(json.loads(msg.payload)["status"])
     assert statuses == ["accepted", "running"]
+    # A cancel names the job by its id and its reply topic (its key), as the job did.
     client.publish(f"{e2e_prefix}/jobs/cancel", json.dumps({"id": job["id"]}).encode())
+    client.publish(
+        f"{e2e_prefix}/jobs/cancel",
+        json.dumps({"id": job["id"]}).encode(),
+        response_topic=f"{e2e_prefix}/replies/other",
+    )
+    still = client.wait_for(lambda m: json.loads(m.payload).get("id") == job["id"], 1.0)
+    assert still is None, "a cancel without the job's reply topic must not cancel it"
+    client.publish(
+        f"{e2e_prefix}/jobs/cancel",
+        json.dumps({"id": job["id"]}).encode(),
+        response_topic=f"{e2e_prefix}/replies/p",
+    )
     reply = reply_for(client, job["id"], timeout=30)
     assert reply["status"] == "cancelled"
     assert reply["error"]["code"] == "cancelled"

@@ -11,21 +11,25 @@ from typing import Any
 from edge_agent.errors import Code
 from edge_agent.journal import Journal, job_key
 from edge_agent.metrics import Metrics
-from edge_agent.outbox import Handoff, Memo, Outbox
-from edge_agent.protocol import Reply, ReplyRoute, Status
+from edge_agent.outbox import MAX_SEND_FAILURES, Handoff, Memo, Outbox, reply_expiry
+from edge_agent.protocol import MAX_DEADLINE_S, Reply, ReplyRoute, Status
 
 
 @dataclass
 class FakeLink:
-    """Records publishes; `connected` is switched by the test; mids count up like paho's."""
+    """Records publishes; `connected` is switched by the test; mids count up like paho's.
+    `refuse` holds topics whose publish raises (as paho does for a value it cannot send)."""
 
     connected: bool = True
     sent: list[dict[str, Any]] = field(default_factory=list)
     next_mid: int = 0
+    refuse: set[str] = field(default_factory=set)
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> int | None:
         if not self.connected:
             return None
+        if topic in self.refuse:
+            raise ValueError("scripted: the link cannot send this")
         self.next_mid += 1
         self.sent.append({"topic": topic, "payload": payload, "mid": self.next_mid, **kw})
         return self.next_mid
@@ -49,10 +53,6 @@ def make(tmp_path: Path) -> tuple[Outbox, FakeLink, Journal]:
     return outbox, link, journal
 
 
-def settle(outbox: Outbox) -> None:
-    time.sleep(0.05)  # the settling thread runs acknowledgements asynchronously
-
-
 def test_a_reply_to_remember_is_journaled_before_the_job_is_acked(tmp_path: Path) -> None:
     outbox, link, journal = make(tmp_path)
     order: list[str] = []
@@ -60,17 +60,17 @@ def test_a_reply_to_remember_is_journaled_before_the_job_is_acked(tmp_path: Path
     def ack() -> None:
         order.append("ack" if journal.counts()["spool_pending"] == 1 else "ack-before-journal")
 
-    outbox.deliver(reply("a"), ack, Memo(job_key("a", "r/a"), "d", None))
+    key = job_key("a", "r/a")
+    outbox.deliver(reply("a"), ack, Memo(key, "d", None))
+    assert outbox.uncommitted(key)  # handed over: the intake waits before looking it up
+    assert outbox.drain()
+    assert not outbox.uncommitted(key)
     assert order == ["ack"]
     assert link.sent[0]["correlation_data"] == b"c"
     outbox.on_published(link.sent[0]["mid"], 0)
-    settle(outbox)
-    assert journal.counts() == {
-        "spool_pending": 0,
-        "remembered": 1,
-        "spool_dropped_full": 0,
-        "spool_dropped_expired": 0,
-    }
+    assert outbox.drain()
+    counts = journal.counts()
+    assert (counts["spool_pending"], counts["remembered"]) == (0, 1)
     outbox.stop()
 
 
@@ -78,11 +78,22 @@ def test_a_rejection_is_acked_only_when_the_broker_has_it(tmp_path: Path) -> Non
     outbox, link, journal = make(tmp_path)
     acked: list[str] = []
     outbox.deliver(reply("bad", Status.REJECTED), lambda: acked.append("bad"))
+    assert outbox.drain()
     assert acked == []
     assert journal.counts()["spool_pending"] == 0  # no fsync for a bad message
     outbox.on_published(link.sent[0]["mid"], 0)
-    settle(outbox)
+    assert outbox.drain()
     assert acked == ["bad"]
+    outbox.stop()
+
+
+def test_every_delivery_of_a_job_is_acked_with_its_reply(tmp_path: Path) -> None:
+    outbox, _, _ = make(tmp_path)
+    acked: list[str] = []
+    acks = [lambda: acked.append("first"), lambda: acked.append("redelivery")]
+    outbox.deliver(reply("a"), acks, Memo(job_key("a", "r/a"), "d", None))
+    assert outbox.drain()
+    assert acked == ["first", "redelivery"]
     outbox.stop()
 
 
@@ -99,13 +110,57 @@ def test_offline_replies_wait_in_the_spool_and_go_out_oldest_first(tmp_path: Pat
         lambda: acked.append("late"),
         Memo(None, None, time.time() + 0.05),
     )
+    assert outbox.drain()
     assert acked == ["one", "two", "late"]  # all safe on disk: the broker may forget the jobs
     assert link.sent == []
     time.sleep(0.1)  # "late"'s deadline passes while offline
     link.connected = True
-    assert outbox.flush() == 2
+    outbox.flush()
+    assert outbox.drain()
     assert [s["topic"] for s in link.sent] == ["r/one", "r/two"]
     assert journal.counts()["spool_dropped_expired"] == 1
+    outbox.stop()
+
+
+def test_a_far_future_deadline_gives_an_expiry_mqtt_can_carry() -> None:
+    now = 1_000_000.0
+    assert reply_expiry(now + 7.5e9, now) == MAX_DEADLINE_S
+    assert reply_expiry(now - 10, now) == 1  # 0 would mean "never expires"
+    assert reply_expiry(now + 90.7, now) == 90
+
+
+def test_a_spooled_reply_the_link_keeps_refusing_is_dropped_and_the_rest_go_out(
+    tmp_path: Path,
+) -> None:
+    # What issue 12 found: one journal row whose publish raised made every flush, after
+    # every restart, fail. Such a row is now tried a few times and dropped.
+    journal = Journal(tmp_path / "j.db", dedup_window_s=60, spool_max=100)
+    for name in ("poison", "fine"):
+        journal.record(key=job_key(name, "r"), digest="d", job_id=name, status="done",
+                       topic=f"r/{name}", payload=b"{}", correlation=None,
+                       deadline=None)  # fmt: skip
+    link = FakeLink(refuse={"r/poison"})
+    outbox = Outbox(link, journal, Metrics())
+    outbox.start()
+    for _ in range(MAX_SEND_FAILURES):  # a reconnect each time
+        outbox.flush()
+        assert outbox.drain()
+    assert [s["topic"] for s in link.sent] == ["r/fine"]
+    assert journal.counts()["spool_dropped_unsendable"] == 1
+    assert [s.job_id for s in journal.pending()] == ["fine"]  # out, not yet acknowledged
+    outbox.stop()
+
+
+def test_a_reply_the_link_refuses_is_kept_and_the_job_acked(tmp_path: Path) -> None:
+    outbox, link, _ = make(tmp_path)
+    link.refuse.add("r/x")
+    acked: list[str] = []
+    outbox.deliver(reply("x"), lambda: acked.append("x"), Memo(job_key("x", "r/x"), "d", None))
+    outbox.deliver(reply("y"), lambda: acked.append("y"), Memo(job_key("y", "r/y"), "d", None))
+    assert outbox.drain()
+    assert acked == ["x", "y"]  # both safe on disk
+    assert [s["topic"] for s in link.sent] == ["r/y"]  # the one the link took went out
+    assert outbox.alive
     outbox.stop()
 
 
@@ -120,15 +175,21 @@ def test_hand_back_acks_the_original_only_after_the_copy_is_accepted(tmp_path: P
         deadline=None,
         hops=1,
     )
-    assert outbox.hand_back(job, lambda: events.append("ack"), lambda: events.append("undo"))
+    outbox.hand_back(job, lambda: events.append("ack"), lambda: events.append("undo"))
+    assert outbox.drain()
     assert link.sent[0]["user_properties"] == [("edge-hops", "1")]
     assert link.sent[0]["response_topic"] == "r"
     assert events == []
     outbox.on_published(link.sent[0]["mid"], 0)
-    settle(outbox)
+    assert outbox.drain()
     assert events == ["ack"]
-    assert outbox.hand_back(job, lambda: events.append("ack2"), lambda: events.append("undo2"))
+    outbox.hand_back(job, lambda: events.append("ack2"), lambda: events.append("undo2"))
+    assert outbox.drain()
     outbox.on_published(link.sent[1]["mid"], 0x10)  # no matching subscribers: keep the job
-    settle(outbox)
+    assert outbox.drain()
     assert events == ["ack", "undo2"]
+    link.connected = False
+    outbox.hand_back(job, lambda: events.append("ack3"), lambda: events.append("undo3"))
+    assert outbox.drain()
+    assert events == ["ack", "undo2", "undo3"]  # could not publish: kept here
     outbox.stop()

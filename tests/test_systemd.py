@@ -21,10 +21,15 @@ import pytest
 from bench.harness import start_agent_process, wait_for_log
 from edge_agent.broker import LocalBroker
 from edge_agent.constraint import JsonConstraint
+from edge_agent.health import Health
 from edge_agent.inference import Classification, Extraction, StopCheck, Timings
+from edge_agent.metrics import Metrics
 from edge_agent.prompt import PromptPlan
+from edge_agent.protocol import Delivery, JobLimits, parse_job
+from edge_agent.runner import JobRunner
 from edge_agent.systemd import Notifier, Watchdog
-from tests.test_worker import RecordingOutbox, make_worker, send
+from edge_agent.worker import Worker
+from tests.test_worker import MODEL, TOPICS, RecordingOutbox
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
@@ -137,6 +142,15 @@ class WedgedEngine:
         self.release = threading.Event()
         self.entered = threading.Event()
 
+    def fits(
+        self,
+        plan: PromptPlan,
+        text: str,
+        labels: Sequence[str] | None = None,
+        constraint: JsonConstraint | None = None,
+    ) -> int:
+        return 1
+
     def classify(
         self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
     ) -> Classification:
@@ -158,25 +172,45 @@ class WedgedEngine:
 
 def test_a_wedged_inference_stops_the_watchdog_pings(notify_socket: NotifySocket) -> None:
     engine = WedgedEngine()
-    worker, outbox = make_worker(engine)  # type: ignore[arg-type]
+    health = Health()
+    outbox = RecordingOutbox()
+    worker = Worker(
+        JobRunner(engine),
+        outbox,
+        Metrics(),
+        topics=TOPICS,
+        model=MODEL,
+        max_queue=4,
+        beat=health.beat("inference", stall_after_s=0.3),
+    )
+    worker.start()
     notifier = Notifier({"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "200000"})
-    watchdog = Watchdog(notifier, lambda: worker.stalled_for() < 0.3)
+    watchdog = Watchdog(notifier, lambda: health.report().ok)
     watchdog.start()
     try:
         time.sleep(0.5)
         assert notify_socket.count("WATCHDOG") >= 3, "an idle agent is healthy"
-        send(worker, outbox, {"id": "stuck"})
+        job = parse_job(
+            Delivery(
+                "edge/jobs/classify", b'{"id":"stuck","text":"t","labels":["a"]}', time.time()
+            ),
+            TOPICS,
+            JobLimits(),
+        )
+        worker.offer(job, lambda: None)
         assert engine.entered.wait(5)
         time.sleep(0.5)  # past the 0.3 s stall limit
         wedged = time.monotonic()
         time.sleep(0.6)
         assert notify_socket.count("WATCHDOG", since=wedged) == 0, "pinged while wedged"
-        assert worker.stalled_for() > 0.9
+        report = health.report()
+        assert not report.ok and "inference thread stalled" in report.reasons[0]
         engine.release.set()
         outbox_wait(outbox, 1)
         resumed = time.monotonic()
         time.sleep(0.5)
         assert notify_socket.count("WATCHDOG", since=resumed) >= 2, "pings resume after the job"
+        assert health.report().ok
     finally:
         engine.release.set()
         watchdog.stop()

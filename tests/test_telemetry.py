@@ -136,12 +136,18 @@ def test_build_telemetry_is_valid_for_a_pi_like_board() -> None:
         "prompt_tokens_per_second": 300.0,
         "prompt_tokens_per_second_avg": 290.0,
         "last_token_at": 1.7e9,
+        "puback_ms_p50": 95.0,
+        "puback_ms_p99": 180.0,
         "spool": {
             "spool_pending": 0,
             "remembered": 3,
             "spool_dropped_full": 0,
             "spool_dropped_expired": 0,
+            "spool_dropped_unsendable": 0,
+            "poison_jobs": 0,
         },
+        "health": {"state": "degraded", "reasons": ["inference thread died: ..."]},
+        "intake_backlog": 0,
     }
     body = build_telemetry(Identity("pi-1", 2, "m", "Q4_K_M"), readings, metrics, 1)
     jsonschema.validate(body, SCHEMA)

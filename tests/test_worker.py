@@ -1,4 +1,6 @@
-"""The worker: queue order, overload, deadlines, cancel and failures, on an owned fake engine."""
+"""Intake and worker together: queue order, overload, deadlines, cancel, failures,
+duplicates and hand-back, on an owned fake engine and a recording outbox. Messages go in
+through `Intake.submit`, as paho's thread hands them over."""
 
 from __future__ import annotations
 
@@ -12,15 +14,18 @@ from typing import Any
 from edge_agent.constraint import JsonConstraint
 from edge_agent.errors import Code, EngineError
 from edge_agent.inference import Classification, Extraction, Interrupted, StopCheck, Timings
+from edge_agent.intake import Handing, Intake
 from edge_agent.journal import Journal, Stored
 from edge_agent.metrics import Metrics
+from edge_agent.mqtt import Incoming
 from edge_agent.outbox import Handoff, Memo
 from edge_agent.prompt import PromptPlan
-from edge_agent.protocol import Delivery, JobLimits, ModelRef, Reply, Status, Topics
+from edge_agent.protocol import JobLimits, ModelRef, Reply, Status, Topics
 from edge_agent.runner import JobRunner
-from edge_agent.worker import Handing, Worker
+from edge_agent.worker import Worker
 
 TOPICS = Topics("edge", "pi-1", "g")
+MODEL = ModelRef("fake", "Q0", None)
 
 
 @dataclass
@@ -31,9 +36,12 @@ class FakeEngine:
     fail_on: set[str] = field(default_factory=set)
     seen: list[str] = field(default_factory=list)
     gate: threading.Event | None = None
+    started: threading.Condition = field(default_factory=threading.Condition)
 
     def _work(self, text: str, stop: StopCheck) -> None:
-        self.seen.append(text)
+        with self.started:
+            self.seen.append(text)
+            self.started.notify_all()
         if self.gate is not None:
             while not self.gate.wait(0.005):
                 if stop():
@@ -45,6 +53,15 @@ class FakeEngine:
             time.sleep(0.002)
         if text in self.fail_on:
             raise EngineError(Code.INFERENCE_ERROR, "scripted failure")
+
+    def fits(
+        self,
+        plan: PromptPlan,
+        text: str,
+        labels: Sequence[str] | None = None,
+        constraint: JsonConstraint | None = None,
+    ) -> int:
+        return len(text)
 
     def classify(
         self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
@@ -68,6 +85,11 @@ class FakeEngine:
             '{"v": 1}', Timings(prompt_ms=1, gen_ms=2, prompt_tokens=3, completion_tokens=5), False
         )
 
+    def wait_running(self, text: str, timeout: float = 5.0) -> None:
+        """Until the worker thread has started the job whose text is `text`."""
+        with self.started:
+            assert self.started.wait_for(lambda: text in self.seen, timeout), self.seen
+
 
 @dataclass
 class RecordingOutbox:
@@ -79,381 +101,461 @@ class RecordingOutbox:
     handed: list[Handoff] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
-    def deliver(self, reply: Reply, ack: Callable[[], None], memo: Memo | None = None) -> None:
+    def deliver(
+        self,
+        reply: Reply,
+        acks: Callable[[], None] | Sequence[Callable[[], None]],
+        memo: Memo | None = None,
+    ) -> None:
         with self.cond:
             self.replies.append(reply)
             self.memos.append(memo)
-            ack()
+            for ack in [acks] if callable(acks) else acks:
+                ack()
             self.cond.notify_all()
 
     def notify(self, reply: Reply) -> None:
         self.progress.append(reply)
 
     def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
-        self.resent.append(stored)
+        with self.cond:
+            self.resent.append(stored)
+            self.cond.notify_all()
 
-    def hand_back(self, job: Handoff, ack: Callable[[], None], undo: Callable[[], None]) -> bool:
+    def hand_back(self, job: Handoff, ack: Callable[[], None], undo: Callable[[], None]) -> None:
         self.handed.append(job)
         ack()
-        return True
+
+    def uncommitted(self, key: str) -> bool:
+        return False
 
     def wait(self, count: int, timeout: float = 5.0) -> list[Reply]:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.replies) >= count, timeout), self.replies
             return list(self.replies)
 
+    def wait_acks(self, count: int, timeout: float = 5.0) -> list[str]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.acks) >= count, timeout), self.acks
+            return list(self.acks)
 
-def make_worker(
-    engine: FakeEngine, max_queue: int = 8, start: bool = True
-) -> tuple[Worker, RecordingOutbox]:
+
+@dataclass
+class Pipeline:
+    intake: Intake
+    worker: Worker
+    outbox: RecordingOutbox
+    engine: FakeEngine
+
+    def stop(self) -> None:
+        """Everything submitted so far is read, and the running job finished."""
+        self.intake.stop()
+        self.worker.stop()
+
+
+def make(
+    engine: FakeEngine,
+    max_queue: int = 8,
+    journal: Journal | None = None,
+    handing: Handing | None = None,
+) -> Pipeline:
     outbox = RecordingOutbox()
+    metrics = Metrics()
     worker = Worker(
-        JobRunner(engine),
-        outbox,
-        Metrics(),
+        JobRunner(engine), outbox, metrics, topics=TOPICS, model=MODEL, max_queue=max_queue
+    )
+    intake = Intake(
         topics=TOPICS,
         limits=JobLimits(),
-        model=ModelRef("fake", "Q0", None),
-        max_queue=max_queue,
+        worker=worker,
+        outbox=outbox,
+        metrics=metrics,
+        model=MODEL,
+        journal=journal,
+        handing=handing or Handing(enabled=False),
     )
-    if start:
-        worker.start()
-    return worker, outbox
+    worker.start()
+    intake.start()
+    return Pipeline(intake, worker, outbox, engine)
 
 
-def send(
-    worker: Worker, outbox: RecordingOutbox, job: dict[str, Any], kind: str = "classify"
-) -> None:
-    body = {"labels": ["a", "b"], "text": job["id"], **job}
+def send(p: Pipeline, body: dict[str, Any], kind: str = "classify", **kw: Any) -> None:
+    """A job as paho would hand it over; its ack records the job's id (or `ack_as`)."""
+    full = {"labels": ["a", "b"], "text": body.get("id"), **body}
     if kind == "extract":
-        body.pop("labels")
-        body["schema"] = {"type": "object", "properties": {"v": {"type": "integer"}}}
-    worker.receive(
-        Delivery(
-            topic=f"edge/jobs/{kind}", payload=json.dumps(body).encode(), received_at=time.time()
-        ),
-        lambda: outbox.acks.append(body["id"]),
+        full.pop("labels")
+        full["schema"] = {"type": "object", "properties": {"v": {"type": "integer"}}}
+    payload = kw.pop("payload", None) or json.dumps(full).encode()
+    name = kw.pop("ack_as", body.get("id"))
+    incoming = Incoming(
+        topic=kw.pop("topic", f"edge/jobs/{kind}"),
+        payload=payload,
+        qos=1,
+        retain=kw.pop("retain", False),
+        response_topic=kw.pop("response_topic", None),
+        correlation_data=kw.pop("correlation_data", None),
+        expiry_s=kw.pop("expiry_s", None),
+        dup=kw.pop("dup", False),
+        user_properties=kw.pop("user_properties", ()),
+        received_at=time.time(),
     )
+    assert not kw, kw
 
+    def ack() -> None:
+        with p.outbox.cond:
+            p.outbox.acks.append(str(name))
+            p.outbox.cond.notify_all()
 
-def wait_running(engine: FakeEngine, job_id: str, timeout: float = 5.0) -> None:
-    """Until the fake engine has started `job_id` (the worker thread is asynchronous)."""
-    end = time.monotonic() + timeout
-    while job_id not in engine.seen:
-        assert time.monotonic() < end, f"{job_id} never started"
-        time.sleep(0.002)
+    p.intake.submit(incoming, ack)
 
 
 def test_done_reply_carries_result_model_and_timings() -> None:
-    worker, outbox = make_worker(FakeEngine())
-    send(worker, outbox, {"id": "j1"})
-    send(worker, outbox, {"id": "j2"}, kind="extract")
-    replies = {r.job_id: r.to_dict() for r in outbox.wait(2)}
-    worker.stop()
+    p = make(FakeEngine())
+    send(p, {"id": "j1"})
+    send(p, {"id": "j2"}, kind="extract")
+    replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
+    p.stop()
     assert replies["j1"]["result"] == {"label": "a", "scores": {"a": 1.0, "b": 0.0}}
     assert replies["j2"]["result"] == {"data": {"v": 1}}
     assert replies["j2"]["model"] == {"name": "fake", "quant": "Q0", "sha256": None}
     assert replies["j2"]["timings"]["tokens_per_second"] == 2500.0
-    assert sorted(outbox.acks) == ["j1", "j2"]
+    assert sorted(p.outbox.acks) == ["j1", "j2"]
 
 
 def test_higher_priority_runs_first() -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox = make_worker(engine)
-    send(worker, outbox, {"id": "first"})
-    wait_running(engine, "first")  # now blocked on the gate
+    p = make(FakeEngine(gate=gate))
+    send(p, {"id": "first"})
+    p.engine.wait_running("first")  # now blocked on the gate
     for i, prio in enumerate([1, 9, 5]):
-        send(worker, outbox, {"id": f"p{prio}-{i}", "priority": prio})
+        send(p, {"id": f"p{prio}-{i}", "priority": prio})
+    p.intake.stop()  # all three read and queued behind "first"
     gate.set()
-    outbox.wait(4)
-    worker.stop()
-    assert engine.seen == ["first", "p9-1", "p5-2", "p1-0"]
+    p.outbox.wait(4)
+    p.worker.stop()
+    assert p.engine.seen == ["first", "p9-1", "p5-2", "p1-0"]
 
 
 def test_full_queue_rejects_with_retry_after() -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox = make_worker(engine, max_queue=2)
-    send(worker, outbox, {"id": "j0"})
-    wait_running(engine, "j0")
+    p = make(FakeEngine(gate=gate), max_queue=2)
+    send(p, {"id": "j0"})
+    p.engine.wait_running("j0")
     for i in range(1, 4):
-        send(worker, outbox, {"id": f"j{i}"})
-    rejected = outbox.wait(1)
+        send(p, {"id": f"j{i}"})
+    rejected = p.outbox.wait(1)
     assert [r.job_id for r in rejected] == ["j3"]
     body = rejected[0].to_dict()
     assert body["status"] == "rejected"
     assert body["error"]["code"] == "overloaded"
     assert body["error"]["retry_after_ms"] > 0
     gate.set()
-    outbox.wait(4)
-    worker.stop()
-    assert sorted(outbox.acks) == ["j0", "j1", "j2", "j3"]
+    p.outbox.wait(4)
+    p.stop()
+    assert sorted(p.outbox.acks) == ["j0", "j1", "j2", "j3"]
 
 
 def test_job_expired_in_the_queue_is_not_run() -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox = make_worker(engine)
-    send(worker, outbox, {"id": "blocker"})
-    wait_running(engine, "blocker")
-    send(worker, outbox, {"id": "late", "ttl_ms": 30})
-    time.sleep(0.1)
+    p = make(FakeEngine(gate=gate))
+    send(p, {"id": "blocker"})
+    p.engine.wait_running("blocker")
+    send(p, {"id": "late", "ttl_ms": 30})
+    p.intake.stop()
+    time.sleep(0.05)  # the job's own 30 ms deadline passes while it waits
     gate.set()
-    replies = {r.job_id: r.to_dict() for r in outbox.wait(2)}
-    worker.stop()
+    replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
+    p.worker.stop()
     assert replies["late"]["status"] == "expired"
     assert replies["late"]["error"]["code"] == "deadline_exceeded"
-    assert "late" not in engine.seen
+    assert "late" not in p.engine.seen
+
+
+def test_a_job_whose_message_expiry_ran_out_in_the_queue_is_not_run() -> None:
+    gate = threading.Event()
+    p = make(FakeEngine(gate=gate))
+    send(p, {"id": "blocker"})
+    p.engine.wait_running("blocker")
+    send(p, {"id": "mqtt-expiry"}, expiry_s=1)
+    p.intake.stop()
+    time.sleep(1.05)  # the MQTT 5 Message Expiry (1 s) runs out while it waits
+    gate.set()
+    replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
+    p.worker.stop()
+    assert replies["mqtt-expiry"]["status"] == "expired"
+    assert "mqtt-expiry" not in p.engine.seen
 
 
 def test_running_job_past_its_deadline_stops() -> None:
-    worker, outbox = make_worker(FakeEngine(delay=5.0))
+    p = make(FakeEngine(delay=5.0))
     t0 = time.monotonic()
-    send(worker, outbox, {"id": "slow", "ttl_ms": 100})
-    reply = outbox.wait(1)[0].to_dict()
-    worker.stop()
+    send(p, {"id": "slow", "ttl_ms": 100})
+    reply = p.outbox.wait(1)[0].to_dict()
+    p.stop()
     assert reply["status"] == "expired"
     assert time.monotonic() - t0 < 2.0
 
 
-def test_cancel_a_queued_and_a_running_job() -> None:
+def test_cancel_a_queued_and_a_running_job_only_with_its_reply_topic() -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox = make_worker(engine)
-    send(worker, outbox, {"id": "running"})
-    wait_running(engine, "running")
-    send(worker, outbox, {"id": "queued"})
-    assert worker.cancel("queued")
-    assert worker.cancel("running")
-    assert not worker.cancel("unknown")
-    replies = {r.job_id: r.to_dict() for r in outbox.wait(2)}
-    worker.stop()
+    p = make(FakeEngine(gate=gate))
+    send(p, {"id": "running"})
+    p.engine.wait_running("running")
+    send(p, {"id": "queued"}, response_topic="edge/replies/s")
+    p.intake.stop()
+    results = TOPICS.results()
+    assert not p.worker.cancel("queued", results)  # not its reply topic: someone else's
+    assert p.worker.cancel("queued", "edge/replies/s")
+    assert p.worker.cancel("running", results)
+    assert not p.worker.cancel("unknown", results)
+    replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
+    p.worker.stop()
     assert replies["queued"]["status"] == "cancelled"
     assert replies["running"]["status"] == "cancelled"
-    assert sorted(outbox.acks) == ["queued", "running"]
+    assert sorted(p.outbox.acks) == ["queued", "running"]
+
+
+def test_a_cancel_message_names_the_job_by_id_and_reply_topic() -> None:
+    gate = threading.Event()
+    p = make(FakeEngine(gate=gate))
+    send(p, {"id": "mine"}, response_topic="edge/replies/a")
+    p.engine.wait_running("mine")
+    cancel = json.dumps({"id": "mine"}).encode()
+    send(p, {}, topic="edge/jobs/cancel", payload=cancel, ack_as="c1")  # no reply topic
+    send(p, {}, topic="edge/jobs/cancel", payload=cancel, response_topic="edge/replies/b",
+         ack_as="c2")  # fmt: skip
+    p.outbox.wait_acks(2)
+    assert p.outbox.replies == []  # neither matched the job's key
+    send(p, {}, topic="edge/jobs/cancel", payload=cancel, response_topic="edge/replies/a",
+         ack_as="c3")  # fmt: skip
+    reply = p.outbox.wait(1)[0]
+    p.stop()
+    assert reply.status == Status.CANCELLED
+    assert sorted(p.outbox.acks) == ["c1", "c2", "c3", "mine"]
 
 
 def test_engine_failure_is_a_failed_reply_and_the_worker_goes_on() -> None:
-    worker, outbox = make_worker(FakeEngine(fail_on={"bad"}))
-    send(worker, outbox, {"id": "bad"})
-    send(worker, outbox, {"id": "good"})
-    replies = {r.job_id: r.to_dict() for r in outbox.wait(2)}
-    worker.stop()
+    p = make(FakeEngine(fail_on={"bad"}))
+    send(p, {"id": "bad"})
+    send(p, {"id": "good"})
+    replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
+    p.stop()
     assert replies["bad"]["status"] == "failed"
     assert replies["bad"]["error"]["code"] == "inference_error"
     assert replies["good"]["status"] == "done"
 
 
 def test_bad_payload_is_rejected_and_acknowledged() -> None:
-    worker, outbox = make_worker(FakeEngine())
-    worker.receive(
-        Delivery("edge/jobs/classify", b"\x00garbage", time.time()), lambda: outbox.acks.append("x")
-    )
-    reply = outbox.wait(1)[0].to_dict()
-    worker.stop()
+    p = make(FakeEngine())
+    send(p, {}, payload=b"\x00garbage", ack_as="x")
+    reply = p.outbox.wait(1)[0].to_dict()
+    p.stop()
     assert reply["status"] == "rejected"
-    assert reply["error"]["code"] == "bad_encoding" or reply["error"]["code"] == "bad_json"
-    assert outbox.acks == ["x"]
+    assert reply["error"]["code"] == "bad_json"
+    assert p.outbox.acks == ["x"]
+
+
+def test_a_hops_property_that_is_not_a_small_number_counts_as_none() -> None:
+    p = make(FakeEngine())
+    for i, value in enumerate(["\u00b2", "-1", "99999", "", "\U0001d7d9", "3"]):
+        send(p, {"id": f"h{i}"}, user_properties=[("edge-hops", value)])
+    p.outbox.wait(6)
+    p.stop()
+    assert {r.status for r in p.outbox.replies} == {Status.DONE}
+
+
+def test_a_retained_job_is_refused_not_run() -> None:
+    p = make(FakeEngine())
+    send(p, {"id": "kept"}, retain=True)
+    reply = p.outbox.wait(1)[0]
+    p.stop()
+    assert reply.error_code == Code.RETAINED_JOB
+    assert p.engine.seen == []
 
 
 def test_redelivered_job_in_flight_runs_once_and_both_deliveries_are_acked() -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox = make_worker(engine)
-    send(worker, outbox, {"id": "dup"})
-    wait_running(engine, "dup")
-    send(worker, outbox, {"id": "dup"})
+    p = make(FakeEngine(gate=gate))
+    send(p, {"id": "dup"})
+    p.engine.wait_running("dup")
+    send(p, {"id": "dup"})
+    p.intake.stop()
     gate.set()
-    outbox.wait(1)
-    time.sleep(0.1)
-    worker.stop()
-    assert engine.seen == ["dup"]
-    assert len(outbox.replies) == 1
-    assert outbox.acks == ["dup", "dup"]
+    p.outbox.wait(1)
+    p.worker.stop()
+    assert p.engine.seen == ["dup"]
+    assert len(p.outbox.replies) == 1
+    assert p.outbox.acks == ["dup", "dup"]
 
 
-def send_as(
-    worker: Worker, outbox: RecordingOutbox, body: dict[str, Any], correlation: bytes
-) -> None:
+def send_as(p: Pipeline, body: dict[str, Any], correlation: bytes) -> None:
     """A classify job asking for its reply on edge/replies/s with this Correlation Data."""
-    worker.receive(
-        Delivery(
-            topic="edge/jobs/classify",
-            payload=json.dumps({"labels": ["a", "b"], **body}).encode(),
-            received_at=time.time(),
-            response_topic="edge/replies/s",
-            correlation_data=correlation,
-        ),
-        lambda: outbox.acks.append(correlation.decode()),
+    send(
+        p,
+        {"labels": ["a", "b"], **body},
+        response_topic="edge/replies/s",
+        correlation_data=correlation,
+        ack_as=correlation.decode(),
     )
 
 
 def test_a_retry_of_a_job_in_flight_gets_the_reply_too_and_it_runs_once() -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox = make_worker(engine)
-    send_as(worker, outbox, {"id": "r", "text": "t"}, b"first")
-    wait_running(engine, "t")
-    send_as(worker, outbox, {"id": "r", "text": "t"}, b"retry")  # new attempt, same job
+    p = make(FakeEngine(gate=gate))
+    send_as(p, {"id": "r", "text": "t"}, b"first")
+    p.engine.wait_running("t")
+    send_as(p, {"id": "r", "text": "t"}, b"retry")  # new attempt, same job
+    p.intake.stop()
     gate.set()
-    replies = outbox.wait(2)
-    worker.stop()
-    assert engine.seen == ["t"]
+    replies = p.outbox.wait(2)
+    p.worker.stop()
+    assert p.engine.seen == ["t"]
     assert sorted(r.route.correlation_data or b"" for r in replies) == [b"first", b"retry"]
     assert {r.status for r in replies} == {Status.DONE}
-    assert sorted(outbox.acks) == ["first", "retry"]
+    assert sorted(p.outbox.acks) == ["first", "retry"]
 
 
 def test_a_different_job_under_an_id_in_flight_is_rejected_not_lost() -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox = make_worker(engine)
-    send_as(worker, outbox, {"id": "same", "text": "one"}, b"1")
-    wait_running(engine, "one")
-    send_as(worker, outbox, {"id": "same", "text": "two"}, b"2")
-    rejected = outbox.wait(1)[0]
+    p = make(FakeEngine(gate=gate))
+    send_as(p, {"id": "same", "text": "one"}, b"1")
+    p.engine.wait_running("one")
+    send_as(p, {"id": "same", "text": "two"}, b"2")
+    rejected = p.outbox.wait(1)[0]
     assert rejected.status == Status.REJECTED
     assert rejected.error_code == Code.DUPLICATE_ID
     assert rejected.route.correlation_data == b"2"
     gate.set()
-    done = outbox.wait(2)[1]
-    worker.stop()
+    done = p.outbox.wait(2)[1]
+    p.stop()
     assert done.status == Status.DONE and done.route.correlation_data == b"1"
-    assert engine.seen == ["one"]
-    assert sorted(outbox.acks) == ["1", "2"]
+    assert p.engine.seen == ["one"]
+    assert sorted(p.outbox.acks) == ["1", "2"]
 
 
 def test_progress_messages_when_asked() -> None:
-    worker, outbox = make_worker(FakeEngine())
-    send(worker, outbox, {"id": "p", "progress": True})
-    outbox.wait(1)
-    worker.stop()
-    assert [str(r.status) for r in outbox.progress] == ["accepted", "running"]
+    p = make(FakeEngine())
+    send(p, {"id": "p", "progress": True})
+    p.outbox.wait(1)
+    p.stop()
+    assert [str(r.status) for r in p.outbox.progress] == ["accepted", "running"]
 
 
-def journaled_worker(
-    tmp_path: Any, engine: FakeEngine, **kw: Any
-) -> tuple[Worker, RecordingOutbox, Journal]:
+def journaled(tmp_path: Any, engine: FakeEngine, **kw: Any) -> tuple[Pipeline, Journal]:
     journal = Journal(tmp_path / "j.db", dedup_window_s=3600, spool_max=100)
-    outbox = RecordingOutbox()
-    worker = Worker(
-        JobRunner(engine),
-        outbox,
-        Metrics(),
-        topics=TOPICS,
-        limits=JobLimits(),
-        model=ModelRef("fake", "Q0", None),
-        max_queue=8,
-        journal=journal,
-        **kw,
-    )
-    worker.start()
-    return worker, outbox, journal
+    return make(engine, journal=journal, **kw), journal
 
 
-def deliver(worker: Worker, outbox: RecordingOutbox, body: dict[str, Any], **kw: Any) -> None:
-    payload = json.dumps({"labels": ["a", "b"], "text": body["id"], **body}).encode()
-    worker.receive(
-        Delivery(
-            topic=kw.pop("topic", "edge/jobs/classify"),
-            payload=payload,
-            received_at=time.time(),
-            **kw,
-        ),
-        lambda: outbox.acks.append(body["id"]),
+def store(journal: Journal, reply: Reply, memo: Memo | None) -> int:
+    """What the outbox does with a reply to remember."""
+    assert memo is not None and memo.key is not None
+    return journal.record(
+        key=memo.key,
+        digest=memo.digest,
+        job_id=reply.job_id,
+        status=str(reply.status),
+        topic=reply.route.topic,
+        payload=reply.encode(),
+        correlation=reply.route.correlation_data,
+        deadline=None,
     )
 
 
 def test_a_job_that_ran_is_answered_from_the_journal_and_never_runs_twice(tmp_path: Any) -> None:
-    engine = FakeEngine()
-    worker, outbox, journal = journaled_worker(tmp_path, engine)
-    deliver(worker, outbox, {"id": "once"})
-    first = outbox.wait(1)[0]
-    memo = outbox.memos[0]
-    assert memo is not None and memo.key is not None
-    # the outbox would journal it; do what it does, as delivered
-    row = journal.record(
-        key=memo.key,
-        digest=memo.digest,
-        job_id="once",
-        status="done",
-        topic=first.route.topic,
-        payload=first.encode(),
-        correlation=None,
-        deadline=None,
-    )
-    journal.mark_delivered(row)
-    deliver(worker, outbox, {"id": "once"}, dup=True)  # the broker redelivers: ack, no reply
-    deliver(worker, outbox, {"id": "once"})  # the requester retries: the stored reply again
-    time.sleep(0.1)
-    worker.stop()
-    assert engine.seen == ["once"]
-    assert len(outbox.resent) == 1 and outbox.resent[0].payload == first.encode()
-    assert outbox.acks == ["once", "once", "once"]
+    p, journal = journaled(tmp_path, FakeEngine())
+    send(p, {"id": "once"})
+    first = p.outbox.wait(1)[0]
+    journal.mark_delivered([store(journal, first, p.outbox.memos[0])])
+    send(p, {"id": "once"}, dup=True)  # the broker redelivers: ack, no reply
+    send(p, {"id": "once"})  # the requester retries: the stored reply again
+    p.stop()
+    assert p.engine.seen == ["once"]
+    assert len(p.outbox.resent) == 1 and p.outbox.resent[0].payload == first.encode()
+    assert p.outbox.acks == ["once", "once", "once"]
 
 
 def test_same_id_with_a_different_payload_is_a_new_job(tmp_path: Any) -> None:
-    engine = FakeEngine()
-    worker, outbox, journal = journaled_worker(tmp_path, engine)
-    deliver(worker, outbox, {"id": "reused", "text": "first"})
-    reply = outbox.wait(1)[0]
-    memo = outbox.memos[0]
-    assert memo is not None
-    journal.record(
-        key=memo.key,
-        digest=memo.digest,
-        job_id="reused",
-        status="done",
-        topic=reply.route.topic,
-        payload=reply.encode(),
-        correlation=None,
-        deadline=None,
-    )
-    deliver(worker, outbox, {"id": "reused", "text": "second"})
-    outbox.wait(2)
-    worker.stop()
-    assert engine.seen == ["first", "second"]
+    p, journal = journaled(tmp_path, FakeEngine())
+    send(p, {"id": "reused", "text": "first"})
+    store(journal, p.outbox.wait(1)[0], p.outbox.memos[0])
+    send(p, {"id": "reused", "text": "second"})
+    p.outbox.wait(2)
+    p.stop()
+    assert p.engine.seen == ["first", "second"]
+
+
+def test_a_job_that_crashed_the_agent_twice_is_answered_without_running(tmp_path: Any) -> None:
+    p, journal = journaled(tmp_path, FakeEngine())
+    body = {"labels": ["a", "b"], "text": "boom", "id": "boom"}
+    payload = json.dumps(body).encode()
+    from edge_agent.journal import payload_digest
+
+    assert journal.note_crash(payload_digest(payload), "boom") == 1
+    assert journal.note_crash(payload_digest(payload), "boom") == 2
+    send(p, body, payload=payload)
+    reply = p.outbox.wait(1)[0]
+    p.stop()
+    assert reply.status == Status.FAILED and reply.error_code == Code.JOB_CRASHED
+    assert p.engine.seen == []
+    assert p.outbox.acks == ["boom"]
 
 
 def test_only_jobs_that_ran_are_remembered(tmp_path: Any) -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox, _ = journaled_worker(tmp_path, engine)
-    worker.max_queue = 1
-    deliver(worker, outbox, {"id": "runs"})
-    wait_running(engine, "runs")
-    deliver(worker, outbox, {"id": "waits"})
-    deliver(worker, outbox, {"id": "overflow"})
+    p, _ = journaled(tmp_path, FakeEngine(gate=gate))
+    p.worker.max_queue = 1
+    send(p, {"id": "runs"})
+    p.engine.wait_running("runs")
+    send(p, {"id": "waits"})
+    send(p, {"id": "overflow"})
+    p.intake.stop()
     gate.set()
-    replies = outbox.wait(3)
-    worker.stop()
-    memos = {r.job_id: m for r, m in zip(replies, outbox.memos, strict=True)}
+    replies = p.outbox.wait(3)
+    p.worker.stop()
+    memos = {r.job_id: m for r, m in zip(replies, p.outbox.memos, strict=True)}
     assert memos["overflow"] is None or memos["overflow"].key is None  # a retry must run
     assert memos["runs"] is not None and memos["runs"].key is not None
 
 
 def test_busy_agent_hands_fleet_jobs_back(tmp_path: Any) -> None:
     gate = threading.Event()
-    engine = FakeEngine(gate=gate)
-    worker, outbox, _ = journaled_worker(tmp_path, engine, handing=Handing(keep=1, max_hops=3))
-    deliver(worker, outbox, {"id": "j1"}, shared=True)
-    wait_running(engine, "j1")
-    deliver(worker, outbox, {"id": "j2"}, shared=True)  # waits: 1 waiting now
-    deliver(worker, outbox, {"id": "j3"}, shared=True, response_topic="r/1", correlation_data=b"c")
-    deliver(worker, outbox, {"id": "j4"}, shared=True, hops=3)  # handed back enough: kept
-    deliver(
-        worker, outbox, {"id": "j5"}, topic="edge/devices/pi-1/jobs/classify"
-    )  # for this device
+    p, _ = journaled(tmp_path, FakeEngine(gate=gate), handing=Handing(keep=1, max_hops=3))
+    send(p, {"id": "j1"})
+    p.engine.wait_running("j1")
+    send(p, {"id": "j2"})  # waits: 1 waiting now
+    send(p, {"id": "j3"}, response_topic="r/1", correlation_data=b"c")
+    send(p, {"id": "j4"}, user_properties=[("edge-hops", "3")])  # handed back enough: kept
+    send(p, {"id": "j5"}, topic="edge/devices/pi-1/jobs/classify")  # for this device
+    p.intake.stop()
     gate.set()
-    outbox.wait(4)
-    worker.stop()
-    assert [h.hops for h in outbox.handed] == [1]
-    handed = outbox.handed[0]
+    p.outbox.wait(4)
+    p.worker.stop()
+    assert [h.hops for h in p.outbox.handed] == [1]
+    handed = p.outbox.handed[0]
     assert (handed.topic, handed.response_topic, handed.correlation_data) == (
         "edge/jobs/classify",
         "r/1",
         b"c",
     )
     assert json.loads(handed.payload)["id"] == "j3"
-    assert sorted(engine.seen) == ["j1", "j2", "j4", "j5"]
+    assert sorted(p.engine.seen) == ["j1", "j2", "j4", "j5"]
+
+
+def test_a_job_handed_back_that_comes_back_pauses_handing_back(tmp_path: Any) -> None:
+    gate = threading.Event()
+    p, _ = journaled(tmp_path, FakeEngine(gate=gate), handing=Handing(keep=0, max_hops=3))
+    send(p, {"id": "j1"})
+    p.engine.wait_running("j1")
+    send(p, {"id": "j2"})
+    p.outbox.wait_acks(1)  # j2 handed back: its copy was taken, its original acked
+    # A fleet of one: the broker gives the copy straight back to this agent.
+    bounced = json.loads(p.outbox.handed[0].payload)
+    send(p, bounced, payload=p.outbox.handed[0].payload, user_properties=[("edge-hops", "1")])
+    for i in range(3, 8):
+        send(p, {"id": f"j{i}"})
+    p.intake.stop()
+    gate.set()
+    p.outbox.wait(7)
+    p.worker.stop()
+    assert len(p.outbox.handed) == 1  # paused after the bounce: the rest were kept
+    assert sorted(p.engine.seen) == ["j1", "j2", "j3", "j4", "j5", "j6", "j7"]
