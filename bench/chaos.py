@@ -4,7 +4,10 @@
     .venv/bin/python -m bench.chaos --quick    # the sizes tests/test_chaos.py uses
 
 Each scenario starts its own Mosquitto and agents (the bundled model), streams jobs from a
-sensor that retries late jobs with the same id, injects the fault, and counts: jobs sent,
+sensor that retries late jobs with the same id, injects the fault (a broker SIGKILL, an
+agent SIGKILL, a black-holed network, a slowed member of a shared subscription, a state
+directory on a FUSE filesystem whose fsync takes a second, an inference thread that dies
+through the test-only fault hook), and counts: jobs sent,
 replies received, jobs lost (no reply although the deadline had not passed), jobs executed
 twice (ran to completion more than once, over every agent's log), duplicate replies the
 sensor saw, and the time from the end of the fault to the first reply after it.
@@ -51,6 +54,10 @@ def main() -> int:
                 0
             ],
         ),
+        # the same FUSE filesystem without the delay first, for comparison
+        ("fsync-0", lambda: scenarios.slow_fsync(work / "fsync-0", jobs=16 * n, fsync_ms=0)),
+        ("fsync-1", lambda: scenarios.slow_fsync(work / "fsync-1", jobs=16 * n, fsync_ms=1000)),
+        ("dies", lambda: scenarios.inference_dies(work / "dies", jobs=4 * n)),
     ]
     print(HEADER, flush=True)
     for _name, run in runs:

@@ -295,6 +295,7 @@ class Figures:
     duplicate_replies: int
     recover_s: float | None
     notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific figures
 
     def row(self) -> str:
         rec = "-" if self.recover_s is None else f"{self.recover_s:.1f}"

@@ -9,12 +9,16 @@ bench/chaos.py runs them large and prints the table that README.md shows.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
 
 from bench.harness import (
     AgentProcess,
@@ -26,6 +30,7 @@ from bench.harness import (
     figures,
     start_agent_process,
 )
+from bench.slowfs import SlowFs
 from edge_agent.broker import LocalBroker
 
 FAST = {"EDGE_AGENT_MQTT__RECONNECT_MIN_S": "0.2", "EDGE_AGENT_MQTT__RECONNECT_MAX_S": "1"}
@@ -257,4 +262,118 @@ def shared_with_slow_member(
         sensor.close()
         for agent in agents:
             agent.kill()
+        broker.close()
+
+
+def _telemetry(agent: AgentProcess, port: int, timeout: float = 10) -> dict[str, Any]:
+    """The agent's next telemetry message."""
+    got: list[dict[str, Any]] = []
+    done = threading.Event()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+
+    def on(_c: Any, _u: Any, msg: Any) -> None:
+        got.append(json.loads(msg.payload))
+        done.set()
+
+    client.on_message = on
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(f"{agent.prefix}/devices/{agent.device_id}/telemetry", qos=0)
+    done.wait(timeout)
+    client.disconnect()
+    client.loop_stop()
+    return got[0] if got else {}
+
+
+def slow_fsync(
+    workdir: Path,
+    jobs: int = 40,
+    fsync_ms: int = 1000,
+    interval: float = 0.25,
+    keepalive_s: int = 5,
+) -> Figures:
+    """The agent's state directory (its job journal) on storage where every fsync takes
+    `fsync_ms` (bench/slowfs.c, a FUSE filesystem), while jobs stream in. Replies must all
+    come, acknowledgements keep flowing, and the MQTT keepalive never lapses."""
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    broker = LocalBroker(workdir=workdir / "broker").start()
+    disk = SlowFs(workdir / "backing", workdir / "slow", fsync_ms=fsync_ms)
+    state = disk.__enter__()
+    env = {**FAST, "EDGE_AGENT_MQTT__KEEPALIVE_S": str(keepalive_s)}
+    agent = start_agent_process(broker.url, prefix, state / "agent", env=env)
+    sensor = Sensor("127.0.0.1", broker.port, prefix, retry_after_s=30)
+    try:
+        started = time.time()
+        _stream(sensor, "f", jobs, interval)
+        sensor.wait_all(120)
+        took = time.time() - started
+        telemetry = _telemetry(agent, broker.port)
+        lapses = sum(1 for e in agent.log_events() if e.get("event") == "mqtt.disconnected")
+        broker_log = (workdir / "broker" / "mosquitto.log").read_text(errors="replace")
+        lapses += broker_log.count("exceeded timeout")
+        fig = figures(
+            f"journal fsync {fsync_ms / 1000:g} s (FUSE)",
+            sensor,
+            [agent],
+            None,
+            f"{jobs / took:.1f} jobs/s offered {1 / interval:.1f}; PUBACK p50 "
+            f"{telemetry.get('puback_ms_p50')} ms, p99 {telemetry.get('puback_ms_p99')} ms; "
+            f"keepalive {keepalive_s} s lapses {lapses}",
+        )
+        fig.extra.update(
+            lapses=lapses,
+            puback_ms_p50=telemetry.get("puback_ms_p50"),
+            puback_ms_p99=telemetry.get("puback_ms_p99"),
+            health=(telemetry.get("health") or {}).get("state"),
+        )
+        return fig
+    finally:
+        sensor.close()
+        agent.kill()
+        broker.close()
+        disk.__exit__(None, None, None)
+
+
+def inference_dies(workdir: Path, jobs: int = 6, exit_after_s: float = 2.0) -> Figures:
+    """The inference thread dies on a job (the test-only fault hook) with more jobs queued
+    behind it. Outside systemd, the agent must turn degraded and exit with status 70; its
+    supervisor (here: this scenario) starts it again, and every job is answered."""
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    broker = LocalBroker(workdir=workdir / "broker").start()
+    killer = "d-0"
+    env = {
+        **FAST,
+        "EDGE_AGENT_FAULT": f"inference-die:{killer}",
+        "EDGE_AGENT_HEALTH__EXIT_AFTER_S": str(exit_after_s),
+        "EDGE_AGENT_MQTT__RECEIVE_MAXIMUM": str(jobs + 2),
+    }
+    agent = start_agent_process(broker.url, prefix, workdir / "agent", env=env)
+    sensor = Sensor("127.0.0.1", broker.port, prefix, retry_after_s=60)
+    try:
+        device_topic = f"{prefix}/devices/{agent.device_id}/jobs/classify"
+        for i in range(jobs):
+            sensor.send(classify_job(i, "d"), topic=device_topic)
+        died_at = time.time()
+        code = agent.proc.wait(60)
+        exited_after = time.time() - died_at
+        degraded = [e for e in agent.log_events() if e.get("event") == "health.changed"]
+        restart_at = time.time()
+        agent.env.pop("EDGE_AGENT_FAULT")
+        agent.restart()
+        sensor.wait_all(90, retry=False)
+        fig = figures(
+            "inference thread dies + restart",
+            sensor,
+            [agent],
+            restart_at,
+            f"exit status {code} after {exited_after:.1f} s; health "
+            f"{degraded[0].get('state') if degraded else 'never degraded'} "
+            f"({'; '.join(degraded[0].get('reasons', [])) if degraded else '-'}); "
+            f"answered after restart {sum(1 for s in sensor.sent.values() if s.replies)}",
+        )
+        fig.extra.update(exit_code=code, degraded=degraded[0] if degraded else None)
+        return fig
+    finally:
+        sensor.close()
+        agent.kill()
         broker.close()

@@ -43,9 +43,13 @@ class DeviceView:
         model = self.info.get("model") or {}
         board = self.info.get("board") or {}
         t = self.telemetry
+        health = (t.get("health") or self.info.get("health") or {}).get("state")
+        status = self.status
+        if status == "online" and health not in (None, "ok"):
+            status = f"online, {health}"  # up, but a thread died or stalled
         return {
             "device": self.device,
-            "status": self.status,
+            "status": status,
             "board": board.get("model") or board.get("architecture"),
             "model": model.get("name") or (t.get("model") or {}).get("name"),
             "quant": model.get("quant") or (t.get("model") or {}).get("quant"),

@@ -75,9 +75,6 @@ class Replies(ReplySink, Protocol):
     def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
         """Publish a stored reply again, with this attempt's correlation data."""
 
-    def uncommitted(self, key: str) -> bool:
-        """A remembered reply with this key is on its way to the journal."""
-
 
 @dataclass(frozen=True)
 class Handing:
@@ -301,13 +298,14 @@ class Intake:
         if self.journal is not None and self.journal.is_poison(digest):
             self._poison(job, ack)
             return
-        # Where a job with this id may be, in the order it moves: held by the worker, then
-        # handed to the outbox, then in the journal. Only this thread adds jobs to the
-        # worker, so looking in that order cannot miss one on its way.
-        if self.worker.holds(job.id):
-            self.worker.offer(job, ack, key, digest)
+        # Where a job with this id may be: held by the worker, handed to the outbox on its
+        # way to the journal (both checked in one step against the worker finishing it),
+        # or in the journal. Only this thread adds jobs to the worker, so "absent" stays
+        # true until this thread offers it.
+        where = self.worker.admit(job, ack, key, digest)
+        if where == "held":
             return
-        if self.outbox.uncommitted(key) and message.deferrals < MAX_DEFERRALS:
+        if where == "answering" and message.deferrals < MAX_DEFERRALS:
             self._defer(message)
             return
         if self._answered_before(job, key, digest, delivery, ack):

@@ -34,6 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from tenacity import RetryCallState, wait_random_exponential
 
 from edge_agent.errors import ConfigError
+from edge_agent.protocol import topic_name_problem
 
 log = structlog.get_logger("edge_agent.mqtt")
 
@@ -42,6 +43,7 @@ Ack = Callable[[], None]
 
 # MQTT 5 Message Expiry Interval: a four-byte integer; 0 would mean "no expiry".
 MAX_EXPIRY_S = 0xFFFFFFFF
+STABLE_CONNECTION_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class MqttLink:
         self._supervisor: threading.Thread | None = None
         self.connects = 0
         self._was_up = False  # the last connection got as far as a CONNACK
+        self._up_since = 0.0
         self._client = self._make_client()
 
     @property
@@ -258,7 +261,11 @@ class MqttLink:
             self._client.loop_stop()
             if self._stopping.is_set():
                 return
-            failures = 0 if self._was_up else failures + 1
+            # A connection that was dropped soon after it came up (the broker refusing
+            # something the agent sent, a flapping link) counts as a failure, so the
+            # backoff grows instead of reconnecting in a tight loop.
+            lasted = time.monotonic() - self._up_since
+            failures = 0 if self._was_up and lasted >= STABLE_CONNECTION_S else failures + 1
             delay = _delay(wait, max(1, failures))
             log.warning("mqtt.reconnect_scheduled", retry_in_s=round(delay, 2), attempt=failures)
             self._stopping.wait(delay)
@@ -309,6 +316,7 @@ class MqttLink:
         self._generation += 1
         self.connects += 1
         self._was_up = True
+        self._up_since = time.monotonic()
         subs = list(self._subscriptions())
         if subs:
             if self.v5:
@@ -408,6 +416,11 @@ class MqttLink:
         MQTT 5 properties are dropped on a 3.1.1 connection (the payload carries their
         meaning there).
         """
+        problem = topic_name_problem(topic)
+        if problem is not None:
+            # Never hand paho a topic the broker would drop the connection for: paho would
+            # resend it after every reconnect, and the board would never stay connected.
+            raise ValueError(f"cannot publish to {topic!r}: {problem}")
         if not self.connected:
             return None
         props = None

@@ -1,14 +1,16 @@
-"""Where replies go: into the journal (durably), then the job is acknowledged, then the
-reply is published; the journal is emptied as the broker acknowledges each reply.
+"""Where replies go, and when the job they answer is acknowledged.
 
-The outbox is the only writer of replies and of the journal, on one thread of its own
-("outbox"), so the rule "acknowledge a job only once its reply is safe" lives in one place
-and nothing else ever waits for an fsync. Other threads hand it work through a queue and
-return at once. Replies that arrive together are committed together (one fsync for a
-batch), which keeps replies flowing on an SD card whose fsync takes a second.
+The rule: a job's delivery is acknowledged only when its reply is safe, either
+acknowledged by the broker (its PUBACK) or committed to the journal with an fsync (while
+the broker is away: the offline spool, published oldest first after the reconnect unless
+the job's deadline passed). Replies to jobs that ran (`done`, `failed`) are also kept in
+the journal as the dedup memory, committed without an fsync of their own: a broker that
+has the reply makes the job safe, and no fsync sits between a job and its
+acknowledgement while the broker is reachable.
 
-While the broker is unreachable replies wait in the journal (the offline spool) and go
-out oldest first after the reconnect, unless their job's deadline passed.
+The outbox is the only writer of the journal, on one thread of its own ("outbox"): the
+rule lives in one place and nothing else ever waits for an fsync. Other threads hand it
+work through a queue and return at once. What arrives together is written together.
 
 It also hands fleet jobs back: a busy agent republishes a job it cannot start soon to the
 fleet topic and acknowledges its copy only once the broker has the new one, so Mosquitto's
@@ -149,6 +151,7 @@ class Outbox:
         self._acks: dict[int, tuple[Ack, ...]] = {}  # mid of an unjournaled reply -> acks
         self._handoffs: dict[int, tuple[Ack, Callable[[], None]]] = {}  # mid -> (ack, undo)
         self._send_failures: dict[int, int] = {}  # journal row -> times the link raised
+        self._undurable: list[tuple[Ack, ...]] = []  # acks waiting for a journal sync
         self._idle = threading.Condition()
         self._busy = 0
 
@@ -215,14 +218,8 @@ class Outbox:
 
     def deliver(self, reply: Reply, acks: Ack | Sequence[Ack], memo: Memo | None = None) -> None:
         """Get the reply out, and acknowledge the job's delivery (or deliveries) only once
-        the reply is safe.
-
-        A reply to remember (a job that ran) is committed to the journal first, then the
-        job is acknowledged, then the reply is published. Any other reply (a rejection, an
-        expiry) is published and the job acknowledged when the broker has the reply (its
-        PUBACK), which spares an fsync per bad message; if the broker is unreachable it
-        goes to the journal like the others.
-        """
+        the reply is safe: on its PUBACK, or once it is on disk while the broker is away.
+        A reply with a `memo` key is also remembered (the dedup memory)."""
         ack_list = (acks,) if callable(acks) else tuple(acks)
         if memo is not None and memo.key is not None:
             with self._uncommitted_lock:
@@ -262,24 +259,12 @@ class Outbox:
 
     def _process(self, batch: list[_Work]) -> None:
         finals = [w for w in batch if isinstance(w, _Final)]
-        to_store = [f for f in finals if self._must_store(f)]
-        rows: dict[int, int] = {}  # id(final) -> journal row
-        if to_store:
-            try:
-                stored = self.journal.record_many([_entry(f) for f in to_store])
-                rows = {id(f): row for f, row in zip(to_store, stored, strict=True)}
-            except StoreError as exc:
-                # The disk refused (full, failing): answer anyway, acknowledged on the
-                # broker's PUBACK like a rejection; only durability across a crash is lost.
-                log.error("journal.write_failed", error=str(exc), replies=len(to_store))
-                self.metrics.bump("journal_write_errors")
-            finally:
-                self._forget_uncommitted(to_store)
+        rows, durable = self._store(finals)
         delivered: list[int] = []
         for work in batch:
             try:
                 if isinstance(work, _Final):
-                    self._send_final(work, rows.get(id(work)))
+                    self._send_final(work, rows.get(id(work)), durable)
                 elif isinstance(work, _Progress):
                     self._publish(work.reply.route.topic, work.reply.encode(),
                                   work.reply.route.correlation_data, None)  # fmt: skip
@@ -298,15 +283,48 @@ class Outbox:
                 log.exception("outbox.item_failed", item=type(work).__name__)
                 if self.beat is not None:
                     self.beat.error()
+        self._make_durable()
         if delivered:
             try:
                 self.journal.mark_delivered(delivered)
             except StoreError as exc:
                 log.error("journal.write_failed", error=str(exc), delivered=len(delivered))
 
-    def _must_store(self, final: _Final) -> bool:
-        remembered = final.memo is not None and final.memo.key is not None
-        return remembered or not self.link.connected
+    def _store(self, finals: list[_Final]) -> tuple[dict[int, int], bool]:
+        """Put the batch's replies in the journal, in one transaction: those to remember
+        (the dedup memory) and, while the broker is away, all of them (the spool). Only
+        the spool needs an fsync before its jobs are acknowledged: a reply the broker has
+        acknowledged is safe there, and the job is acknowledged on that PUBACK. Returns the
+        rows, and whether they were committed with an fsync."""
+        connected = self.link.connected
+        to_store = [f for f in finals if not connected or _remembered(f)]
+        if not to_store:
+            return {}, False
+        try:
+            stored = self.journal.record_many([_entry(f) for f in to_store], durable=not connected)
+            return {id(f): row for f, row in zip(to_store, stored, strict=True)}, not connected
+        except StoreError as exc:
+            # The disk refused (full, failing): answer anyway, acknowledged on the broker's
+            # PUBACK like a rejection; only the memory of the answer is lost.
+            log.error("journal.write_failed", error=str(exc), replies=len(to_store))
+            self.metrics.bump("journal_write_errors")
+            return {}, False
+        finally:
+            self._forget_uncommitted(to_store)
+
+    def _make_durable(self) -> None:
+        """Replies stored without an fsync whose publish failed (the link went away during
+        the batch): sync them before their jobs are acknowledged."""
+        if not self._undurable:
+            return
+        waiting, self._undurable = self._undurable, []
+        try:
+            self.journal.sync()
+        except StoreError as exc:
+            log.error("journal.write_failed", error=str(exc), replies=len(waiting))
+            self.metrics.bump("journal_write_errors")
+        for acks in waiting:
+            _ack_all(acks)
 
     def _forget_uncommitted(self, finals: list[_Final]) -> None:
         with self._uncommitted_lock:
@@ -320,17 +338,22 @@ class Outbox:
                 else:
                     self._uncommitted.pop(key, None)
 
-    def _send_final(self, final: _Final, row: int | None) -> None:
+    def _send_final(self, final: _Final, row: int | None, durable: bool) -> None:
         reply = final.reply
         deadline = final.memo.deadline if final.memo else None
+        topic, correlation = reply.route.topic, reply.route.correlation_data
         if row is not None:
-            # Safe on disk: acknowledge the job now, then publish.
-            _ack_all(final.acks)
-            self._send_row(row, reply.route.topic, final.payload,
-                           reply.route.correlation_data, deadline)  # fmt: skip
+            # In the journal: publish, and acknowledge the job on the PUBACK; if it cannot
+            # go out now it waits in the spool, and the job is acknowledged once the spool
+            # is on disk.
+            if self._send_row(row, topic, final.payload, correlation, deadline, final.acks):
+                return
+            if durable:
+                _ack_all(final.acks)
+            else:
+                self._undurable.append(final.acks)
             return
-        mid = self._publish(reply.route.topic, final.payload, reply.route.correlation_data,
-                            deadline)  # fmt: skip
+        mid = self._publish(topic, final.payload, correlation, deadline)
         if mid is not None:
             self._acks[mid] = final.acks  # acknowledged on the reply's PUBACK
             return
@@ -344,8 +367,7 @@ class Outbox:
             self.metrics.bump("replies_lost")
             return
         _ack_all(final.acks)
-        self._send_row(row, reply.route.topic, final.payload,
-                       reply.route.correlation_data, deadline)  # fmt: skip
+        self._send_row(row, topic, final.payload, correlation, deadline)
 
     def _send_row(
         self,
@@ -354,8 +376,10 @@ class Outbox:
         payload: bytes,
         correlation: bytes | None,
         deadline: float | None,
+        acks: tuple[Ack, ...] = (),
     ) -> bool:
-        """Publish a journaled reply; False when it must wait for the next connect."""
+        """Publish a journaled reply (`acks`: its job's, to run on the PUBACK); False when
+        it must wait for the next connect (and `acks` were not taken)."""
         try:
             mid = self._publish(topic, payload, correlation, deadline, strict=True)
         except Exception:  # the link refused this very message
@@ -366,11 +390,15 @@ class Outbox:
                 log.error("reply.dropped_unsendable", row=row, topic=topic)
                 self.journal.drop(row, "unsendable")
                 self._send_failures.pop(row, None)
+            if acks:  # it is in the journal: never hold the job's delivery for it
+                self._undurable.append(acks)
             return True  # not a reason to stop the flush
         if mid is None:
             return False  # stays pending in the journal until the next connect
         self._send_failures.pop(row, None)
         self._rows[mid] = row
+        if acks:
+            self._acks[mid] = acks
         return True
 
     def _publish(
@@ -474,6 +502,10 @@ def reply_expiry(deadline: float, now: float) -> int:
     """The Message Expiry of a reply: what is left of its job's deadline, in whole seconds,
     at least 1 (0 would mean none) and at most MAX_DEADLINE_S."""
     return int(min(max(1.0, deadline - now), float(MAX_DEADLINE_S)))
+
+
+def _remembered(final: _Final) -> bool:
+    return final.memo is not None and final.memo.key is not None
 
 
 def _entry(final: _Final) -> Entry:

@@ -564,11 +564,31 @@ def _reply_topic_problem(topic: str, topics: Topics, limits: JobLimits) -> str |
 def valid_reply_topic(topic: str, limits: JobLimits) -> bool:
     if not topic or len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
         return False
-    if any(c in topic for c in "+#\x00") or topic.startswith("$"):
-        return False
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in topic):
+    if topic_name_problem(topic) is not None or topic.startswith("$"):
         return False
     return not limits.reply_topic_prefixes or topic.startswith(limits.reply_topic_prefixes)
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to, by the strictest reading of MQTT's rules, which
+    is Mosquitto's: it drops the connection of a client that sends one (and the client's
+    session resends it after every reconnect: one bad reply topic would cut a board off for
+    good). None when it can."""
+    if not topic:
+        return "empty"
+    if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+        return "longer than 65535 bytes"
+    for c in topic:
+        code = ord(c)
+        if c in "+#":
+            return "wildcards (+, #) cannot be published to"
+        if code <= 0x1F or 0x7F <= code <= 0x9F:
+            return "control characters are not allowed"
+        if 0xD800 <= code <= 0xDFFF:
+            return "not Unicode text (a lone surrogate)"
+        if 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:
+            return "Unicode noncharacters are not allowed"
+    return None
 
 
 def _labels(labels: list[str] | None, limits: JobLimits) -> tuple[str, ...]:

@@ -54,6 +54,9 @@ class ReplySink(Protocol):
     def hand_back(self, job: Handoff, ack: Ack, undo: Callable[[], None]) -> None:
         """Give a fleet job back to the fleet topic; `undo` runs if that fails."""
 
+    def uncommitted(self, key: str) -> bool:
+        """A remembered reply with this key is on its way to the journal."""
+
 
 @dataclass(eq=False)
 class Ticket:
@@ -115,10 +118,19 @@ class Worker:
 
     # ---- taking jobs (the intake's thread) ----------------------------------------------
 
-    def holds(self, job_id: str) -> bool:
-        """A job with this id is queued or running here."""
+    def admit(self, job: Job, ack: Ack, key: str | None, digest: str | None) -> str:
+        """Where a job with this id is, checked in one step against the worker finishing
+        it: "held" (queued or running here: this delivery joined it, see `_join`),
+        "answering" (its reply to remember was just handed to the outbox and is not in the
+        journal yet: look again shortly), or "absent" (look in the journal, then offer)."""
         with self._cond:
-            return job_id in self._by_id
+            current = self._by_id.get(job.id)
+            if current is not None:
+                self._join(current, job, ack, digest)
+                return "held"
+            if key is not None and self.outbox.uncommitted(key):
+                return "answering"
+            return "absent"
 
     def _join(self, current: Ticket, job: Job, ack: Ack, digest: str | None) -> None:
         """A job arrived with the id of one this agent holds (under self._cond). The same
@@ -187,12 +199,13 @@ class Worker:
                 ticket.interrupt = "cancelled"
                 return True
             ticket.cancelled = True
-            del self._by_id[job_id]
+            self._finish(
+                ticket,
+                self._status(
+                    ticket.job, Status.CANCELLED, Code.CANCELLED, "cancelled while queued"
+                ),
+            )
         log.info("job.cancelled", job_id=job_id, while_="queued")
-        self._finish(
-            ticket,
-            self._status(ticket.job, Status.CANCELLED, Code.CANCELLED, "cancelled while queued"),
-        )
         self.metrics.count("cancelled")
         return True
 
@@ -253,41 +266,34 @@ class Worker:
             self.faults.on_inference(ticket.job.id)  # test-only; may end this thread
             bind_job(ticket.job.id)
             try:
-                self._run(ticket)
+                reply = self._run(ticket)
             except Exception:  # never lose the thread; the job gets a failed reply
                 log.exception("job.crashed", job_id=ticket.job.id)
                 self.beat.error()
                 self.metrics.count("failed")
-                self._finish(
-                    ticket,
-                    self._status(ticket.job, Status.FAILED, Code.INTERNAL_ERROR, "internal error"),
+                reply = self._status(
+                    ticket.job, Status.FAILED, Code.INTERNAL_ERROR, "internal error"
                 )
             finally:
                 bind_job(None)
                 self.beat.idle()
                 if self.marker is not None:
                     self.marker.clear()
-                with self._cond:
-                    self._running = None
-                    self._by_id.pop(ticket.job.id, None)
+            with self._cond:
+                self._running = None
+                self._finish(ticket, reply)
 
-    def _run(self, ticket: Ticket) -> None:
+    def _run(self, ticket: Ticket) -> Reply:
+        """Run one job; its final reply."""
         job = ticket.job
         started = self.clock()
         queue_ms = max(0.0, (started - job.received_at) * 1000.0)
         if job.deadline is not None and started >= job.deadline:
             log.info("job.expired", job_id=job.id, while_="queued", queue_ms=round(queue_ms))
             self.metrics.count("expired")
-            self._finish(
-                ticket,
-                self._status(
-                    job,
-                    Status.EXPIRED,
-                    Code.DEADLINE_EXCEEDED,
-                    "deadline passed before the job ran",
-                ),
+            return self._status(
+                job, Status.EXPIRED, Code.DEADLINE_EXCEEDED, "deadline passed before the job ran"
             )
-            return
         log.debug("job.started", job_id=job.id, kind=job.kind, queue_ms=round(queue_ms, 1))
         if job.progress:
             self.outbox.notify(self._status(job, Status.RUNNING))
@@ -312,19 +318,16 @@ class Worker:
             code = Code.DEADLINE_EXCEEDED if reason == "expired" else Code.CANCELLED
             log.info("job.interrupted", job_id=job.id, reason=reason)
             self.metrics.count(str(status))
-            self._finish(ticket, self._status(job, status, code, f"{reason} while running"))
-            return
+            return self._status(job, status, code, f"{reason} while running")
         except JobError as exc:  # refused before it ran (the token budget)
             log.warning("job.rejected", job_id=job.id, code=str(exc.code), reason=exc.message)
             self.metrics.count("rejected")
-            self._finish(ticket, rejection(job.route, self.topics.device_id, exc))
-            return
+            return rejection(job.route, self.topics.device_id, exc)
         except EdgeAgentError as exc:
             code = exc.code if isinstance(exc, EngineError) else Code.INFERENCE_ERROR
             log.warning("job.failed", job_id=job.id, code=str(code), reason=str(exc))
             self.metrics.count("failed")
-            self._finish(ticket, self._status(job, Status.FAILED, code, str(exc)))
-            return
+            return self._status(job, Status.FAILED, code, str(exc))
         total_ms = (time.perf_counter() - t0) * 1000.0 + queue_ms
         t = outcome.timings
         timings = timings_dict(
@@ -352,7 +355,7 @@ class Worker:
             completion_tokens=t.completion_tokens,
             tokens_per_second=timings["tokens_per_second"],
         )
-        reply = Reply(
+        return Reply(
             job_id=job.id,
             status=Status.DONE,
             device=self.topics.device_id,
@@ -362,9 +365,11 @@ class Worker:
             timings=timings,
             ignored=job.ignored,
         )
-        self._finish(ticket, reply)
 
     def _finish(self, ticket: Ticket, reply: Reply) -> None:
+        """Hand the final reply over and let go of the job, in one step under self._cond:
+        a delivery of the same job either joins it before this (and gets the reply too) or
+        finds its reply in the outbox (`admit`); it can never fall in between."""
         # Only jobs that ran are remembered: a retry after `overloaded`, `expired` or
         # `cancelled` is a new attempt and must run.
         remember = reply.status in (Status.DONE, Status.FAILED)
@@ -376,6 +381,7 @@ class Worker:
         self.outbox.deliver(reply, [ticket.ack, *ticket.extra_acks], memo)
         for route, rider_ack in ticket.riders:
             self.outbox.deliver(replace(reply, route=route), rider_ack)
+        self._by_id.pop(ticket.job.id, None)
 
     def _status(
         self, job: Job, status: Status, code: Code | None = None, message: str | None = None

@@ -21,7 +21,8 @@ declare -A need=( [gcc]=build-essential [g++]=build-essential [make]=build-essen
                   [cmake]=cmake )
 if [ "$target" = test ]; then
   need+=( [mosquitto]=mosquitto [mosquitto_pub]=mosquitto-clients [openssl]=openssl
-          [prometheus]=prometheus [systemd-analyze]=systemd )
+          [prometheus]=prometheus [systemd-analyze]=systemd
+          [fusermount3]=fuse3 [pkg-config]=pkg-config )
 else
   need+=( [mosquitto]=mosquitto )
 fi
@@ -33,6 +34,10 @@ for cmd in "${!need[@]}"; do
 done
 if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   missing+=(python3-venv)
+fi
+# The chaos tests mount a FUSE filesystem whose fsync is slow (bench/slowfs.c).
+if [ "$target" = test ] && [ ! -f /usr/include/fuse3/fuse.h ]; then
+  missing+=(libfuse3-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)

@@ -6,15 +6,25 @@ hold: no job lost whose deadline had not passed, and no job executed twice.
 
 from __future__ import annotations
 
+import os
 import random
-import uuid
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from bench import fuzz, scenarios
-from bench.harness import HEADER, Figures, start_agent_process
+from bench import fuzz, scenarios, slowfs
+from bench.harness import (
+    HEADER,
+    Figures,
+    Sensor,
+    classify_job,
+    start_agent_process,
+    wait_for_log,
+)
 from edge_agent.broker import LocalBroker
+from tests.conftest import NotifySocket
 
 pytestmark = [pytest.mark.chaos, pytest.mark.model]
 
@@ -53,21 +63,79 @@ def test_slow_member_of_a_shared_subscription_does_not_hoard(tmp_path: Path) -> 
     assert "handed back 0;" not in fig.notes
 
 
-def test_fuzzed_payloads_are_all_answered_and_memory_stays_flat(
-    broker: LocalBroker, tmp_path: Path
+def test_the_protocol_fuzzer_finds_no_message_that_stops_a_board(tmp_path: Path) -> None:
+    """A short campaign of bench/fuzz.py: hostile values in every job field and MQTT
+    property, MQTT 5 and 3.1.1, device and fleet topics, cancels and control topics,
+    against one MQTT 5 and one MQTT 3.1.1 agent. The seed is fixed and printed;
+    EDGE_AGENT_FUZZ_SEED=random (or a number) runs another one."""
+    wanted = os.environ.get("EDGE_AGENT_FUZZ_SEED", "20261202")
+    seed = random.randrange(1 << 31) if wanted == "random" else int(wanted)
+    print(f"\nfuzz seed {seed} (EDGE_AGENT_FUZZ_SEED={seed} runs it again)")
+    result = fuzz.campaign(tmp_path, count=150, seed_value=seed, show=False)
+    print(result.table())
+    print("replies by code: " + ", ".join(f"{k} {v}" for k, v in result.codes.most_common()))
+    assert result.problems == []
+    assert result.jobs > 100 and result.control > 20, "the campaign must reach the agents"
+    assert result.statuses["done"] > 10 and result.statuses["rejected"] > 50
+    assert result.codes["internal_error"] == 0
+    assert result.health == {"5": "ok", "3.1.1": "ok"}
+    assert result.probes == 2
+
+
+@pytest.mark.skipif(slowfs.why_unavailable() is not None, reason=str(slowfs.why_unavailable()))
+def test_a_disk_whose_fsync_takes_a_second_slows_no_reply_and_no_keepalive(
+    tmp_path: Path,
 ) -> None:
-    agent = start_agent_process(
-        broker.url, f"fz{uuid.uuid4().hex[:6]}", tmp_path / "fz", log_level="info"
-    )
+    fig = scenarios.slow_fsync(tmp_path, jobs=16, fsync_ms=1000, interval=0.25, keepalive_s=5)
+    check(fig)
+    assert fig.extra["lapses"] == 0
+    assert fig.extra["health"] == "ok"
+    # Acknowledgements wait for the broker's PUBACK of the reply, never for an fsync.
+    assert fig.extra["puback_ms_p50"] is not None and fig.extra["puback_ms_p50"] < 1000
+
+
+def test_an_inference_thread_that_dies_turns_health_degraded_and_stops_the_watchdog(
+    broker: LocalBroker, prefix: str, tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """Under systemd (here: a notify socket the test owns) the agent stays up, says
+    `degraded` with the reason, and withholds the watchdog; after the restart systemd would
+    do, the queued jobs are answered and the job that killed the thread runs."""
+    env = {
+        "EDGE_AGENT_FAULT": "inference-die:die-0",
+        "EDGE_AGENT_MQTT__RECEIVE_MAXIMUM": "8",
+        "NOTIFY_SOCKET": notify_socket.path,
+        "WATCHDOG_USEC": "1000000",
+    }
+    agent = start_agent_process(broker.url, prefix, tmp_path / "state", env=env)
+    sensor = Sensor("127.0.0.1", broker.port, prefix, retry_after_s=120)
     try:
-        result = fuzz.run(
-            agent, broker.port, count=1500, seed=random.randrange(1 << 30), warmup=300
-        )
+        topic = f"{prefix}/devices/{agent.device_id}/jobs/classify"
+        for i in range(4):
+            sensor.send(classify_job(i, "die"), topic=topic)
+        changed = wait_for_log(agent, "health.changed", 30)
+        assert changed["state"] == "degraded"
+        assert "inference thread died" in changed["reasons"][0]
+        degraded_at = time.monotonic()
+        time.sleep(1.5)  # a watchdog period and a half
+        assert notify_socket.count("WATCHDOG", since=degraded_at + 0.1) == 0
+        assert agent.alive(), "under a watchdog the agent waits to be restarted"
+        assert not any(s.replies for s in sensor.sent.values())  # queued, never acked
+        agent.env.pop("EDGE_AGENT_FAULT")
+        agent.proc.send_signal(signal.SIGABRT)  # what systemd does when the watchdog fires
+        agent.restart()
+        assert sensor.wait_all(60, retry=False)
+        assert {s.replies[0]["status"] for s in sensor.sent.values()} == {"done"}
+        died = wait_for_log(agent, "agent.died_while_running", 5)
+        assert (died["job_id"], died["times"], died["poison"]) == ("die-0", 1, False)
     finally:
+        sensor.close()
         agent.kill()
-    print("\n" + result.table())
-    assert result.alive
-    assert result.missing == []
-    assert result.answered == result.sent
-    assert result.statuses["rejected"] > result.sent * 0.9
-    assert result.rss_end - result.rss_warm < 16 * 2**20
+
+
+def test_outside_systemd_a_degraded_agent_exits_70_and_a_restart_answers_everything(
+    tmp_path: Path,
+) -> None:
+    fig = scenarios.inference_dies(tmp_path, jobs=4, exit_after_s=1.0)
+    check(fig)
+    assert fig.extra["exit_code"] == 70
+    assert fig.extra["degraded"]["state"] == "degraded"

@@ -66,3 +66,18 @@ def test_foreign_and_broken_messages_are_ignored() -> None:
     state.update("edge/devices/x/status", b"online")
     assert state.update("edge/devices/x/status", b"")  # a cleared retained status: gone
     assert state.devices == {}
+
+
+def test_a_degraded_device_shows_it_beside_its_status() -> None:
+    state = FleetState("edge")
+    feed(state, "a", 10.0)
+    state.update(
+        "edge/devices/a/telemetry",
+        json.dumps(
+            {"health": {"state": "degraded", "reasons": ["inference thread died"]}}
+        ).encode(),
+        101.0,
+    )
+    assert state.rows(now=102)[0]["status"] == "online, degraded"
+    feed(state, "a", 10.0, status="offline", now=103)  # health only qualifies "online"
+    assert state.rows(now=104)[0]["status"] == "offline"

@@ -53,22 +53,22 @@ def make(tmp_path: Path) -> tuple[Outbox, FakeLink, Journal]:
     return outbox, link, journal
 
 
-def test_a_reply_to_remember_is_journaled_before_the_job_is_acked(tmp_path: Path) -> None:
+def test_a_reply_to_remember_is_journaled_and_its_job_acked_when_the_broker_has_it(
+    tmp_path: Path,
+) -> None:
     outbox, link, journal = make(tmp_path)
-    order: list[str] = []
-
-    def ack() -> None:
-        order.append("ack" if journal.counts()["spool_pending"] == 1 else "ack-before-journal")
-
+    acked: list[str] = []
     key = job_key("a", "r/a")
-    outbox.deliver(reply("a"), ack, Memo(key, "d", None))
+    outbox.deliver(reply("a"), lambda: acked.append("a"), Memo(key, "d", None))
     assert outbox.uncommitted(key)  # handed over: the intake waits before looking it up
     assert outbox.drain()
     assert not outbox.uncommitted(key)
-    assert order == ["ack"]
+    assert journal.counts()["spool_pending"] == 1  # remembered, not yet acknowledged
+    assert acked == []  # not safe yet: neither on the broker nor fsynced
     assert link.sent[0]["correlation_data"] == b"c"
     outbox.on_published(link.sent[0]["mid"], 0)
     assert outbox.drain()
+    assert acked == ["a"]
     counts = journal.counts()
     assert (counts["spool_pending"], counts["remembered"]) == (0, 1)
     outbox.stop()
@@ -88,10 +88,12 @@ def test_a_rejection_is_acked_only_when_the_broker_has_it(tmp_path: Path) -> Non
 
 
 def test_every_delivery_of_a_job_is_acked_with_its_reply(tmp_path: Path) -> None:
-    outbox, _, _ = make(tmp_path)
+    outbox, link, _ = make(tmp_path)
     acked: list[str] = []
     acks = [lambda: acked.append("first"), lambda: acked.append("redelivery")]
     outbox.deliver(reply("a"), acks, Memo(job_key("a", "r/a"), "d", None))
+    assert outbox.drain()
+    outbox.on_published(link.sent[0]["mid"], 0)
     assert outbox.drain()
     assert acked == ["first", "redelivery"]
     outbox.stop()
@@ -152,15 +154,34 @@ def test_a_spooled_reply_the_link_keeps_refusing_is_dropped_and_the_rest_go_out(
 
 
 def test_a_reply_the_link_refuses_is_kept_and_the_job_acked(tmp_path: Path) -> None:
-    outbox, link, _ = make(tmp_path)
+    outbox, link, journal = make(tmp_path)
     link.refuse.add("r/x")
     acked: list[str] = []
     outbox.deliver(reply("x"), lambda: acked.append("x"), Memo(job_key("x", "r/x"), "d", None))
     outbox.deliver(reply("y"), lambda: acked.append("y"), Memo(job_key("y", "r/y"), "d", None))
     assert outbox.drain()
-    assert acked == ["x", "y"]  # both safe on disk
+    assert acked == ["x"]  # kept in the journal (synced): its job need not wait
+    assert [s.job_id for s in journal.pending()] == ["x", "y"]
     assert [s["topic"] for s in link.sent] == ["r/y"]  # the one the link took went out
+    outbox.on_published(link.sent[0]["mid"], 0)
+    assert outbox.drain()
+    assert acked == ["x", "y"]
     assert outbox.alive
+    outbox.stop()
+
+
+def test_while_the_broker_is_away_a_job_is_acked_once_its_reply_is_on_disk(
+    tmp_path: Path,
+) -> None:
+    outbox, link, journal = make(tmp_path)
+    link.connected = False
+    acked: list[str] = []
+    outbox.deliver(reply("z"), lambda: acked.append("z"), Memo(job_key("z", "r/z"), "d", None))
+    assert outbox.drain()
+    assert acked == ["z"]
+    journal.close()  # as a power cut would: only what was committed counts
+    again = Journal(tmp_path / "j.db", dedup_window_s=60, spool_max=100)
+    assert [s.job_id for s in again.pending()] == ["z"]
     outbox.stop()
 
 

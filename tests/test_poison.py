@@ -247,3 +247,62 @@ def test_a_reply_cannot_be_routed_onto_the_fleets_own_topics(
     assert reply["_topic"] == f"{agent.prefix}/devices/{agent.device_id}/results"
     assert reply["status"] == "rejected"
     assert reply["error"]["code"] == "invalid_reply_to"
+
+
+@pytest.mark.parametrize(
+    "target", ["{prefix}/replies/bell\x07", "{prefix}/replies/\x85nel", "{prefix}/replies/\ufdd0"]
+)
+def test_a_reply_topic_the_broker_would_refuse_never_cuts_the_board_off(
+    agent: AgentProcess, client: Requester, target: str
+) -> None:
+    """Found by the fuzz campaign: a `reply_to` with a control character passed the agent's
+    check, Mosquitto dropped the agent's connection for the malformed topic, and paho sent
+    the reply again after every reconnect: the board never stayed connected again."""
+    job_id = f"ctl-{uuid.uuid4().hex[:6]}"
+    send(
+        client,
+        device_topic(agent),
+        {
+            "id": job_id,
+            "text": "door open",
+            "labels": ["ok", "alarm"],
+            "reply_to": target.format(prefix=agent.prefix),
+        },
+    )
+    reply = reply_for(client, job_id, timeout=30)
+    assert reply["_topic"] == f"{agent.prefix}/devices/{agent.device_id}/results"
+    assert reply["error"]["code"] == "invalid_reply_to"
+    still_answers(client, agent)
+    drops = [e for e in agent.log_events() if e.get("event") == "mqtt.disconnected"]
+    assert drops == []
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_retained_job_is_never_run_again_on_connect(
+    broker: LocalBroker, tmp_path: Any, protocol: str
+) -> None:
+    """A job published with retain would come back every time an agent subscribes (every
+    reconnect). MQTT 5 agents ask the broker not to replay retained jobs at all; an MQTT
+    3.1.1 agent gets the replay and refuses it (`retained_job`), never runs it."""
+    prefix = f"rt{uuid.uuid4().hex[:6]}"
+    device = f"dev-{uuid.uuid4().hex[:6]}"
+    c = Requester("127.0.0.1", broker.port, f"s-{uuid.uuid4().hex[:6]}")
+    c.connect()
+    c.subscribe(f"{prefix}/devices/{device}/results")
+    topic = f"{prefix}/devices/{device}/jobs/classify"
+    job = {"id": "kept", "text": "door open", "labels": ["ok", "alarm"]}
+    c.publish(topic, json.dumps(job).encode(), retain=True)
+    agent = start_agent_process(
+        broker.url, prefix, tmp_path / "state", device_id=device, protocol=protocol
+    )
+    try:
+        if protocol == "5":
+            assert c.wait_for(lambda m: True, 3.0) is None  # not replayed, not answered
+        else:
+            reply = reply_for(c, "kept", timeout=30)
+            assert reply["error"]["code"] == "retained_job"
+        assert not any(e.get("event") == "job.completed" for e in agent.log_events())
+    finally:
+        c.publish(topic, b"", retain=True)  # clear it
+        agent.kill()
+        c.close()

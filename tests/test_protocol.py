@@ -22,6 +22,7 @@ from edge_agent.protocol import (
     parse_job,
     reply_route,
     timings_dict,
+    topic_name_problem,
 )
 
 TOPICS = Topics(prefix="edge", device_id="pi-1", share_group="g")
@@ -384,3 +385,26 @@ def test_profiles_are_checked_when_configured() -> None:
         )
     with pytest.raises(JobError, match="needs one"):
         check_profile("bad", Profile(kind="extract"), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("topic", "ok"),
+    [
+        ("edge/replies/s1", True),
+        ("edge/r\u00e9plies/\U0001f600", True),
+        ("", False),
+        ("a/+/b", False),
+        ("a/#", False),
+        ("a\x00b", False),
+        ("bell\x07", False),
+        ("del\x7f", False),
+        ("nel\x85", False),
+        ("non\ufdd0char", False),
+        ("non\uffffchar", False),
+        ("non\U0001fffechar", False),
+        ("lone\ud800", False),
+        ("x" * 65536, False),
+    ],
+)
+def test_topic_names_follow_the_strictest_brokers_rules(topic: str, ok: bool) -> None:
+    assert (topic_name_problem(topic) is None) is ok

@@ -7,13 +7,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -29,66 +28,11 @@ from edge_agent.protocol import Delivery, JobLimits, parse_job
 from edge_agent.runner import JobRunner
 from edge_agent.systemd import Notifier, Watchdog
 from edge_agent.worker import Worker
+from tests.conftest import NotifySocket
 from tests.test_worker import MODEL, TOPICS, RecordingOutbox
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
-
-
-class NotifySocket:
-    """The receiving end of $NOTIFY_SOCKET, as systemd would hold it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + path[1:] if path.startswith("@") else path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
-            with self._lock:
-                self.messages.append((time.monotonic(), fields))
-
-    def fields(self) -> list[dict[str, str]]:
-        with self._lock:
-            return [f for _, f in self.messages]
-
-    def count(self, key: str, since: float = 0.0) -> int:
-        with self._lock:
-            return sum(1 for t, f in self.messages if key in f and t >= since)
-
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 60) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for f in self.fields():
-                if key in f and (value is None or value in f[key]):
-                    return f
-            time.sleep(0.05)
-        raise AssertionError(f"no {key}={value or '*'} within {timeout}s; got {self.fields()}")
-
-    def close(self) -> None:
-        self._closed.set()
-        self.sock.close()
-        self._thread.join(2)
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    receiver = NotifySocket(str(tmp_path / "notify.sock"))
-    yield receiver
-    receiver.close()
 
 
 def test_notifier_speaks_the_protocol_on_a_path_and_an_abstract_socket(
