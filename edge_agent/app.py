@@ -17,12 +17,12 @@ import structlog
 
 from edge_agent import __version__
 from edge_agent.catalog import Catalog, load_lock
-from edge_agent.errors import ConfigError, JobError
+from edge_agent.errors import ConfigError, EngineUnavailable, JobError
 from edge_agent.faults import Faults
 from edge_agent.health import Health
 from edge_agent.intake import Handing, Intake
 from edge_agent.journal import POISON_AFTER_CRASHES, Journal, RunningMarker
-from edge_agent.loader import Loaded, load_model
+from edge_agent.loader import Loaded, import_engine, load_model
 from edge_agent.metrics import Metrics
 from edge_agent.mqtt import LinkConfig, MqttLink, Subscription, tls_context
 from edge_agent.outbox import Outbox
@@ -241,6 +241,11 @@ class Agent:
 
     def _load(self) -> Loaded[LlamaEngine]:
         s = self.settings
+        try:
+            import_engine()  # before choosing a model: a missing library fails them all
+        except EngineUnavailable as exc:
+            log.critical("engine.unavailable", reason=str(exc))
+            raise
         self.session = next_session(s.state_dir)
         board = self.board = board_facts()
         catalog = load_catalog(s)

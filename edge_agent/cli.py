@@ -1,8 +1,10 @@
 """The `edge-agent` command line.
 
 Exit statuses: 0 success; 1 failure (a job answered other than `done`, a check that
-failed); 2 usage error; 69 broker unreachable; 75 timed out waiting for a reply;
-78 configuration error (EX_CONFIG), with a message that names the field.
+failed); 2 usage error; 69 broker unreachable; 70 the agent stopped itself because its
+health was degraded (a thread died or stalled); 75 timed out waiting for a reply;
+78 configuration error (EX_CONFIG), with a message that names the field, or a system
+library llama.cpp needs is missing (with the package that provides it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.errors import ConfigError, EdgeAgentError, ModelError
+from edge_agent.errors import ConfigError, EdgeAgentError, EngineUnavailable, ModelError
 from edge_agent.settings import Settings, load_settings
 
 EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
@@ -306,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         log.configure(getattr(args, "log_level", None) or "warning", "auto", sys.stderr)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, EngineUnavailable) as exc:
+        # A restart cannot fix either: the unit's RestartPreventExitStatus=78 keeps it down.
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EX_CONFIG
     except ModelError as exc:

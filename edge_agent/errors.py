@@ -9,6 +9,7 @@
     │   ├── UnpinnedModel
     │   └── ModelLoadError
     ├── EngineError           inference failed while running a job
+    ├── EngineUnavailable     llama.cpp's libraries cannot be loaded on this system
     └── StoreError            the model store or job store failed
 
 Foreign exceptions are translated at the adapter that meets them (`raise ... from`),
@@ -99,6 +100,11 @@ class EngineError(EdgeAgentError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class EngineUnavailable(EdgeAgentError):
+    """llama.cpp's shared libraries cannot be loaded (a system library is missing); the CLI
+    exits with status 78, since restarting cannot fix it."""
 
 
 class StoreError(EdgeAgentError):

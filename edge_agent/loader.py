@@ -9,16 +9,19 @@ retained info message.
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 import structlog
 
 from edge_agent.benchmark import measured_speeds
 from edge_agent.catalog import Catalog, ModelEntry, Policy, Runtime, Selection, select
-from edge_agent.errors import ConfigError, ModelError, ModelNotFound
+from edge_agent.errors import ConfigError, EngineUnavailable, ModelError, ModelNotFound
 from edge_agent.probe import BoardFacts
 from edge_agent.protocol import ModelRef
 from edge_agent.settings import Settings
@@ -142,3 +145,40 @@ def load_model(
         return Loaded(engine, path, entry, digest, reason, skipped, selection)
     listed = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
     raise ModelError(f"no model could be loaded: {listed}")
+
+
+# Shared libraries llama-cpp-python's own libraries link against, and the Debian / Raspberry
+# Pi OS package that provides each (a minimal image may lack libgomp1).
+LIBRARY_PACKAGES = {
+    "libgomp.so.1": "libgomp1",
+    "libstdc++.so.6": "libstdc++6",
+    "libgcc_s.so.1": "libgcc-s1",
+    "libopenblas.so.0": "libopenblas0",
+    "libc.so.6": "libc6",
+    "libm.so.6": "libc6",
+}
+_MISSING = re.compile(r"(lib[\w.+-]+?\.so(?:\.[\d.]+)?): cannot open shared object file")
+
+
+def import_engine() -> ModuleType:
+    """Import the llama.cpp adapter, or raise EngineUnavailable saying which system library
+    is missing and which package provides it (rather than a traceback from ctypes)."""
+    try:
+        return importlib.import_module("edge_agent.engine")
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise EngineUnavailable(library_problem(str(exc))) from exc
+
+
+def library_problem(message: str) -> str:
+    """One sentence for an operator from a dynamic loader's error message."""
+    found = _MISSING.search(message)
+    if found is None:
+        return f"llama.cpp's libraries cannot be loaded: {message}"
+    library = found.group(1)
+    package = LIBRARY_PACKAGES.get(library)
+    fix = (
+        f"install the package {package} (apt-get install {package})"
+        if package
+        else "install the package that provides it (apt-file search " + library + ")"
+    )
+    return f"llama.cpp's libraries cannot be loaded: {library} is missing; {fix}"

@@ -351,7 +351,9 @@ class MqttLink:
         was = self._connected.is_set()
         self._connected.clear()
         self._dropped.set()
-        if was:
+        if was and self._stopping.is_set():
+            log.info("mqtt.disconnected", reason=str(reason), clean=True)  # we hung up
+        elif was:
             log.warning("mqtt.disconnected", reason=str(reason))
             self._on_disconnected()
 
