@@ -20,9 +20,12 @@ die() { printf 'bootstrap: %s\n' "$*" >&2; exit 1; }
 declare -A need=( [gcc]=build-essential [g++]=build-essential [make]=build-essential
                   [cmake]=cmake )
 if [ "$target" = test ]; then
+  # systemd-nspawn and debootstrap: tests/test_systemd_rollout.py boots a bookworm tree
+  # under a real systemd and rolls edge-agent out to it.
   need+=( [mosquitto]=mosquitto [mosquitto_pub]=mosquitto-clients [openssl]=openssl
           [prometheus]=prometheus [systemd-analyze]=systemd
-          [fusermount3]=fuse3 [pkg-config]=pkg-config )
+          [fusermount3]=fuse3 [pkg-config]=pkg-config
+          [systemd-nspawn]=systemd-container [debootstrap]=debootstrap )
 else
   need+=( [mosquitto]=mosquitto )
 fi
