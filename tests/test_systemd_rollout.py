@@ -25,9 +25,7 @@ cmdline.txt reboot (a container has no kernel command line of its own).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 import uuid
@@ -40,10 +38,11 @@ from typing import Any
 import pytest
 
 from tests import nspawn
+from tests.playbook import Run
+from tests.playbook import play as playbook_run
 from tests.secure_broker import FleetBroker, Message, Probe
 
 ROOT = Path(__file__).resolve().parent.parent
-ANSIBLE_DIR = ROOT / "ansible"
 BIN = Path(sys.executable).parent
 MODEL = "smollm2-135m-instruct-q4_1"
 DEVICE = "edge-test"  # the inventory name: the role makes it the device id
@@ -72,16 +71,6 @@ pytestmark = [
     pytest.mark.skipif(nspawn.why_not() is not None, reason=str(nspawn.why_not())),
 ]
 
-RECAP = re.compile(rf"^{DEVICE}\s+:\s+(.*)$", re.MULTILINE)
-
-
-@dataclass
-class Run:
-    rc: int
-    output: str
-    recap: dict[str, int]
-    seconds: float
-
 
 @dataclass
 class Board:
@@ -96,7 +85,6 @@ class Board:
 
     def extra_vars(self, **overrides: Any) -> dict[str, Any]:
         extra: dict[str, Any] = {
-            "edge_agent_rollout_hosts": DEVICE,
             "ansible_become": False,  # root already, on both ends
             # The wheelhouse is built on the controller (this machine: pip reuses the
             # llama-cpp-python wheel `make setup-test` compiled) and kept between runs.
@@ -125,45 +113,11 @@ class Board:
         return extra
 
     def play(self, playbook: str = "site.yml", **overrides: Any) -> Run:
-        inventory = self.scratch / "inventory.yml"
-        inventory.write_text(
-            json.dumps(
-                {
-                    "edge_agents": {
-                        "hosts": {
-                            DEVICE: {
-                                "ansible_connection": "nsenter",
-                                "ansible_nsenter_pid": self.container.pid,
-                                "ansible_python_interpreter": "/usr/bin/python3",
-                            }
-                        }
-                    }
-                }
-            )
-        )
-        vars_file = self.scratch / f"vars-{len(self.runs)}.json"
-        vars_file.write_text(json.dumps(self.extra_vars(**overrides)))
-        env = {
-            **os.environ,
-            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-            "ANSIBLE_CONNECTION_PLUGINS": str(ROOT / "tests" / "ansible_plugins" / "connection"),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_LOCAL_TEMP": str(self.scratch / "ansible-tmp"),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        started = time.monotonic()
-        result = subprocess.run(
-            [str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", f"@{vars_file}", playbook],
-            cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=1500,
+        run = playbook_run(
+            playbook, DEVICE, self.container.pid, self.extra_vars(**overrides),
+            self.scratch, len(self.runs),
         )  # fmt: skip
-        output = result.stdout + result.stderr
-        (self.scratch / f"run-{len(self.runs)}.log").write_text(output)
-        match = RECAP.search(result.stdout)
-        assert match, output[-4000:]
-        recap = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
-        run = Run(result.returncode, output, recap, time.monotonic() - started)
         self.runs.append(run)
-        print(f"\n{playbook}: {run.seconds:.0f} s, rc {run.rc}, {match.group(1).strip()}")
         return run
 
     # ---- the live service, as its systemd sees it ------------------------------------
@@ -226,10 +180,6 @@ class Board:
     def clear_drop_in(self) -> None:
         self.container.run("rm", "-f", TEST_DROPIN)
         self.container.run("systemctl", "daemon-reload")
-
-
-def tail(run: Run) -> str:
-    return run.output[-6000:]
 
 
 def ready_seconds(board: Board) -> float:
@@ -301,10 +251,10 @@ def test_first_run_installs_a_fresh_board_and_passes_the_gate(board: Board) -> N
     # a fresh board: none of what the agent needs
     assert c.run("dpkg-query", "-W", "-f=${Status}", "libgomp1", check=False).returncode != 0
     run = board.play()
-    assert run.rc == 0, tail(run)
+    assert run.rc == 0, run.tail()
     assert run.recap["failed"] == 0 and run.recap["changed"] > 0, run.recap
     passed = re.search(r"Gate passed: edge-test answered at ([\d.]+) tokens/s", run.output)
-    assert passed, tail(run)
+    assert passed, run.tail()
     board.figures["first run"] = f"{run.seconds:.0f} s, {passed.group(0)}"
     # the gate logged in as itself, an ops client, never as the device
     gate_config = c.sh("cat /opt/edge-agent/gate/config.toml")
@@ -332,10 +282,10 @@ def test_first_run_installs_a_fresh_board_and_passes_the_gate(board: Board) -> N
 def test_second_run_changes_nothing_and_leaves_the_service_alone(board: Board) -> None:
     pid, session = board.main_pid(), board.session()
     run = board.play()
-    assert run.rc == 0, tail(run)
-    assert run.recap["changed"] == 0, tail(run)
+    assert run.rc == 0, run.tail()
+    assert run.recap["changed"] == 0, run.tail()
     assert "Nothing to change" in run.output
-    assert "Gate passed" in run.output, tail(run)
+    assert "Gate passed" in run.output, run.tail()
     assert board.main_pid() == pid and board.session() == session, "not restarted"
     board.figures["second run"] = f"{run.seconds:.0f} s, changed=0"
 
@@ -491,11 +441,11 @@ def test_a_release_that_fails_its_gate_is_rolled_back_and_running(board: Board) 
         edge_agent_config_extra={**extra, "jobs": {"max_queue": 7}},
         edge_agent_gate_min_tokens_per_second=1_000_000,  # no board is this fast
     )
-    assert run.rc != 0, tail(run)
+    assert run.rc != 0, run.tail()
     assert run.recap["rescued"] == 1, run.recap
-    assert "below the floor of 1000000" in run.output, tail(run)
+    assert "below the floor of 1000000" in run.output, run.tail()
     name = Path(good).name
-    assert f"Rolled edge-test back to {name} (from {name}-rc2)" in run.output, tail(run)
+    assert f"Rolled edge-test back to {name} (from {name}-rc2)" in run.output, run.tail()
     board.figures["rollback"] = f"{run.seconds:.0f} s (install rc2, gate fails, roll back)"
     assert board.link("current") == good
     assert board.container.sh("cat /etc/edge-agent/config.toml") == good_config
