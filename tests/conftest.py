@@ -206,3 +206,22 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     receiver = NotifySocket(str(tmp_path / "notify.sock"))
     yield receiver
     receiver.close()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--aarch64",
+        action="store_true",
+        help="run the aarch64 cross-build and qemu-user tests (make test-aarch64)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tests/test_aarch64.py takes an hour with cold caches (a cross-build of llama.cpp and a
+    # debootstrap under emulation): its own make target, not part of `make test`.
+    if config.getoption("--aarch64"):
+        return
+    skip = pytest.mark.skip(reason="the aarch64 build-and-run is `make test-aarch64` (--aarch64)")
+    for item in items:
+        if "aarch64" in item.keywords:
+            item.add_marker(skip)

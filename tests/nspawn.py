@@ -47,10 +47,11 @@ def why_not() -> str | None:
     return None
 
 
-def tree(arch: str = "amd64") -> Path:
-    """The cached Debian tree for `arch`, built the first time (about a minute for amd64)."""
+def tree(arch: str = "amd64", extra: str = "") -> Path:
+    """The cached Debian tree for `arch` (with `extra` packages, comma-separated), built
+    the first time (about a minute for amd64)."""
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "test_tree.sh"), arch],
+        ["bash", str(ROOT / "scripts" / "test_tree.sh"), arch, *([extra] if extra else [])],
         capture_output=True,
         text=True,
         timeout=1800,
