@@ -59,6 +59,7 @@ CLIENTS = {DEVICE: "device", "rollout": "ops", "ops-1": "ops", "sensor-1": "sens
 # The unit's WatchdogSec=120 would make the watchdog test wait over two minutes; a test-only
 # drop-in shortens it (the agent pings every WatchdogSec/2 while it makes progress).
 TEST_WATCHDOG_S = 10
+TEST_STALL_S = 5
 FINAL = {"done", "failed", "rejected", "expired", "cancelled"}
 TEST_DROPIN = "/etc/systemd/system/edge-agent.service.d/zz-test.conf"
 
@@ -386,10 +387,15 @@ def test_a_bad_setting_stops_the_agent_with_78_and_no_restart(board: Board) -> N
 @pytest.mark.timeout(300)
 def test_a_wedged_inference_is_restarted_by_the_watchdog(board: Board, sensor: Probe) -> None:
     job_id = f"wedge-{uuid.uuid4().hex[:8]}"
+    # Test-only: the agent's fault hook wedges the inference thread on this job; health
+    # calls a job stalled after 5 s without progress instead of 60, and the watchdog
+    # period is 10 s instead of 120, so the test waits seconds, not minutes.
     board.drop_in(
         f"[Service]\nWatchdogSec={TEST_WATCHDOG_S}\n"
         f"Environment=EDGE_AGENT_FAULT=inference-wedge:{job_id}\n"
+        f"Environment=EDGE_AGENT_HEALTH__STALL_AFTER_S={TEST_STALL_S}\n"
     )
+    fired_at: float | None = None
     try:
         board.container.run("systemctl", "restart", UNIT, timeout=120)
         board.wait_active(60)
@@ -397,33 +403,46 @@ def test_a_wedged_inference_is_restarted_by_the_watchdog(board: Board, sensor: P
         since = len(board.watcher.messages)
         reply_topic = f"edge/replies/sensor-1/{job_id}"
         sensor.subscribe(reply_topic)
-        # The deadline has passed by the time the job is redelivered to the restarted
-        # agent, which then answers `expired` instead of wedging again (a ttl_ms would
-        # count again from the redelivery).
-        deadline_at = datetime.now(UTC) + timedelta(seconds=TEST_WATCHDOG_S + 4)
+        # Redelivered to the restarted agent (it was never acknowledged), the job is then
+        # past its deadline and answered `expired` instead of wedging the agent again (a
+        # ttl_ms would count again from the redelivery).
+        deadline_at = datetime.now(UTC) + timedelta(seconds=TEST_STALL_S + 7)
         job = {"id": job_id, "text": "Pump P-4 vibration 11 mm/s", "labels": ["ok", "fault"],
                "deadline": deadline_at.isoformat()}  # fmt: skip
         sent = time.monotonic()
         sensor.publish(f"edge/devices/{DEVICE}/jobs/classify", json.dumps(job).encode(),
                        response_topic=reply_topic)  # fmt: skip
-        deadline = sent + TEST_WATCHDOG_S * 4
+        give_up = sent + TEST_STALL_S + 3 * TEST_WATCHDOG_S
         while "Watchdog timeout" not in board.journal():
-            assert time.monotonic() < deadline, board.journal()[-3000:]
+            assert time.monotonic() < give_up, board.journal()[-3000:]
             time.sleep(0.2)
-        fired = time.monotonic() - sent
-        # the fault is for this test only: the restarted agent runs without it
+        fired_at = time.monotonic() - sent
+        # the fault is for this test only: the restarted agent (RestartSec=5) runs without it
         board.clear_drop_in()
         board.wait_active(60, restarts=restarts + 1)
         board.wait_status(since, "online")
         journal = board.journal()
         assert "Failed with result 'watchdog'" in journal, journal[-3000:]
-        print(f"watchdog: job sent -> SIGABRT after {fired:.1f} s (WatchdogSec={TEST_WATCHDOG_S})")
+        assert "systemd.watchdog_withheld" in journal, "the agent said why it stopped pinging"
+        print(f"watchdog: wedged job sent -> killed after {fired_at:.1f} s "
+              f"(stall {TEST_STALL_S} s, WatchdogSec={TEST_WATCHDOG_S})")  # fmt: skip
         board.figures["watchdog"] = (
-            f"fired {fired:.1f} s after the wedged job (WatchdogSec={TEST_WATCHDOG_S})"
+            f"killed {fired_at:.1f} s after the wedged job "
+            f"(stall_after_s={TEST_STALL_S}, WatchdogSec={TEST_WATCHDOG_S}), restarted"
         )
+
+        def answered(m: Message) -> bool:
+            return m.topic == reply_topic and json.loads(m.payload).get("status") in FINAL
+
+        reply = sensor.wait_for(answered, 60)
+        assert reply is not None, "the wedged job was never answered"
+        assert json.loads(reply.payload)["status"] in ("expired", "failed"), reply.payload
     finally:
         board.clear_drop_in()
+        if fired_at is None:  # leave a healthy service for the tests after this one
+            board.container.run("systemctl", "restart", UNIT, timeout=120, check=False)
     # Restarted without the hook: the unit's own WatchdogSec again, and jobs are answered.
+    board.wait_active(60)
     assert board.show("WatchdogUSec")["WatchdogUSec"] == "2min"
     body = send_job(sensor, "classify", {"id": f"after-{job_id}", "text": "Pump P-4 fine",
                                           "labels": ["ok", "fault"]})  # fmt: skip
@@ -455,7 +474,9 @@ def test_a_release_that_fails_its_gate_is_rolled_back_and_running(board: Board) 
     cmdline = board.container.sh(f"tr '\\0' ' ' < /proc/{state['MainPID']}/cmdline")
     assert f"/opt/edge-agent/releases/{name}/venv/bin/python" in cmdline, cmdline
     board.wait_status(since, "online")
-    info = board.latest_info(since, session + 2)
+    now = board.session()
+    assert now >= session + 2, "restarted twice: with the new release, then with the old"
+    info = board.latest_info(since, now)
     assert info["capabilities"]["max_queue"] != 7, "the previous config is live again"
 
 
