@@ -113,22 +113,15 @@ class Container:
     with `boot=False`, only a long sleep as PID 2 under nspawn's stub init (for a foreign
     architecture under qemu-user, where the tests run commands, not services)."""
 
-    def __init__(
-        self,
-        lower: Path,
-        name: str | None = None,
-        boot: bool = True,
-        binds: dict[Path, str] | None = None,
-    ) -> None:
+    def __init__(self, lower: Path, name: str | None = None, boot: bool = True) -> None:
         self.lower = lower
         self.name = name or f"edge-test-{uuid.uuid4().hex[:6]}"
         self.booted = boot
-        self.binds = binds or {}
         self.work = SCRATCH / self.name
         self.root = self.work / "root"
         self.console = self.work / "console.log"
         self.nspawn: subprocess.Popen[bytes] | None = None
-        self.pid = 0  # the container's systemd, as the host sees it
+        self.pid = 0  # host PID nsenter enters: the container's systemd, or its sleep
         self.boot_s = 0.0
 
     def boot(self, timeout: float = 60) -> Container:
@@ -147,10 +140,9 @@ class Container:
             # to make a scope with. The host's network is shared (no --private-network).
             mode = ["-b"] if self.booted else ["--as-pid2"]
             command = [] if self.booted else ["/bin/sleep", "infinity"]
-            binds = [f"--bind-ro={host}:{inside}" for host, inside in self.binds.items()]
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "--quiet", "-D", str(self.root), f"--machine={self.name}",
-                 *mode, "--register=no", "--keep-unit", "--console=pipe", *binds, *command],
+                 *mode, "--register=no", "--keep-unit", "--console=pipe", *command],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip

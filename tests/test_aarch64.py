@@ -42,7 +42,6 @@ from tests import nspawn
 from tests.conftest import reply_for
 from tests.playbook import play
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct-q4_1"
 BASE = "/opt/edge-agent"
 DEVICE = "pi5-qemu"
@@ -69,7 +68,6 @@ class ArmBoard:
     container: nspawn.Container
     scratch: Path
     figures: dict[str, str] = field(default_factory=dict)
-    runs: int = 0
 
     def run(self, *args: str, timeout: float = 600) -> str:
         return self.container.run(*args, timeout=timeout).stdout
