@@ -217,8 +217,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # tests/test_aarch64.py takes an hour with cold caches (a cross-build of llama.cpp and a
-    # debootstrap under emulation): its own make target, not part of `make test`.
+    # tests/test_aarch64.py takes about 18 minutes with cold caches (a debootstrap and a
+    # rollout under emulation, a cross-build of llama.cpp), 10 warm: its own make target,
+    # not part of `make test`.
     if config.getoption("--aarch64"):
         return
     skip = pytest.mark.skip(reason="the aarch64 build-and-run is `make test-aarch64` (--aarch64)")
