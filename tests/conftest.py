@@ -217,7 +217,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # tests/test_aarch64.py takes about 18 minutes with cold caches (a debootstrap and a
+    # tests/test_aarch64.py takes 18-27 minutes with cold caches (a debootstrap and a
     # rollout under emulation, a cross-build of llama.cpp), 10 warm: its own make target,
     # not part of `make test`.
     if config.getoption("--aarch64"):
