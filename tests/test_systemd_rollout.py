@@ -424,6 +424,12 @@ def test_a_wedged_inference_is_restarted_by_the_watchdog(board: Board, sensor: P
         journal = board.journal()
         assert "Failed with result 'watchdog'" in journal, journal[-3000:]
         assert "systemd.watchdog_withheld" in journal, "the agent said why it stopped pinging"
+        # at its own priority: journald reads the line's sd-daemon prefix
+        errors = board.container.run(
+            "journalctl", "-u", UNIT, "-p", "err", "--no-pager", "-o", "cat"
+        ).stdout
+        assert "systemd.watchdog_withheld" in errors, errors[-2000:]
+        assert "faults.armed" not in errors, "a warning is not an error"
         print(f"watchdog: wedged job sent -> killed after {fired_at:.1f} s "
               f"(stall {TEST_STALL_S} s, WatchdogSec={TEST_WATCHDOG_S})")  # fmt: skip
         board.figures["watchdog"] = (
