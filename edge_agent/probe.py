@@ -7,6 +7,7 @@ pure modules (`catalog.select`, telemetry payloads).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
@@ -78,6 +79,11 @@ def _cpu_features(cpuinfo: Path, arch: str) -> tuple[str, ...]:
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
+    arm = arch in ("aarch64", "arm64")
+    if arm and cpuinfo == Path("/proc/cpuinfo"):
+        # The kernel's hardware capabilities for this process, which is what llama.cpp
+        # checks too; /proc/cpuinfo can describe another CPU (qemu-user shows the host's).
+        flags |= _arm_hwcaps()
     wanted = ARM_FEATURES if arch in ("aarch64", "arm64", "armv7l") else X86_FEATURES
     found = [f for f in wanted if f in flags]
     if "asimd" in found:
@@ -85,6 +91,24 @@ def _cpu_features(cpuinfo: Path, arch: str) -> tuple[str, ...]:
     if "asimddp" in found:
         found[found.index("asimddp")] = "dotprod"
     return tuple(found)
+
+
+# AT_HWCAP / AT_HWCAP2 bits of arm64 (linux/arch/arm64/include/uapi/asm/hwcap.h).
+_HWCAP = {"asimd": 1 << 1, "fphp": 1 << 9, "asimdhp": 1 << 10, "asimddp": 1 << 20, "sve": 1 << 22}
+_HWCAP2 = {"i8mm": 1 << 13}
+
+
+def _arm_hwcaps() -> set[str]:
+    try:
+        libc = ctypes.CDLL(None)
+        getauxval = libc.getauxval
+        getauxval.restype = ctypes.c_ulong
+        getauxval.argtypes = [ctypes.c_ulong]
+        hwcap, hwcap2 = int(getauxval(16)), int(getauxval(26))  # AT_HWCAP, AT_HWCAP2
+    except (OSError, AttributeError):
+        return set()
+    found = {name for name, bit in _HWCAP.items() if hwcap & bit}
+    return found | {name for name, bit in _HWCAP2.items() if hwcap2 & bit}
 
 
 def _board_model(root: Path) -> str | None:

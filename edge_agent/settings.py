@@ -564,9 +564,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """
     explicit = config_file is not None
     path = config_file if explicit else DEFAULT_CONFIG_FILE
-    if explicit and not path.is_file():  # type: ignore[union-attr]
-        raise ConfigError(f"config file {path} does not exist")
-    _CONFIG_FILE.set(path if path is not None and path.is_file() else None)
+    if explicit and (not path.exists() or path.is_dir()):  # type: ignore[union-attr]
+        what = "is a directory" if path.is_dir() else "does not exist"  # type: ignore[union-attr]
+        raise ConfigError(f"config file {path} {what}")
+    # Not only regular files: /dev/null (no settings) or a pipe are files to read too.
+    _CONFIG_FILE.set(path if path is not None and path.exists() and not path.is_dir() else None)
     cleaned = _drop_none(overrides)
     try:
         return Settings(**cleaned)

@@ -151,6 +151,9 @@ def test_site_yml_cross_builds_on_the_controller_and_installs_an_aarch64_board(
 def test_probe_reports_aarch64(arm: ArmBoard) -> None:
     probe = json.loads(arm.run(f"{BASE}/current/venv/bin/edge-agent", "probe", "--json"))
     assert probe["architecture"] == "aarch64"
+    # From the kernel's AT_HWCAP for this process, as llama.cpp reads it: qemu-user's
+    # /proc/cpuinfo describes the x86 host and listed none.
+    assert {"neon", "dotprod"} <= set(probe["cpu_features"]), probe["cpu_features"]
     print(f"probe: architecture {probe['architecture']}, cpu_features {probe['cpu_features']}, "
           f"runtime {probe['runtime']}")  # fmt: skip
     arm.figures["probe"] = (

@@ -177,3 +177,11 @@ def test_a_bad_profile_is_a_config_error_naming_it(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"profiles\.r.*pattern"):
         job_profiles(load_settings(schema))
+
+
+def test_a_config_file_that_is_not_a_regular_file_is_read_and_a_directory_is_refused(
+    tmp_path: Path,
+) -> None:
+    assert load_settings(Path("/dev/null")).mqtt.broker == "mqtt://localhost:1883"
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings(tmp_path)
