@@ -800,7 +800,8 @@ def _one(
         result.problems.append(f"#{n}: a reply that is not its own: {body} {corr!r}")
     if len(replies) != 1:
         result.problems.append(
-            f"#{n} {m.target} {m.client}: {len(replies)} replies to {payload[:160]!r}"
+            f"#{n} {m.target} {m.client} to the {target.protocol} agent at "
+            f"{time.strftime('%H:%M:%S')}: {len(replies)} replies to {payload[:160]!r}"
         )
     for _topic, body, corr in replies:
         result.answered += 1

@@ -287,18 +287,14 @@ def constrained_vs_free(model: Path, rounds: int = 5) -> tuple[float, float, flo
         },
     }
     plan = extract_plan(schema, "Write notes about the message.", [])
-    constraint = JsonConstraint(compile_schema(schema, SchemaLimits()))
+    text = "Pump P-3 vibration 9.1 mm/s, above the alarm threshold."
+    # As the agent runs it: each note a piece of the text (grounded), with its confidence.
+    constraint = JsonConstraint(compile_schema(schema, SchemaLimits())).bind(text)
     free, constrained = [], []
     for _ in range(rounds):
-        out = engine.extract(
-            plan, "Pump P-3 vibration 9.1 mm/s, above the alarm threshold.", constraint, 256
-        )
+        out = engine.extract(plan, text, constraint, 256)
         constrained.append(out.timings.tokens_per_second or 0.0)
-        t = engine.generate_free(
-            plan,
-            "Pump P-3 vibration 9.1 mm/s, above the alarm threshold.",
-            out.timings.completion_tokens,
-        )
+        t = engine.generate_free(plan, text, out.timings.completion_tokens)
         free.append(t.tokens_per_second or 0.0)
     engine.close()
     llm = llama_cpp.Llama(

@@ -125,6 +125,8 @@ def job_profiles(settings: Settings) -> dict[str, Profile]:
             labels=p.labels,
             schema=p.json_schema,
             examples=tuple((e.text, e.answer) for e in p.examples),
+            label_descriptions=tuple(p.label_descriptions.items()),
+            min_confidence=p.min_confidence,
         )
         try:
             check_profile(name, profile, limits)
@@ -360,7 +362,7 @@ class Agent:
         self._count_crash(marker, journal)
         link_holder: list[MqttLink] = []
         outbox = Outbox(_LazyLink(link_holder), journal, self.metrics, health.beat("outbox", stall))
-        runner = JobRunner(loaded.engine)
+        runner = JobRunner(loaded.engine, min_confidence=s.jobs.min_confidence)
         worker = Worker(
             runner,
             outbox,

@@ -191,9 +191,13 @@ def _add_bench_and_eval(sub: Any) -> None:
         "eval",
         help="accuracy and latency of models on a classify or extract dataset",
         description="Run every row of DATASET (JSON lines: classify rows {text, labels, "
-        "label}, extract rows {text, fields or schema, expected}) through each model and "
-        "print accuracy (classify), exact match, per-field accuracy and schema validity "
-        "(extract), and latency p50/p95.",
+        "label}, extract rows {text, fields or schema, expected}) through each model, as "
+        "jobs run, and print accuracy (classify), exact match, per-field accuracy and "
+        "schema validity (extract), latency p50/p95, and how often answers at or above "
+        "--min-confidence were right, with a reliability table (confidence bins against "
+        "accuracy). Rows are split: a row's `split` (tune or test), else every third row "
+        "is a tune row; few-shot examples come from tune rows only, and figures are given "
+        "for the test rows (and the tune rows apart).",
     )
     _common(ev)
     ev.add_argument("datasets", nargs="+", type=Path, metavar="DATASET.jsonl")
@@ -204,6 +208,21 @@ def _add_bench_and_eval(sub: Any) -> None:
         help="a models.lock entry or .gguf path; repeat to compare (default: this board's)",
     )
     ev.add_argument("--limit", type=int, help="only the first N rows of each dataset")
+    ev.add_argument(
+        "--examples",
+        type=int,
+        default=2,
+        metavar="N",
+        help="few-shot examples per label (classify) or per job (extract), from the tune "
+        "rows of the same shape, as a profile would give them (default 2; 0: none)",
+    )
+    ev.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.7,
+        metavar="P",
+        help="report the accuracy of answers at or above this confidence (default 0.7)",
+    )
     ev.add_argument("--state-dir", type=Path, metavar="DIR", help="[state_dir]")
     ev.add_argument("--json", action="store_true", help="print a JSON list")
     ev.set_defaults(func=cmd_eval)
@@ -802,7 +821,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from edge_agent.console import step_progress, table
-    from edge_agent.evaluation import evaluate, load_rows
+    from edge_agent.evaluation import above, evaluate, load_rows, reliability
 
     settings = settings_from(args)
     datasets = [
@@ -819,26 +838,66 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     def count(done: int, total: int, bar: Any = progress) -> None:
                         bar("rows", done, total)
 
-                    results.append(evaluate(loaded.engine, rows, path.name, loaded.ref.name, count))
+                    results.append(
+                        evaluate(
+                            loaded.engine, rows, path.name, loaded.ref.name, args.examples, count
+                        )
+                    )
         finally:
             loaded.engine.close()
+    threshold = args.min_confidence
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+        out = []
+        for r in results:
+            n, acc = above(r.judged, threshold)
+            out.append({**r.to_dict(), "min_confidence": threshold,
+                        "at_or_above": {"answers": n, "right": acc}})  # fmt: skip
+        print(json.dumps(out, indent=2))
         return EX_OK
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
     lines: list[tuple[object, ...]] = []
-    for r in results:
-        d = r.to_dict()
-        lines.append((
-            r.model, r.dataset, r.rows, pct(r.accuracy), pct(r.exact_match), pct(r.field_accuracy),
-            pct(r.validity), d["latency_ms_p50"], d["latency_ms_p95"],
-        ))  # fmt: skip
+    models = list(dict.fromkeys(r.model for r in results))
+    for model in models:
+        mine = [r for r in results if r.model == model]
+        for r in mine:
+            d, t = r.to_dict(), r.test
+            n, acc = above(r.judged, threshold)
+            main = t.accuracy if t.accuracy is not None else t.field_accuracy
+            tune = r.splits["tune"]
+            tuned = tune.accuracy if tune.accuracy is not None else tune.field_accuracy
+            lines.append((
+                r.model, r.dataset, t.rows, pct(main), pct(t.exact_match), pct(t.validity),
+                f"{pct(acc)} of {n}", pct(tuned), d["latency_ms_p50"], d["latency_ms_p95"],
+            ))  # fmt: skip
+        for kind, attr in (("classify", "accuracy"), ("extract fields", "field_accuracy")):
+            scored = [r for r in mine if getattr(r.test, attr) is not None]
+            if len(scored) > 1:
+                right = sum(r.test.correct if kind == "classify" else r.test.fields_right
+                            for r in scored)  # fmt: skip
+                total = sum(r.test.classify_rows if kind == "classify" else r.test.fields_total
+                            for r in scored)  # fmt: skip
+                lines.append((model, f"all ({kind})", sum(r.test.rows for r in scored),
+                              pct(right / total), "", "", "", "", "", ""))  # fmt: skip
     table(
-        ("model", "dataset", "rows", "accuracy", "exact", "fields", "valid", "ms p50", "ms p95"),
+        ("model", "dataset", "test rows", "accuracy", "exact", "valid",
+         f">= {threshold:g} right", "tune rows", "ms p50", "ms p95"),
         lines,
+        title=f"test rows (examples: {args.examples} per label or job, from the tune rows); "
+        "'accuracy' is per field for extract sets",
+    )  # fmt: skip
+    print()
+    bins: list[tuple[object, ...]] = []
+    for model in models:
+        judged = [j for r in results if r.model == model for j in r.judged]
+        for b in reliability(judged):
+            bins.append((model, f"{b['from']:.1f}-{b['to']:.1f}", b["answers"], pct(b["right"])))
+    table(
+        ("model", "confidence", "answers", "right"),
+        bins,
+        title="reliability over the test rows (classify answers and extracted fields)",
     )
     return EX_OK
 

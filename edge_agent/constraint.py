@@ -17,6 +17,7 @@ raw control characters and no surrogate escapes, so the result always round-trip
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,16 +41,38 @@ class Fixed:
 class Str:
     min_length: int
     max_length: int
+    grounded: bool = False  # to be bound to a span of the job's text (JsonConstraint.bind)
+    field: str = ""  # the property path it is the value of ("user", "reading.value")
 
 
 @dataclass(frozen=True)
 class Num:
     integer: bool
+    grounded: bool = False  # to be bound to the numbers written in the job's text
+    field: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Span:
+    """A string's content that must be a piece of the job's text, whole words: `text` is
+    that text as a JSON string's content (escaped), `starts` the offsets where a word may
+    begin (after a space or an opening bracket, quote, `=` or `:`), `ends` where one may end
+    (before a space, a closing bracket or quote, or punctuation), `bounds` where every
+    character (or escape sequence) begins, for counting characters."""
+
+    text: bytes
+    bounds: frozenset[int]
+    starts: tuple[int, ...]
+    ends: frozenset[int]
+    min_length: int
+    max_length: int
+    field: str = ""
 
 
 @dataclass(frozen=True)
 class Lit:
     texts: tuple[bytes, ...]
+    field: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,18 +80,20 @@ class Arr:
     items: tuple[Segment, ...]
     min_items: int
     max_items: int
+    field: str = ""
 
 
-Segment = Fixed | Str | Num | Lit | Arr
+Segment = Fixed | Str | Num | Lit | Arr | Span
 # A frame is (segments, index of the current segment, that segment's sub-state).
 Frame = tuple[tuple[Segment, ...], int, Any]
 State = tuple[Frame, ...]
 
 
-def compile_segments(node: Node) -> tuple[Segment, ...]:
-    """Flatten a schema node into fixed text and value segments."""
+def compile_segments(node: Node, path: str = "") -> tuple[Segment, ...]:
+    """Flatten a schema node into fixed text and value segments; each value segment knows
+    the property path it belongs to (for per-field confidence)."""
     out: list[Segment] = []
-    _emit(node, out)
+    _emit(node, out, path)
     merged: list[Segment] = []
     for seg in out:
         if isinstance(seg, Fixed) and merged and isinstance(merged[-1], Fixed):
@@ -78,28 +103,31 @@ def compile_segments(node: Node) -> tuple[Segment, ...]:
     return tuple(merged)
 
 
-def _emit(node: Node, out: list[Segment]) -> None:
+def _emit(node: Node, out: list[Segment], path: str) -> None:
     if isinstance(node, ObjectNode):
         out.append(Fixed(b"{"))
         for i, (key, sub) in enumerate(node.properties):
             sep = b", " if i else b""
             out.append(Fixed(sep + json.dumps(key, ensure_ascii=False).encode() + b": "))
-            _emit(sub, out)
+            _emit(sub, out, f"{path}.{key}" if path else key)
         out.append(Fixed(b"}"))
     elif isinstance(node, StringNode):
-        out.extend((Fixed(b'"'), Str(node.min_length, node.max_length), Fixed(b'"')))
+        value = Str(node.min_length, node.max_length, node.grounded, path)
+        out.extend((Fixed(b'"'), value, Fixed(b'"')))
     elif isinstance(node, NumberNode):
-        out.append(Num(node.integer))
+        out.append(Num(node.integer, node.grounded, path))
     elif isinstance(node, LiteralNode):
-        out.append(Lit(tuple(t.encode() for t in node.texts)))
+        out.append(Lit(tuple(t.encode() for t in node.texts), path))
     else:
         out.append(Fixed(b"["))
-        out.append(Arr(compile_segments(node.items), node.min_items, node.max_items))
+        out.append(Arr(compile_segments(node.items, path), node.min_items, node.max_items, path))
 
 
 def _initial_sub(seg: Segment) -> Any:
     if isinstance(seg, Fixed):
         return 0
+    if isinstance(seg, Span):
+        return (0, 0, None)  # (bytes matched, characters, candidate starts; None: all)
     if isinstance(seg, Str):
         return (0, 0, 0)  # (characters so far, mode, aux)
     if isinstance(seg, Num):
@@ -112,9 +140,21 @@ def _initial_sub(seg: Segment) -> Any:
 class JsonConstraint:
     """The automaton for one schema; cheap to keep per schema shape."""
 
-    def __init__(self, node: ObjectNode) -> None:
-        self.segments = compile_segments(node)
+    def __init__(self, node: ObjectNode | None, segments: tuple[Segment, ...] = ()) -> None:
+        self.segments = compile_segments(node) if node is not None else segments
         self._shortest: int | None = None
+
+    @property
+    def grounded(self) -> bool:
+        """Some value must come from the job's text: `bind` before decoding."""
+        return _has_grounded(self.segments)
+
+    def bind(self, text: str) -> JsonConstraint:
+        """The automaton for one job: each grounded string a span of `text`, each grounded
+        number one of the numbers written in it (or any number when it has none)."""
+        if not self.grounded:
+            return self
+        return JsonConstraint(None, _bind(self.segments, _Grounds.of(text)))
 
     def shortest_length(self) -> int:
         """Bytes of the shortest document the schema allows (the least an answer needs)."""
@@ -130,6 +170,19 @@ class JsonConstraint:
                 count += 1
             self._shortest = count
         return self._shortest
+
+    def field_at(self, state: State) -> str | None:
+        """The property path whose value the next byte belongs to (None: punctuation or a
+        key the schema forces)."""
+        while state:
+            segs, idx, sub = state[-1]
+            seg = segs[idx]
+            if not isinstance(seg, Fixed):
+                return seg.field
+            if sub < len(seg.text):
+                return None
+            state = _advance(state)  # a fixed stretch just written: the next value's
+        return None
 
     def initial(self) -> State:
         return ((self.segments, 0, _initial_sub(self.segments[0])),)
@@ -198,6 +251,14 @@ class JsonConstraint:
                     return int(longer[0])
                 if longer:
                     return None
+            elif isinstance(seg, Span):
+                if _must_end(seg, sub):
+                    pass
+                elif _can_end(seg, sub):
+                    return None
+                else:
+                    following = _span_next_bytes(seg, sub)
+                    return following[0] if len(following) == 1 else None
             elif isinstance(seg, Str | Num):
                 if not _must_end(seg, sub):
                     return None
@@ -241,6 +302,10 @@ class JsonConstraint:
             elif isinstance(seg, Num):
                 if sub[0] in ("start", "minus", "dot"):
                     return _ZERO
+            elif isinstance(seg, Span):
+                if not _can_end(seg, sub):
+                    following = _span_next_bytes(seg, sub)
+                    return following[0] if following else None
             elif isinstance(seg, Lit):
                 alive, pos = sub
                 shortest = min((seg.texts[i] for i in alive), key=len)
@@ -295,6 +360,16 @@ def _advance(state: State) -> State:
 def _can_end(seg: Segment, sub: Any) -> bool:
     if isinstance(seg, Fixed):
         return bool(sub == len(seg.text))
+    if isinstance(seg, Span):
+        matched, chars, starts = sub
+        if matched == 0:
+            return seg.max_length == 0  # a value is never empty unless it must be
+        here = next(iter(starts)) + matched
+        # At the end of a word; or, at maxLength, at the end of any character (a dead end
+        # otherwise: it could neither go on nor stop).
+        return chars >= seg.min_length and (
+            here in seg.ends or (chars >= seg.max_length and here in seg.bounds)
+        )
     if isinstance(seg, Str):
         length, mode, _ = sub
         return bool(mode == 0 and length >= seg.min_length)
@@ -306,7 +381,11 @@ def _can_end(seg: Segment, sub: Any) -> bool:
     return bool(sub[0] == "closed")
 
 
-def _must_end(seg: Str | Num, sub: Any) -> bool:
+def _must_end(seg: Str | Num | Span, sub: Any) -> bool:
+    if isinstance(seg, Span):
+        if not _can_end(seg, sub):
+            return False
+        return sub[1] >= seg.max_length or not _span_next_bytes(seg, sub)
     if isinstance(seg, Str):
         length, mode, _ = sub
         return bool(mode == 0 and length >= seg.max_length)
@@ -319,6 +398,8 @@ def _must_end(seg: Str | Num, sub: Any) -> bool:
 def _feed(seg: Segment, sub: Any, byte: int) -> Any:
     if isinstance(seg, Fixed):
         return sub + 1 if sub < len(seg.text) and seg.text[sub] == byte else None
+    if isinstance(seg, Span):
+        return _feed_span(seg, sub, byte)
     if isinstance(seg, Str):
         return _feed_string(seg, sub, byte)
     if isinstance(seg, Num):
@@ -394,3 +475,130 @@ def _feed_number(seg: Num, sub: Any, byte: int) -> Any:
     if state in ("dot", "frac") and digit and frac_digits < MAX_FRAC_DIGITS:
         return ("frac", int_digits, frac_digits + 1)
     return None
+
+
+# ---- grounding: values copied from the job's text ------------------------------------
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?![\w.])|(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
+
+
+_OPENING = frozenset("([{<\"'=:")
+_CLOSING = frozenset(")]}>\"',;:.!?")
+
+
+@dataclass(frozen=True)
+class _Grounds:
+    """What one job's text offers: its JSON-escaped bytes with character and word bounds,
+    and the numbers written in it (JSON texts; integers separately)."""
+
+    text: bytes
+    bounds: frozenset[int]
+    starts: tuple[int, ...]
+    ends: frozenset[int]
+    numbers: tuple[bytes, ...]
+    integers: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, text: str) -> _Grounds:
+        escaped = bytearray()
+        bounds: list[int] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        for i, char in enumerate(text):
+            offset = len(escaped)
+            before = text[i - 1] if i else " "
+            if not char.isspace() and (before.isspace() or before in _OPENING):
+                starts.append(offset)
+            if i and not before.isspace() and (char.isspace() or char in _CLOSING):
+                ends.append(offset)
+            bounds.append(offset)
+            if char in '"\\' or char < " ":
+                escaped += json.dumps(char)[1:-1].encode()
+            else:
+                escaped += char.encode("utf-8", "surrogatepass")
+        if text and not text[-1].isspace():
+            ends.append(len(escaped))
+        bounds.append(len(escaped))
+        numbers: list[bytes] = []
+        integers: list[bytes] = []
+        for match in _NUMBER.finditer(text):
+            written = match.group(0).replace(",", "")
+            negative = written.startswith("-")
+            digits = written.lstrip("-")
+            whole, _, fraction = digits.partition(".")
+            if len(whole) > MAX_INT_DIGITS or len(fraction) > MAX_FRAC_DIGITS:
+                continue
+            canonical = (
+                ("-" if negative else "") + str(int(whole)) + (f".{fraction}" if fraction else "")
+            )
+            value = canonical.encode()
+            if value not in numbers:
+                numbers.append(value)
+            if not fraction and value not in integers:
+                integers.append(value)
+        return cls(
+            bytes(escaped),
+            frozenset(bounds),
+            tuple(starts),
+            frozenset(ends),
+            tuple(numbers),
+            tuple(integers),
+        )
+
+
+def _has_grounded(segments: tuple[Segment, ...]) -> bool:
+    for seg in segments:
+        if isinstance(seg, Str | Num) and seg.grounded:
+            return True
+        if isinstance(seg, Arr) and _has_grounded(seg.items):
+            return True
+    return False
+
+
+def _bind(segments: tuple[Segment, ...], grounds: _Grounds) -> tuple[Segment, ...]:
+    out: list[Segment] = []
+    for seg in segments:
+        if isinstance(seg, Str) and seg.grounded and seg.min_length <= 1 and grounds.starts:
+            # (A string that must be longer is left free: no piece of a short text might
+            # be; so is one when the text has no word at all.)
+            out.append(
+                Span(
+                    grounds.text,
+                    grounds.bounds,
+                    grounds.starts,
+                    grounds.ends,
+                    seg.min_length,
+                    seg.max_length,
+                    seg.field,
+                )
+            )
+        elif isinstance(seg, Num) and seg.grounded:
+            found = grounds.integers if seg.integer else grounds.numbers
+            out.append(Lit(found, seg.field) if found else seg)
+        elif isinstance(seg, Arr):
+            out.append(Arr(_bind(seg.items, grounds), seg.min_items, seg.max_items, seg.field))
+        else:
+            out.append(seg)
+    return tuple(out)
+
+
+def _feed_span(seg: Span, sub: Any, byte: int) -> Any:
+    matched, chars, starts = sub
+    text = seg.text
+    candidates = seg.starts if starts is None else starts
+    kept = frozenset(i for i in candidates if i + matched < len(text) and text[i + matched] == byte)
+    if not kept:
+        return None
+    if (next(iter(kept)) + matched) in seg.bounds:  # this byte begins a character
+        if chars >= seg.max_length:
+            return None
+        chars += 1
+    return (matched + 1, chars, kept)
+
+
+def _span_next_bytes(seg: Span, sub: Any) -> list[int]:
+    """The bytes that can extend the span from here (sorted, distinct)."""
+    matched, _chars, starts = sub
+    text = seg.text
+    candidates = seg.starts if starts is None else starts
+    return sorted({text[i + matched] for i in candidates if i + matched < len(text)})

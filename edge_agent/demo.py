@@ -139,7 +139,12 @@ def _agent(
     ]
     if model:
         cmd += ["--model", model]
-    env = {**os.environ, "EDGE_AGENT_TELEMETRY__INTERVAL_S": "2"}
+    env = {
+        **os.environ,
+        "EDGE_AGENT_TELEMETRY__INTERVAL_S": "2",
+        # Answers less sure than this come back marked uncertain (docs/protocol.md).
+        "EDGE_AGENT_JOBS__MIN_CONFIDENCE": "0.7",
+    }
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
@@ -212,7 +217,8 @@ def _wait_status(
 
 
 def _send_samples(requester: Requester, prefix: str, reply_topic: str, protocol: str) -> bool:
-    _say(f"{'job':<10} {'kind':<9} {'status':<9} {'answer':<52} {'ms':>6} {'tok/s':>6}")
+    header = f"{'job':<10} {'kind':<9} {'status':<9} {'answer (confidence)':<60}"
+    _say(f"{header} {'ms':>6} {'tok/s':>6}")
     all_answered = True
     for i, sample in enumerate(SAMPLES, start=1):
         job = {"id": f"demo-{i}", **sample}
@@ -248,19 +254,21 @@ def _is_reply(msg: Incoming, job_id: str) -> bool:
 def _row(job: dict[str, Any], reply: dict[str, Any]) -> str:
     result = reply.get("result") or {}
     if reply["status"] == "done" and job["kind"] == "classify":
-        score = result["scores"][result["label"]]
-        answer = f"{result['label']} (p={score:.2f})"
+        unsure = ", unsure" if result.get("uncertain") else ""
+        answer = f"{result['label']} ({result['confidence']:.2f}{unsure})"
     elif reply["status"] == "done":
-        answer = json.dumps(result.get("data"), ensure_ascii=False)
+        answer = json.dumps(result.get("data"), ensure_ascii=False, separators=(",", ":"))
+        if result.get("uncertain"):
+            answer += f" unsure: {','.join(result['uncertain'])}"
     else:
         error = reply.get("error") or {}
         answer = f"{error.get('code')}: {error.get('message')}"
-    if len(answer) > 52:
-        answer = answer[:49] + "..."
+    if len(answer) > 60:
+        answer = answer[:57] + "..."
     timings = reply.get("timings") or {}
     ms = timings.get("total_ms")
     tps = timings.get("tokens_per_second")
     return (
-        f"{job['id']:<10} {job['kind']:<9} {reply['status']:<9} {answer:<52} "
+        f"{job['id']:<10} {job['kind']:<9} {reply['status']:<9} {answer:<60} "
         f"{'' if ms is None else f'{ms:.0f}':>6} {'' if tps is None else f'{tps:.0f}':>6}"
     )

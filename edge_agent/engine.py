@@ -38,6 +38,8 @@ from edge_agent.inference import Classification, Extraction, Interrupted, StopCh
 from edge_agent.prompt import PromptPlan
 
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a chat template
+# How many of the likeliest tokens normalise a choice's probability (field confidence).
+CONFIDENCE_TOP = 4
 _backend_lock = threading.Lock()
 _backend_ready = False
 # llama.cpp logs through this C callback; keep a reference so it is never collected.
@@ -54,6 +56,9 @@ class EngineConfig:
     max_sequences: int = 33  # 1 for the prompt + one per scored label
     prefix_cache_bytes: int = 32 * 1024 * 1024
     kv_cache_type: str = "f16"  # or "q8_0": half the memory, needs flash attention, slower
+    # Content-free texts whose label scores measure a prompt's bias (classify); empty: no
+    # calibration. The four of Zhao et al. 2021 ("" is sent as one space).
+    calibration_texts: tuple[str, ...] = ("N/A", " ", "[MASK]", "none")
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ class _Shape:
     suffix_parts: list[tuple[str, bool]]  # (text, is_template) after the job's text
     label_lead: str = ""  # put before each label: " " when the prompt ends mid-line
     label_tokens: dict[tuple[str, ...], tuple[list[list[int]], bool]] = field(default_factory=dict)
+    # Each label set's bias with this prompt: log of the mean label probabilities over
+    # content-free texts (contextual calibration), measured once and kept with the shape.
+    label_bias: dict[tuple[str, ...], dict[str, float]] = field(default_factory=dict)
 
 
 def _ensure_backend() -> None:
@@ -164,22 +172,53 @@ class LlamaEngine:
         labels: Sequence[str],
         stop: StopCheck = lambda: False,
     ) -> Classification:
-        """Score every label as the answer to `text`; probabilities sum to 1."""
+        """Score every label as the answer to `text`, and correct the scores for the
+        prompt's own bias (contextual calibration, `calibration_texts`); both sets of
+        probabilities sum to 1, and the label is the best calibrated one."""
         timings = Timings()
         shape = self._shape(plan)
+        key = tuple(labels)
+        bias = self._label_bias(shape, key, stop)
         with self._job():
             start = time.perf_counter()
             logits = self._evaluate_job(shape, text, timings, stop)
             timings.prompt_ms = (time.perf_counter() - start) * 1000.0
             start = time.perf_counter()
-            logprobs = self._score_labels(shape, tuple(labels), logits, timings)
+            logprobs = self._score_labels(shape, key, logits, timings)
             timings.gen_ms = (time.perf_counter() - start) * 1000.0
-        best = max(logprobs.values())
-        weights = {label: math.exp(lp - best) for label, lp in logprobs.items()}
-        total = sum(weights.values())
-        scores = {label: w / total for label, w in weights.items()}
+        raw = _normalise(logprobs)
+        scores = _normalise({label: lp - bias[label] for label, lp in logprobs.items()})
         top = max(scores, key=scores.__getitem__)
-        return Classification(label=top, scores=scores, timings=timings, logprobs=logprobs)
+        return Classification(
+            label=top, scores=scores, timings=timings, logprobs=logprobs, raw_scores=raw
+        )
+
+    def _label_bias(
+        self, shape: _Shape, labels: tuple[str, ...], stop: StopCheck
+    ) -> dict[str, float]:
+        """log p_cf(label): the label distribution this prompt gives texts that say nothing,
+        averaged over `config.calibration_texts` (Zhao et al., "Calibrate Before Use",
+        2021). Measured on the first job of a shape and label set, then kept."""
+        with self._shape_lock:
+            known = shape.label_bias.get(labels)
+        if known is not None:
+            return known
+        texts = self.config.calibration_texts
+        if not texts:
+            return dict.fromkeys(labels, 0.0)
+        mean = dict.fromkeys(labels, 0.0)
+        for text in texts:
+            with self._job():
+                logits = self._evaluate_job(shape, text, Timings(), stop)
+                probs = _normalise(self._score_labels(shape, labels, logits, Timings()))
+            for label, p in probs.items():
+                mean[label] += p / len(texts)
+        bias = {label: math.log(max(p, 1e-12)) for label, p in mean.items()}
+        with self._shape_lock:
+            shape.label_bias[labels] = bias
+            if len(shape.label_bias) > 32:
+                shape.label_bias.pop(next(iter(shape.label_bias)))
+        return bias
 
     def extract(
         self,
@@ -197,9 +236,15 @@ class LlamaEngine:
             logits = self._evaluate_job(shape, text, timings, stop)
             timings.prompt_ms = (time.perf_counter() - start) * 1000.0
             start = time.perf_counter()
-            out, truncated = self._constrained(constraint, logits, max_tokens, timings, stop)
+            logps: dict[str, float] = {}
+            out, truncated = self._constrained(constraint, logits, max_tokens, timings, stop, logps)
             timings.gen_ms = (time.perf_counter() - start) * 1000.0
-        return Extraction(text=out.decode("utf-8"), timings=timings, truncated=truncated)
+        return Extraction(
+            text=out.decode("utf-8"),
+            timings=timings,
+            truncated=truncated,
+            confidence={f: math.exp(lp) for f, lp in logps.items()},
+        )
 
     def generate_free(self, plan: PromptPlan, text: str, n_tokens: int) -> Timings:
         """Greedy generation without any constraint, for benchmarks."""
@@ -575,6 +620,7 @@ class LlamaEngine:
         max_tokens: int,
         timings: Timings,
         stop: StopCheck,
+        confidence: dict[str, float] | None = None,
     ) -> tuple[bytes, bool]:
         """Greedy decoding under the constraint.
 
@@ -589,6 +635,7 @@ class LlamaEngine:
         chosen = 0  # tokens the model picked (the budget counts these)
         budget = min(max_tokens, self._n_ctx - len(self._kv_tokens) - 2)
         truncated = False
+        fields = confidence if confidence is not None else {}
         while True:
             forced, state = constraint.forced(state)
             if forced:
@@ -610,13 +657,37 @@ class LlamaEngine:
                 truncated = True
                 out += self._finish(constraint, state)
                 break
-            token, state = self._choose(constraint, state, logits)
+            field = constraint.field_at(state)
+            token, next_state = self._choose(constraint, state, logits)
+            if field is not None:
+                fields[field] = fields.get(field, 0.0) + self._choice_logprob(
+                    constraint, state, logits, token
+                )
+            state = next_state
             chosen += 1
             emitted += 1
             out += self._pieces[token]
             pending.append(token)
         timings.completion_tokens = emitted
         return bytes(out), truncated
+
+    def _choice_logprob(
+        self,
+        constraint: JsonConstraint,
+        state: State,
+        logits: npt.NDArray[np.float32],
+        token: int,
+    ) -> float:
+        """log p(token), normalised over the likeliest tokens the constraint accepts here
+        (the top CONFIDENCE_TOP): how sure the model was of this choice among the ones it
+        could make. Forced bytes are certain and never come here."""
+        top = np.argpartition(-logits, CONFIDENCE_TOP)[:CONFIDENCE_TOP]
+        candidates = {int(t) for t in top.tolist()} | {token}
+        allowed = [t for t in candidates if t == token or self._fits(constraint, state, t)]
+        values = np.array([float(logits[t]) for t in allowed], dtype=np.float64)
+        peak = float(values.max())
+        total = float(np.exp(values - peak).sum())
+        return float(logits[token]) - peak - math.log(total)
 
     def _choose(
         self, constraint: JsonConstraint, state: State, logits: npt.NDArray[np.float32]
@@ -813,6 +884,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _token_key(tokens: Sequence[int]) -> str:
     return hashlib.blake2b(np.asarray(tokens, dtype=np.int32).tobytes(), digest_size=16).hexdigest()
+
+
+def _normalise(logprobs: dict[str, float]) -> dict[str, float]:
+    """Probabilities (summing to 1) from log-scores."""
+    best = max(logprobs.values())
+    weights = {label: math.exp(lp - best) for label, lp in logprobs.items()}
+    total = sum(weights.values())
+    return {label: w / total for label, w in weights.items()}
 
 
 def _log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

@@ -1,14 +1,25 @@
-"""`edge-agent eval`: how well a model does on a dataset of classify or extract rows.
+"""`edge-agent eval`: how well a model does on a dataset of classify or extract rows, and
+whether its confidence means something.
 
 The row format is ../shared/eval's (tests/data/eval/README.md):
     classify  {"text", "labels", "label"}
     extract   {"text", "fields": {name: "string"|"number"|"integer"}, "expected": {...}}
               or {"text", "schema": {...}, "expected": {...}}
-Users run it on their own data to choose a model for their fleet.
+
+Rows are split so prompts cannot be tuned to the rows they are scored on: a row's `split`
+("tune" or "test") if it has one, else every third row (0, 3, 6, ...) is "tune" and the
+rest "test". Each row runs as a job would (`protocol.parse_job`, `runner.JobRunner`), with
+up to `examples` few-shot examples taken from the tune rows of the same shape (per label,
+for classify; never the row itself), as a profile would give them. Results come per
+split; the reliability table sets the confidence of each answer (classify) or extracted
+field against how often it was right.
+
+Users run it on their own data to choose a model, a profile and a threshold.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
@@ -17,13 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, JobError
+from edge_agent.inference import Engine
 from edge_agent.metrics import percentile
-from edge_agent.prompt import classify_plan, extract_plan
-from edge_agent.schema import SchemaLimits, compile_schema, problems, schema_for_fields
+from edge_agent.protocol import Delivery, JobLimits, Topics, parse_job
+from edge_agent.runner import JobRunner
+from edge_agent.schema import problems, schema_for_fields
 
 Progress = Callable[[int, int], None]
+TUNE, TEST = "tune", "test"
+BINS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)
+_TOPICS = Topics("eval", "eval", "eval")
+_LIMITS = JobLimits(max_prompt_chars=1_000_000, max_text_chars=1_000_000)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -50,6 +66,10 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
                 f"{path}:{number}: neither a classify row (labels, label) nor an extract row "
                 "(fields or schema, expected)"
             )
+        split = row.get("split")
+        if split not in (None, TUNE, TEST):
+            raise ConfigError(f'{path}:{number}: split must be "{TUNE}" or "{TEST}"')
+        row["_split"] = split or (TUNE if len(rows) % 3 == 0 else TEST)
         rows.append(row)
     if not rows:
         raise ConfigError(f"{path}: no rows")
@@ -57,9 +77,9 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 @dataclass
-class EvalResult:
-    dataset: str
-    model: str
+class Score:
+    """One split's figures."""
+
     rows: int = 0
     classify_rows: int = 0
     correct: int = 0
@@ -68,8 +88,6 @@ class EvalResult:
     fields_total: int = 0
     fields_right: int = 0
     valid: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    confusions: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def accuracy(self) -> float | None:
@@ -89,20 +107,66 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "dataset": self.dataset,
-            "model": self.model,
             "rows": self.rows,
             "accuracy": _round(self.accuracy),
             "exact_match": _round(self.exact_match),
             "field_accuracy": _round(self.field_accuracy),
             "schema_validity": _round(self.validity),
+        }
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    model: str
+    examples: int
+    splits: dict[str, Score] = field(default_factory=lambda: {TUNE: Score(), TEST: Score()})
+    latencies_ms: list[float] = field(default_factory=list)
+    confusions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # (confidence, right) of every answer (classify) or extracted field, test split only
+    judged: list[tuple[float, bool]] = field(default_factory=list)
+
+    @property
+    def test(self) -> Score:
+        return self.splits[TEST]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "examples": self.examples,
+            "tune": self.splits[TUNE].to_dict(),
+            "test": self.splits[TEST].to_dict(),
             "latency_ms_p50": _round(percentile(self.latencies_ms, 50), 1),
             "latency_ms_p95": _round(percentile(self.latencies_ms, 95), 1),
             "top_confusions": [
                 {"expected": a, "got": b, "count": n}
                 for (a, b), n in self.confusions.most_common(5)
             ],
+            "reliability": reliability(self.judged),
         }
+
+
+def reliability(judged: Sequence[tuple[float, bool]]) -> list[dict[str, Any]]:
+    """Confidence bins against how often the answers in them were right."""
+    out = []
+    for lo, hi in itertools.pairwise(BINS):
+        inside = [right for conf, right in judged if lo <= conf < hi]
+        out.append(
+            {
+                "from": lo,
+                "to": min(hi, 1.0),
+                "answers": len(inside),
+                "right": _round(sum(inside) / len(inside)) if inside else None,
+            }
+        )
+    return out
+
+
+def above(judged: Sequence[tuple[float, bool]], threshold: float) -> tuple[int, float | None]:
+    """How many answers are at or above `threshold`, and how often those are right."""
+    picked = [right for conf, right in judged if conf >= threshold]
+    return len(picked), (sum(picked) / len(picked) if picked else None)
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -110,42 +174,68 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 
 def evaluate(
-    engine: Any,
+    engine: Engine,
     rows: Sequence[dict[str, Any]],
     dataset: str,
     model: str,
+    examples: int = 2,
     progress: Progress = lambda _done, _total: None,
 ) -> EvalResult:
-    result = EvalResult(dataset=dataset, model=model)
-    constraints: dict[str, JsonConstraint] = {}
+    """Run every row as a job; score it against its expected answer."""
+    result = EvalResult(dataset=dataset, model=model, examples=examples)
+    runner = JobRunner(engine)
     for index, row in enumerate(rows, start=1):
+        score = result.splits[row["_split"]]
+        job = _job(row, [r for r in rows if r["_split"] == TUNE and r is not row], examples)
         start = time.perf_counter()
-        if row["_kind"] == "classify":
-            labels = list(row["labels"])
-            found = engine.classify(classify_plan(labels, None, []), row["text"], labels)
-            result.classify_rows += 1
-            if found.label == row["label"]:
-                result.correct += 1
-            else:
-                result.confusions[(row["label"], found.label)] += 1
-        else:
-            schema = row.get("schema") or schema_for_fields(row["fields"])
-            key = json.dumps(schema, sort_keys=True)
-            if key not in constraints:
-                constraints[key] = JsonConstraint(compile_schema(schema, SchemaLimits()))
-            out = engine.extract(extract_plan(schema, None, []), row["text"], constraints[key], 256)
-            data = json.loads(out.text)
-            expected = row["expected"]
-            result.extract_rows += 1
-            result.exact += data == expected
-            result.valid += not problems(data, schema)
-            for name, value in expected.items():
-                result.fields_total += 1
-                result.fields_right += _same_value(data.get(name), value)
+        outcome = runner.run(job, lambda: False)
         result.latencies_ms.append((time.perf_counter() - start) * 1000)
-        result.rows += 1
+        found = outcome.result
+        if row["_kind"] == "classify":
+            right = found["label"] == row["label"]
+            score.classify_rows += 1
+            score.correct += right
+            if not right:
+                result.confusions[(row["label"], found["label"])] += 1
+            if row["_split"] == TEST:
+                result.judged.append((float(found["confidence"]), right))
+        else:
+            data, expected = found["data"], row["expected"]
+            score.extract_rows += 1
+            score.exact += data == expected
+            score.valid += not problems(data, job.schema or {})
+            for name, value in expected.items():
+                right = _same_value(data.get(name), value)
+                score.fields_total += 1
+                score.fields_right += right
+                if row["_split"] == TEST and name in found["confidence"]:
+                    result.judged.append((float(found["confidence"][name]), right))
+        score.rows += 1
         progress(index, len(rows))
     return result
+
+
+def _job(row: dict[str, Any], tune: list[dict[str, Any]], examples: int) -> Any:
+    """The row as a job, with few-shot examples from the tune rows of its shape."""
+    body: dict[str, Any] = {"id": "eval", "text": row["text"]}
+    if row["_kind"] == "classify":
+        body.update(kind="classify", labels=row["labels"])
+        shots = []
+        for label in row["labels"]:
+            same = [r for r in tune if r["labels"] == row["labels"] and r["label"] == label]
+            shots += [{"text": r["text"], "answer": label} for r in same[:examples]]
+    else:
+        schema = row.get("schema") or schema_for_fields(row["fields"])
+        body.update(kind="extract", schema=schema)
+        same = [r for r in tune if (r.get("schema") or schema_for_fields(r["fields"])) == schema]
+        shots = [{"text": r["text"], "answer": r["expected"]} for r in same[:examples]]
+    if shots:
+        body["examples"] = shots
+    delivery = Delivery(f"eval/jobs/{body['kind']}", json.dumps(body).encode(), time.time())
+    try:
+        return parse_job(delivery, _TOPICS, _LIMITS)
+    except JobError as exc:
+        raise ConfigError(f"row {row['text'][:40]!r}: {exc.message}") from exc
 
 
 def _same_value(got: Any, want: Any) -> bool:

@@ -7,7 +7,7 @@ here lets the runner and the worker be tested without loading a model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from edge_agent.constraint import JsonConstraint
@@ -53,6 +53,7 @@ class Classification:
     scores: dict[str, float]  # probabilities over the labels, summing to 1
     timings: Timings
     logprobs: dict[str, float] | None = None  # each label's log-probability as a continuation
+    raw_scores: dict[str, float] | None = None  # probabilities before calibration
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class Extraction:
     text: str  # JSON text the job's schema accepts
     timings: Timings
     truncated: bool  # the token budget ran out and the decoder closed the JSON itself
+    # per property path: how sure the model was of the value it chose (the product of its
+    # choices' probabilities among the tokens the schema allowed); forced values are absent
+    confidence: dict[str, float] = field(default_factory=dict)
 
 
 class Engine(Protocol):

@@ -59,9 +59,15 @@ class PromptPlan:
 
 
 def classify_plan(
-    labels: Sequence[str], instructions: str | None, examples: Sequence[Example]
+    labels: Sequence[str],
+    instructions: str | None,
+    examples: Sequence[Example],
+    descriptions: Sequence[tuple[str, str]] = (),
 ) -> PromptPlan:
-    listed = "\n".join(f"- {label}" for label in labels)
+    described = dict(descriptions)
+    listed = "\n".join(
+        f"- {label}: {described[label]}" if label in described else f"- {label}" for label in labels
+    )
     system = (
         f"{(instructions or DEFAULT_CLASSIFY_INSTRUCTIONS).strip()}\n\n"
         f"Labels:\n{listed}\n\nAnswer with the label only."

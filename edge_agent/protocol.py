@@ -210,6 +210,8 @@ class JobIn(_Wire):
     instructions: str | None = None
     examples: list[ExampleIn] | None = None
     profile: str | None = Field(None, max_length=64)
+    label_descriptions: dict[str, str] | None = None
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,8 @@ class Profile:
     labels: tuple[str, ...] | None = None
     schema: dict[str, Any] | None = None
     examples: tuple[tuple[str, Any], ...] = ()  # (text, answer)
+    label_descriptions: tuple[tuple[str, str], ...] = ()
+    min_confidence: float | None = None
 
 
 def check_profile(name: str, profile: Profile, limits: JobLimits) -> None:
@@ -230,6 +234,7 @@ def check_profile(name: str, profile: Profile, limits: JobLimits) -> None:
         labels = _labels(list(profile.labels) if profile.labels else None, limits)
         for text, answer in profile.examples:
             _classify_example(ExampleIn(text=text, answer=answer), labels)
+        _descriptions(dict(profile.label_descriptions), labels)
     else:
         if profile.schema is None:
             raise JobError(
@@ -269,6 +274,8 @@ class Job:
     examples: tuple[Example, ...] = ()
     profile: str | None = None
     ignored: tuple[str, ...] = ()
+    label_descriptions: tuple[tuple[str, str], ...] = ()  # (label, description)
+    min_confidence: float | None = None  # below it, the answer is marked uncertain
 
 
 def parse_job(
@@ -326,6 +333,9 @@ def parse_job(
         "instructions": instructions,
         "profile": raw.profile,
         "ignored": ignored,
+        "min_confidence": raw.min_confidence
+        if raw.min_confidence is not None
+        else (profile.min_confidence if profile else None),
     }
     if kind == "classify":
         wanted = raw.labels
@@ -333,7 +343,11 @@ def parse_job(
             wanted = list(profile.labels)
         labels = _labels(wanted, limits)
         shots = tuple(_classify_example(e, labels) for e in examples)
-        job = Job(labels=labels, examples=shots, **common)
+        described = raw.label_descriptions
+        if described is None and profile is not None and raw.labels is None:
+            described = dict(profile.label_descriptions)
+        descriptions = _descriptions(described or {}, labels)
+        job = Job(labels=labels, examples=shots, label_descriptions=descriptions, **common)
     else:
         schema = raw.schema_ if raw.schema_ is not None else (profile.schema if profile else None)
         if schema is None:
@@ -369,6 +383,7 @@ def prompt_chars(job: Job) -> int:
     examples and its text (what `jobs.max_prompt_chars` bounds)."""
     total = len(job.text) + len(job.instructions or "")
     total += sum(len(label) + 3 for label in job.labels)
+    total += sum(len(text) + 2 for _label, text in job.label_descriptions)
     total += sum(len(e.text) + len(e.answer) for e in job.examples)
     if job.schema is not None:
         total += _schema_chars(job.schema)
@@ -611,6 +626,32 @@ def _labels(labels: list[str] | None, limits: JobLimits) -> tuple[str, ...]:
             raise JobError(Code.INVALID_LABELS, f"labels: {label!r} is listed twice")
         seen.add(label)
     return tuple(labels)
+
+
+MAX_DESCRIPTION_CHARS = 200
+
+
+def _descriptions(
+    described: Mapping[str, str], labels: tuple[str, ...]
+) -> tuple[tuple[str, str], ...]:
+    """Label descriptions, in the labels' order; each must describe one of the labels."""
+    unknown = sorted(set(described) - set(labels))
+    if unknown:
+        raise JobError(
+            Code.INVALID_LABELS,
+            f"label_descriptions: {unknown[0]!r} is not one of the labels",
+        )
+    for label, text in described.items():
+        if (
+            not text.strip()
+            or len(text) > MAX_DESCRIPTION_CHARS
+            or any(ord(c) < 0x20 for c in text)
+        ):
+            raise JobError(
+                Code.INVALID_LABELS,
+                f"label_descriptions.{label}: 1-{MAX_DESCRIPTION_CHARS} characters of one line",
+            )
+    return tuple((label, described[label]) for label in labels if label in described)
 
 
 def _classify_example(example: ExampleIn, labels: tuple[str, ...]) -> Example:

@@ -15,7 +15,7 @@ from typing import Any
 from edge_agent.constraint import JsonConstraint
 from edge_agent.errors import Code, EngineError
 from edge_agent.inference import Engine, StopCheck, Timings
-from edge_agent.prompt import classify_plan, extract_plan
+from edge_agent.prompt import PromptPlan, classify_plan, extract_plan
 from edge_agent.protocol import Job
 from edge_agent.schema import problems
 
@@ -30,11 +30,18 @@ class Outcome:
 
 
 class JobRunner:
-    """Runs jobs on one engine."""
+    """Runs jobs on one engine. `min_confidence`: the agent's default threshold below which
+    an answer is marked uncertain (a job's own wins); None: none."""
 
-    def __init__(self, engine: Engine, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        min_confidence: float | None = None,
+    ) -> None:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
+        self.min_confidence = min_confidence
         self._constraints: OrderedDict[str, JsonConstraint] = OrderedDict()
         self._lock = threading.Lock()  # the intake's thread checks budgets meanwhile
 
@@ -42,22 +49,32 @@ class JobRunner:
         """Raise JobError `context_too_long` if the job cannot fit the engine's context;
         called by the intake, before the job is queued."""
         if job.kind == "classify":
-            plan = classify_plan(job.labels, job.instructions, job.examples)
-            self.engine.fits(plan, job.text, labels=job.labels)
+            self.engine.fits(_classify_plan(job), job.text, labels=job.labels)
             return
         assert job.schema is not None
         plan = extract_plan(job.schema, job.instructions, job.examples)
         self.engine.fits(plan, job.text, constraint=self._constraint(job))
 
     def run(self, job: Job, stop: StopCheck) -> Outcome:
+        threshold = job.min_confidence if job.min_confidence is not None else self.min_confidence
         if job.kind == "classify":
-            plan = classify_plan(job.labels, job.instructions, job.examples)
-            chosen = self.engine.classify(plan, job.text, job.labels, stop)
-            scores = {k: round(v, _SCORE_DIGITS) for k, v in chosen.scores.items()}
-            return Outcome({"label": chosen.label, "scores": scores}, chosen.timings)
+            chosen = self.engine.classify(_classify_plan(job), job.text, job.labels, stop)
+            confidence = chosen.scores[chosen.label]
+            result: dict[str, Any] = {
+                "label": chosen.label,
+                "scores": _rounded(chosen.scores),
+                "confidence": round(confidence, _SCORE_DIGITS),
+            }
+            if chosen.raw_scores is not None:
+                result["raw_scores"] = _rounded(chosen.raw_scores)
+            if threshold is not None:
+                result["uncertain"] = confidence < threshold
+            return Outcome(result, chosen.timings)
         assert job.schema is not None
         plan = extract_plan(job.schema, job.instructions, job.examples)
-        constraint = self._constraint(job)
+        # Grounded values (the default) come from this job's text: bind the schema's
+        # automaton to it.
+        constraint = self._constraint(job).bind(job.text)
         found = self.engine.extract(plan, job.text, constraint, self.max_new_tokens, stop)
         try:
             data = json.loads(found.text)
@@ -66,10 +83,13 @@ class JobRunner:
         broken = problems(data, job.schema)
         if broken:  # the constraint makes this unreachable; never send invalid data
             raise EngineError(Code.INTERNAL_ERROR, f"extraction does not validate: {broken[0]}")
-        result: dict[str, Any] = {"data": data}
+        sure = _rounded(found.confidence)
+        extracted: dict[str, Any] = {"data": data, "confidence": sure}
+        if threshold is not None:
+            extracted["uncertain"] = sorted(f for f, p in found.confidence.items() if p < threshold)
         if found.truncated:
-            result["truncated"] = True
-        return Outcome(result, found.timings)
+            extracted["truncated"] = True
+        return Outcome(extracted, found.timings)
 
     def _constraint(self, job: Job) -> JsonConstraint:
         key = json.dumps(job.schema, sort_keys=True)
@@ -85,3 +105,11 @@ class JobRunner:
             if len(self._constraints) > 64:
                 self._constraints.popitem(last=False)
         return constraint
+
+
+def _classify_plan(job: Job) -> PromptPlan:
+    return classify_plan(job.labels, job.instructions, job.examples, job.label_descriptions)
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, _SCORE_DIGITS) for k, v in values.items()}

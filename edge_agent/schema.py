@@ -28,11 +28,14 @@ from edge_agent.errors import Code, JobError
 ANNOTATIONS = frozenset(
     {"title", "description", "$schema", "$id", "$comment", "default", "examples", "format"}
 )
+# `x-grounded: false` lets a string or number be anything (a summary, a computed value);
+# by default it is copied from the job's text (docs/protocol.md, "Extraction schemas").
+GROUNDED = "x-grounded"
 _KEYWORDS: dict[str, frozenset[str]] = {
     "object": frozenset({"type", "properties", "required", "additionalProperties"}),
-    "string": frozenset({"type", "minLength", "maxLength"}),
-    "number": frozenset({"type"}),
-    "integer": frozenset({"type"}),
+    "string": frozenset({"type", "minLength", "maxLength", GROUNDED}),
+    "number": frozenset({"type", GROUNDED}),
+    "integer": frozenset({"type", GROUNDED}),
     "boolean": frozenset({"type"}),
     "array": frozenset({"type", "items", "minItems", "maxItems"}),
 }
@@ -59,11 +62,13 @@ class SchemaLimits:
 class StringNode:
     min_length: int
     max_length: int
+    grounded: bool = True  # a span of the job's text
 
 
 @dataclass(frozen=True)
 class NumberNode:
     integer: bool
+    grounded: bool = True  # a number written in the job's text
 
 
 @dataclass(frozen=True)
@@ -134,10 +139,17 @@ def _compile(schema: Any, limits: SchemaLimits, depth: int, path: str, counter: 
         hi = _count(schema, "maxLength", limits.max_string_chars, limits.max_string_chars, path)
         if lo > hi:
             raise _fail(Code.INVALID_SCHEMA, path, "minLength is greater than maxLength")
-        return StringNode(min_length=lo, max_length=hi)
+        return StringNode(min_length=lo, max_length=hi, grounded=_grounded(schema, path))
     if kind == "boolean":
         return LiteralNode(texts=("true", "false"))
-    return NumberNode(integer=kind == "integer")
+    return NumberNode(integer=kind == "integer", grounded=_grounded(schema, path))
+
+
+def _grounded(schema: dict[str, Any], path: str) -> bool:
+    value = schema.get(GROUNDED, True)
+    if not isinstance(value, bool):
+        raise _fail(Code.INVALID_SCHEMA, f"{path}.{GROUNDED}", "must be true or false")
+    return value
 
 
 def _type_of(schema: dict[str, Any], path: str) -> str:

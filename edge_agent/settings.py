@@ -313,6 +313,14 @@ class JobSettings(_Section):
         1500, ge=0, le=100_000, description="Longest `instructions` a job may carry."
     )
     max_examples: int = Field(16, ge=0, le=256, description="Most few-shot examples per job.")
+    min_confidence: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Answers less sure than this are marked uncertain (`uncertain` in the "
+        "result; status stays done); a job's own `min_confidence` wins. Unset: answers "
+        "carry their confidence, and nothing is marked.",
+    )
     max_prompt_chars: int = Field(
         4000,
         ge=100,
@@ -411,7 +419,17 @@ class ProfileSettings(_Section):
     json_schema: dict[str, Any] | None = Field(
         None, alias="schema", description="JSON Schema of the result, for an extract profile."
     )
-    examples: tuple[ExampleSettings, ...] = Field((), description="Few-shot examples.")
+    examples: tuple[ExampleSettings, ...] = Field(
+        (),
+        description="Few-shot examples: two or three per label (classify), or per shape of "
+        "message (extract), lift small models most (docs/performance.md).",
+    )
+    label_descriptions: dict[str, str] = Field(
+        default_factory=dict, description="A short description of each label (classify)."
+    )
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="As jobs.min_confidence, for this profile's jobs."
+    )
 
 
 class HealthSettings(_Section):

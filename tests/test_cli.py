@@ -182,11 +182,20 @@ def test_eval_prints_accuracy_and_validity(tmp_path) -> None:  # type: ignore[no
     )
     assert result.returncode == 0, result.stderr
     classify, extract = json.loads(result.stdout)
-    assert classify["rows"] == 4 and 0.0 <= classify["accuracy"] <= 1.0
-    assert classify["exact_match"] is None
-    assert extract["schema_validity"] == 1.0  # every extraction validates
-    assert 0.0 <= extract["field_accuracy"] <= 1.0
+    # rows 0 and 3 are tune rows, 1 and 2 test rows (every third row is tuned on)
+    assert classify["tune"]["rows"] == 2 and classify["test"]["rows"] == 2
+    assert 0.0 <= classify["test"]["accuracy"] <= 1.0
+    assert classify["test"]["exact_match"] is None
+    assert extract["test"]["schema_validity"] == 1.0  # every extraction validates
+    assert 0.0 <= extract["test"]["field_accuracy"] <= 1.0
     assert extract["latency_ms_p50"] > 0
+    # the reliability table counts every test-row answer (classify) or field (extract) once
+    assert sum(b["answers"] for b in classify["reliability"]) == 2
+    expected_fields = sum(
+        len(json.loads(line)["expected"])
+        for line in (data / "sensor_extract.jsonl").read_text().splitlines()[1:3]
+    )
+    assert sum(b["answers"] for b in extract["reliability"]) == expected_fields
 
 
 @pytest.mark.model

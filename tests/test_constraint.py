@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.constraint import JsonConstraint, State
+from edge_agent.constraint import JsonConstraint, State, _Grounds
+from edge_agent.errors import Code, JobError
 from edge_agent.schema import SchemaLimits, compile_schema
 
 LIMITS = SchemaLimits(max_string_chars=12, max_items=4)
@@ -281,3 +282,104 @@ def test_own_validator_agrees_with_jsonschema(schema: dict[str, Any], seed: int)
     assert (problems(missing, schema) == []) == jsonschema.Draft202012Validator(schema).is_valid(
         missing
     )
+
+
+# ---- grounding: values copied from the job's text -------------------------------------
+
+texts = st.one_of(
+    st.text(max_size=60),
+    st.lists(
+        st.sampled_from(
+            ["Sensor", "TS-7", "(hall)", "48.5", "%,", '"hi"', "user=alice", "ok.", "-3", "℃",
+             "1,200", "port", "22", "a\\b", "\t", "é"]
+        ),
+        max_size=10,
+    ).map(" ".join),
+)  # fmt: skip
+
+
+def grounded_values(schema: dict[str, Any], data: Any) -> list[tuple[str, Any]]:
+    """(type, value) of every string and number of `data` the schema grounds (not an enum
+    or const, not x-grounded false)."""
+    if "enum" in schema or "const" in schema or data is None:
+        return []
+    kind = schema["type"][0] if isinstance(schema["type"], list) else schema["type"]
+    if kind == "object":
+        return [v for k, sub in schema["properties"].items() for v in grounded_values(sub, data[k])]
+    if kind == "array":
+        return [v for item in data for v in grounded_values(schema["items"], item)]
+    if kind in ("string", "number", "integer") and schema.get("x-grounded", True):
+        return [(kind, data)]
+    return []
+
+
+@settings(max_examples=150, deadline=None)
+@given(root_schemas, texts, st.integers(0, 2**32), st.sampled_from([0.05, 0.3, 0.8]))
+def test_a_bound_constraint_copies_every_value_from_the_text(
+    schema: dict[str, Any], text: str, seed: int, bias: float
+) -> None:
+    constraint = JsonConstraint(compile_schema(schema, LIMITS)).bind(text)
+    data = json.loads(walk(constraint, random.Random(seed), bias).decode("utf-8"))
+    jsonschema.validate(data, schema)
+    grounds = _Grounds.of(text)  # the numbers the agent reads in the text (tested below)
+    for kind, value in grounded_values(schema, data):
+        if kind == "string":
+            if schema_min_length(schema) <= 1 and text.strip():  # else any string
+                assert value == "" or value in text, (value, text)
+            continue
+        offered = grounds.integers if kind == "integer" else grounds.numbers
+        if offered:  # else any number: the text has none of that kind
+            assert json.dumps(value).encode() in offered, (value, offered, text)
+
+
+def schema_min_length(schema: dict[str, Any]) -> int:
+    found = [0]
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            found.append(int(node.get("minLength", 0)))
+            for value in node.values():
+                visit(value)
+
+    visit(schema)
+    return max(found)
+
+
+def test_a_span_is_whole_words_and_x_grounded_false_frees_a_value() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "device": {"type": "string"},
+            "note": {"type": "string", "x-grounded": False},
+            "value": {"type": "number"},
+        },
+    }
+    c = JsonConstraint(compile_schema(schema, LIMITS)).bind("Sensor TS-7 reports 48.5 %")
+    assert c.feed(c.initial(), b'{"device": "TS-7", "note": "made up", "value": 48.5}')
+    for wrong in (
+        b'{"device": "TS-8"',  # not in the text
+        b'{"device": "S-7"',  # not a whole word
+        b'{"device": "TS-7", "note": "x", "value": 48.6',  # a number the text does not hold
+    ):
+        state = c.feed(c.initial(), wrong)
+        assert state is None, wrong
+    partial = c.feed(c.initial(), b'{"device": "Sens')
+    assert partial is not None
+    assert c.step(partial, ord('"')) is None  # "Sens" is not a word of the text
+
+
+def test_grounding_must_be_a_boolean() -> None:
+    with pytest.raises(JobError) as caught:
+        compile_schema(
+            {"type": "object", "properties": {"a": {"type": "string", "x-grounded": "no"}}},
+            LIMITS,
+        )
+    assert caught.value.code == Code.INVALID_SCHEMA
+
+
+def test_the_numbers_read_in_a_text() -> None:
+    g = _Grounds.of("TS-7 at -19.5 C, 1,200 units, id ab12, v2.0.1, 007 and 0.50 V")
+    # whole numbers only (not the 12 of ab12 nor the pieces of a version), as JSON writes
+    # them (007 is 7, 1,200 is 1200)
+    assert g.numbers == (b"7", b"-19.5", b"1200", b"0.50")
+    assert g.integers == (b"7", b"1200")

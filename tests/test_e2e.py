@@ -87,8 +87,12 @@ def check_done(job: dict[str, Any], reply: dict[str, Any]) -> None:
         assert reply["result"]["label"] in job["labels"]
         assert set(reply["result"]["scores"]) == set(job["labels"])
         assert sum(reply["result"]["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+        label = reply["result"]["label"]
+        assert reply["result"]["confidence"] == reply["result"]["scores"][label]
+        assert set(reply["result"]["raw_scores"]) == set(job["labels"])
     else:
         jsonschema.validate(reply["result"]["data"], job["schema"])
+        assert set(reply["result"]["confidence"]) <= set(reply["result"]["data"])
         assert reply["timings"]["completion_tokens"] > 0
         assert reply["timings"]["tokens_per_second"] > 0
 

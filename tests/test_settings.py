@@ -179,6 +179,26 @@ def test_a_bad_profile_is_a_config_error_naming_it(tmp_path: Path) -> None:
         job_profiles(load_settings(schema))
 
 
+def test_profile_label_descriptions_and_thresholds_are_checked(tmp_path: Path) -> None:
+    from edge_agent.app import job_profiles
+
+    base = '[profiles.sev]\nkind = "classify"\nlabels = ["ok", "alarm"]\n'
+    good = write(
+        tmp_path, base + 'min_confidence = 0.7\nlabel_descriptions = {alarm = "needs a person"}\n'
+    )
+    profile = job_profiles(load_settings(good))["sev"]
+    assert profile.label_descriptions == (("alarm", "needs a person"),)
+    assert profile.min_confidence == 0.7
+    unknown = write(tmp_path, base + 'label_descriptions = {fire = "flames"}\n')
+    with pytest.raises(ConfigError, match=r"profiles\.sev.*'fire' is not one of the labels"):
+        job_profiles(load_settings(unknown))
+    for bad in ("min_confidence = 1.5", "min_confidence = -0.1", 'min_confidence = "high"'):
+        with pytest.raises(ConfigError, match="min_confidence"):
+            load_settings(write(tmp_path, base + bad + "\n"))
+    with pytest.raises(ConfigError, match="min_confidence"):
+        load_settings(write(tmp_path, "[jobs]\nmin_confidence = 2\n"))
+
+
 def test_a_config_file_that_is_not_a_regular_file_is_read_and_a_directory_is_refused(
     tmp_path: Path,
 ) -> None:

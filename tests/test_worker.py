@@ -82,7 +82,10 @@ class FakeEngine:
     ) -> Extraction:
         self._work(text, stop)
         return Extraction(
-            '{"v": 1}', Timings(prompt_ms=1, gen_ms=2, prompt_tokens=3, completion_tokens=5), False
+            '{"v": 1}',
+            Timings(prompt_ms=1, gen_ms=2, prompt_tokens=3, completion_tokens=5),
+            False,
+            {"v": 0.875},
         )
 
     def wait_running(self, text: str, timeout: float = 5.0) -> None:
@@ -215,8 +218,12 @@ def test_done_reply_carries_result_model_and_timings() -> None:
     send(p, {"id": "j2"}, kind="extract")
     replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
     p.stop()
-    assert replies["j1"]["result"] == {"label": "a", "scores": {"a": 1.0, "b": 0.0}}
-    assert replies["j2"]["result"] == {"data": {"v": 1}}
+    assert replies["j1"]["result"] == {
+        "label": "a",
+        "scores": {"a": 1.0, "b": 0.0},
+        "confidence": 1.0,
+    }
+    assert replies["j2"]["result"] == {"data": {"v": 1}, "confidence": {"v": 0.875}}
     assert replies["j2"]["model"] == {"name": "fake", "quant": "Q0", "sha256": None}
     assert replies["j2"]["timings"]["tokens_per_second"] == 2500.0
     assert sorted(p.outbox.acks) == ["j1", "j2"]

@@ -1,0 +1,136 @@
+"""What a job's result says: calibrated scores, raw scores, confidence, uncertain; and the
+extraction's per-field confidence and grounding. An owned fake engine answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from edge_agent.constraint import JsonConstraint
+from edge_agent.errors import Code, JobError
+from edge_agent.inference import Classification, Extraction, StopCheck, Timings
+from edge_agent.prompt import PromptPlan
+from edge_agent.protocol import Delivery, JobLimits, Topics, parse_job
+from edge_agent.runner import JobRunner
+
+TOPICS = Topics("edge", "pi-1", "g")
+
+
+class ScriptedEngine:
+    """Classifies with fixed raw and calibrated scores; extracts by walking the bound
+    constraint along `answer`, reporting `confidence`."""
+
+    def __init__(self, answer: bytes = b"", confidence: dict[str, float] | None = None) -> None:
+        self.answer = answer
+        self.confidence = confidence or {}
+        self.plans: list[PromptPlan] = []
+
+    def fits(self, plan: PromptPlan, text: str, labels: Any = None, constraint: Any = None) -> int:
+        return 1
+
+    def classify(
+        self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
+    ) -> Classification:
+        self.plans.append(plan)
+        raw = {labels[0]: 0.6, labels[1]: 0.4}
+        calibrated = {labels[0]: 0.35, labels[1]: 0.65}
+        return Classification(labels[1], calibrated, Timings(), raw_scores=raw)
+
+    def extract(
+        self,
+        plan: PromptPlan,
+        text: str,
+        constraint: JsonConstraint,
+        max_tokens: int,
+        stop: StopCheck,
+    ) -> Extraction:
+        state = constraint.feed(constraint.initial(), self.answer)
+        accepted = state is not None and constraint.is_complete(state)
+        assert accepted, "the answer is not what the bound constraint allows"
+        return Extraction(self.answer.decode(), Timings(), False, dict(self.confidence))
+
+
+def job(body: dict[str, Any], kind: str = "classify") -> Any:
+    payload = json.dumps({"id": "j", "text": "Pump P-3 at 71 C", **body}).encode()
+    return parse_job(Delivery(f"edge/jobs/{kind}", payload, time.time()), TOPICS, JobLimits())
+
+
+def test_a_classify_result_carries_calibrated_and_raw_scores_and_its_confidence() -> None:
+    result = JobRunner(ScriptedEngine()).run(job({"labels": ["ok", "alarm"]}), lambda: False)
+    assert result.result == {
+        "label": "alarm",
+        "scores": {"ok": 0.35, "alarm": 0.65},
+        "raw_scores": {"ok": 0.6, "alarm": 0.4},
+        "confidence": 0.65,
+    }  # no `uncertain` without a threshold
+
+
+@pytest.mark.parametrize(("threshold", "uncertain"), [(0.7, True), (0.6, False)])
+def test_a_job_threshold_marks_an_unsure_label(threshold: float, uncertain: bool) -> None:
+    body = {"labels": ["ok", "alarm"], "min_confidence": threshold}
+    result = JobRunner(ScriptedEngine()).run(job(body), lambda: False).result
+    assert result["uncertain"] is uncertain
+
+
+def test_the_agents_threshold_applies_unless_the_job_sets_its_own() -> None:
+    runner = JobRunner(ScriptedEngine(), min_confidence=0.9)
+    assert runner.run(job({"labels": ["ok", "alarm"]}), lambda: False).result["uncertain"]
+    own = job({"labels": ["ok", "alarm"], "min_confidence": 0.1})
+    assert not runner.run(own, lambda: False).result["uncertain"]
+
+
+def test_label_descriptions_go_into_the_fixed_part() -> None:
+    engine = ScriptedEngine()
+    body = {"labels": ["ok", "alarm"], "label_descriptions": {"alarm": "act now"}}
+    JobRunner(engine).run(job(body), lambda: False)
+    assert "- ok\n- alarm: act now" in engine.plans[0].fixed[0].content
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"labels": ["ok"], "label_descriptions": {"other": "x"}}, Code.INVALID_LABELS),
+        ({"labels": ["ok"], "label_descriptions": {"ok": ""}}, Code.INVALID_LABELS),
+        ({"labels": ["ok"], "label_descriptions": {"ok": "a\nb"}}, Code.INVALID_LABELS),
+        ({"labels": ["ok"], "label_descriptions": {"ok": 1}}, Code.INVALID_FIELD),
+        ({"labels": ["ok"], "min_confidence": 1.5}, Code.INVALID_FIELD),
+        ({"labels": ["ok"], "min_confidence": "0.7"}, Code.INVALID_FIELD),
+        ({"labels": ["ok"], "min_confidence": True}, Code.INVALID_FIELD),
+    ],
+)
+def test_bad_confidence_and_descriptions_are_rejected(body: dict[str, Any], code: Code) -> None:
+    with pytest.raises(JobError) as caught:
+        job(body)
+    assert caught.value.code == code
+
+
+def test_an_integer_threshold_is_a_number() -> None:
+    assert job({"labels": ["ok"], "min_confidence": 1}).min_confidence == 1.0
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"device": {"type": "string"}, "temp": {"type": "number"}},
+    "required": ["device", "temp"],
+}
+
+
+def test_an_extraction_is_grounded_and_carries_each_fields_confidence() -> None:
+    engine = ScriptedEngine(b'{"device": "P-3", "temp": 71}', {"device": 0.95, "temp": 0.55})
+    body = {"schema": SCHEMA, "min_confidence": 0.7}
+    result = JobRunner(engine).run(job(body, "extract"), lambda: False).result
+    assert result == {
+        "data": {"device": "P-3", "temp": 71},
+        "confidence": {"device": 0.95, "temp": 0.55},
+        "uncertain": ["temp"],
+    }
+
+
+def test_an_extraction_the_text_does_not_hold_cannot_be_written() -> None:
+    engine = ScriptedEngine(b'{"device": "P-4", "temp": 71}')
+    with pytest.raises(AssertionError, match="not what the bound constraint allows"):
+        JobRunner(engine).run(job({"schema": SCHEMA}, "extract"), lambda: False)
