@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.chaos            # all scenarios, full size (a few minutes)
     .venv/bin/python -m bench.chaos --quick    # the sizes tests/test_chaos.py uses
+    .venv/bin/python -m bench.chaos --only fsync-0,fsync-1,dies
 
 Each scenario starts its own Mosquitto and agents (the bundled model), streams jobs from a
 sensor that retries late jobs with the same id, injects the fault (a broker SIGKILL, an
@@ -29,6 +30,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, as in the test suite")
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="comma-separated scenarios: broker, crash, hole, slow-off, slow-on, fsync-0, "
+        "fsync-1, dies",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-chaos-"))
     n = 1 if args.quick else 4
@@ -59,6 +66,12 @@ def main() -> int:
         ("fsync-1", lambda: scenarios.slow_fsync(work / "fsync-1", jobs=16 * n, fsync_ms=1000)),
         ("dies", lambda: scenarios.inference_dies(work / "dies", jobs=4 * n)),
     ]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _ in runs}
+        if unknown:
+            parser.error(f"unknown scenario {sorted(unknown)[0]!r}")
+        runs = [(name, run) for name, run in runs if name in wanted]
     print(HEADER, flush=True)
     for _name, run in runs:
         fig = run()

@@ -66,7 +66,11 @@ QOS0_BACKLOG = 1000
 # often, until the reply is committed (then it is answered from the journal).
 DEFER_S = 0.05
 MAX_DEFERRALS = 600  # 30 s: then it is handled as it stands
-HANDBACK_PAUSE_S = (10.0, 300.0)  # first and longest pause after a hand-back came back
+HANDBACK_PAUSE_S = (10.0, 300.0)  # first and longest pause once hand-backs come back
+# Handing back pauses when this many hand-backs in a row came back to this agent: a fleet
+# of one, or every member busy. One return alone says little: with three members, a third
+# of the copies come back to their sender by turn (bench.chaos's slowed-member run).
+RETURNS_TO_PAUSE = 3
 
 
 class Replies(ReplySink, Protocol):
@@ -143,7 +147,8 @@ class Intake:
         self._deferred: list[tuple[float, int, _Message]] = []
         self._order = 0
         self._thread: threading.Thread | None = None
-        self._handed: OrderedDict[str, float] = OrderedDict()  # digests handed back
+        # digests handed back, oldest first, and whether each came back to this agent
+        self._handed: OrderedDict[str, bool] = OrderedDict()
         self._pause_until = 0.0
         self._pause_s = HANDBACK_PAUSE_S[0]
 
@@ -371,11 +376,12 @@ class Intake:
             return False
         now = time.monotonic()
         if digest in self._handed:
-            # A job this agent handed back came back to it: no other member took it (a
-            # fleet of one, or all busy). Stop handing back for a while instead of
-            # bouncing every job through the broker.
-            self._handed.pop(digest, None)
-            if now >= self._pause_until:
+            # A job this agent handed back came back to it: keep it. When the last few all
+            # came back, no other member is taking them (a fleet of one, or all busy):
+            # stop handing back for a while instead of bouncing every job via the broker.
+            self._handed[digest] = True
+            recent = list(self._handed.values())[-RETURNS_TO_PAUSE:]
+            if len(recent) == RETURNS_TO_PAUSE and all(recent) and now >= self._pause_until:
                 self._pause_s = (
                     min(self._pause_s * 2, HANDBACK_PAUSE_S[1])
                     if now - self._pause_until < self._pause_s
@@ -397,7 +403,7 @@ class Intake:
             deadline=job.deadline,
             hops=delivery.hops + 1,
         )
-        self._handed[digest] = now
+        self._handed[digest] = False
         while len(self._handed) > 512:
             self._handed.popitem(last=False)
 

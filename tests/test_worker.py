@@ -548,21 +548,46 @@ def test_busy_agent_hands_fleet_jobs_back(tmp_path: Any) -> None:
     assert sorted(p.engine.seen) == ["j1", "j2", "j4", "j5"]
 
 
-def test_a_job_handed_back_that_comes_back_pauses_handing_back(tmp_path: Any) -> None:
+def bounce(p: Any, n: int) -> None:
+    """The broker gives the n-th handed-back copy straight back to this agent."""
+    copy = p.outbox.handed[n]
+    hops = [("edge-hops", str(copy.hops))]
+    send(p, json.loads(copy.payload), payload=copy.payload, user_properties=hops)
+
+
+def test_hand_backs_that_keep_coming_back_pause_handing_back(tmp_path: Any) -> None:
     gate = threading.Event()
     p, _ = journaled(tmp_path, FakeEngine(gate=gate), handing=Handing(keep=0, max_hops=3))
     send(p, {"id": "j1"})
     p.engine.wait_running("j1")
-    send(p, {"id": "j2"})
-    p.outbox.wait_acks(1)  # j2 handed back: its copy was taken, its original acked
-    # A fleet of one: the broker gives the copy straight back to this agent.
-    bounced = json.loads(p.outbox.handed[0].payload)
-    send(p, bounced, payload=p.outbox.handed[0].payload, user_properties=[("edge-hops", "1")])
-    for i in range(3, 8):
+    # A fleet of one: each copy comes straight back; after three in a row it stops.
+    for n in range(3):
+        send(p, {"id": f"j{n + 2}"})
+        p.outbox.wait_acks(n + 1)  # handed back: its copy was taken, its original acked
+        bounce(p, n)
+    for i in range(5, 9):
         send(p, {"id": f"j{i}"})
     p.intake.stop()
     gate.set()
-    p.outbox.wait(7)
+    p.outbox.wait(8)
     p.worker.stop()
-    assert len(p.outbox.handed) == 1  # paused after the bounce: the rest were kept
-    assert sorted(p.engine.seen) == ["j1", "j2", "j3", "j4", "j5", "j6", "j7"]
+    assert len(p.outbox.handed) == 3  # paused after three bounces: the rest were kept
+    assert sorted(p.engine.seen) == [f"j{i}" for i in range(1, 9)]
+
+
+def test_one_copy_coming_back_among_others_does_not_pause(tmp_path: Any) -> None:
+    gate = threading.Event()
+    p, _ = journaled(tmp_path, FakeEngine(gate=gate), handing=Handing(keep=0, max_hops=3))
+    send(p, {"id": "j1"})
+    p.engine.wait_running("j1")
+    for n in range(3):
+        send(p, {"id": f"j{n + 2}"})
+        p.outbox.wait_acks(n + 1)
+    bounce(p, 1)  # other members took j2 and j4; j3's copy came back by turn
+    send(p, {"id": "j5"})
+    p.outbox.wait_acks(4)  # j5 handed back too (j3's copy is queued, acked once answered)
+    p.intake.stop()
+    gate.set()
+    p.worker.stop()
+    # j5 was handed back too: one return among three is a fleet taking its share
+    assert [json.loads(h.payload)["id"] for h in p.outbox.handed] == ["j2", "j3", "j4", "j5"]
