@@ -13,10 +13,11 @@ help: ## list the targets
 run: $(VENV)/.ready-run ## set everything up, start a local broker and an agent, send sample jobs
 	$(PY) -m edge_agent demo
 
-# Two pytest runs, so each part can also run alone: the suite (about 13 minutes on 2
-# cores), then the rollout under a real systemd (about 4 minutes once its Debian tree is
+# The import contracts (docs/architecture.md), then two pytest runs, so each part can
+# also run alone: the suite (about 13 minutes on 2 cores), then the rollout under a real systemd (about 4 minutes once its Debian tree is
 # cached; as root with systemd-nspawn and debootstrap, otherwise it says why it skips).
 test: $(VENV)/.ready-test ## run the whole test suite (it starts its own Mosquitto and container)
+	$(VENV)/lint/bin/lint-imports
 	$(PY) -m pytest --ignore=tests/test_systemd_rollout.py
 	$(MAKE) --no-print-directory test-systemd
 
@@ -42,7 +43,8 @@ $(VENV)/.ready-aarch64: $(VENV)/.ready-test scripts/bootstrap.sh
 	scripts/bootstrap.sh aarch64
 	@touch $@
 
-lint: $(VENV)/.ready-test ## ruff and mypy
+lint: $(VENV)/.ready-test ## ruff, mypy and the import contracts
+	$(VENV)/lint/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import scenarios
-from bench.harness import HEADER, Figures
+from tests.harness import scenarios
+from tests.harness.process import HEADER, Figures
 
 
 def main() -> int:

@@ -40,17 +40,21 @@ from typing import Any
 import llama_cpp
 import psutil
 
-from bench.harness import start_agent_process
 from bench.llamacpp_tools import ensure_tools
-from edge_agent.broker import LocalBroker, free_port, wait_for_port
-from edge_agent.catalog import load_lock
-from edge_agent.constraint import JsonConstraint
-from edge_agent.engine import EngineConfig, LlamaEngine
-from edge_agent.metrics import percentile
-from edge_agent.mqtt import Requester
-from edge_agent.prompt import DEFAULT_CLASSIFY_INSTRUCTIONS, Example, classify_plan, extract_plan
-from edge_agent.schema import SchemaLimits, compile_schema
-from edge_agent.store import locate
+from edge_agent.adapters.broker import LocalBroker, free_port, wait_for_port
+from edge_agent.adapters.engine import EngineConfig, LlamaEngine
+from edge_agent.adapters.mqtt import Requester
+from edge_agent.adapters.store import load_lock, locate
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.metrics import percentile
+from edge_agent.core.prompt import (
+    DEFAULT_CLASSIFY_INSTRUCTIONS,
+    Example,
+    classify_plan,
+    extract_plan,
+)
+from edge_agent.core.schema import SchemaLimits, compile_schema
+from tests.harness.process import start_agent_process
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2

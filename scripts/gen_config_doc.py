@@ -13,12 +13,13 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from edge_agent.settings import Settings
+from edge_agent.adapters.settings import Settings
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 HEADER = """# Configuration
 
-Generated from `edge_agent/settings.py` by `scripts/gen_config_doc.py`; do not edit by hand.
+Generated from `edge_agent/adapters/settings.py` by `scripts/gen_config_doc.py`; do not edit
+by hand.
 
 Sources, later ones winning: defaults, the TOML file (`/etc/edge-agent/config.toml`, or
 `--config PATH`), systemd credentials (`$CREDENTIALS_DIRECTORY`, read as a secrets

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from bench.harness import AgentProcess, start_agent_process
-from edge_agent.broker import LocalBroker
-from edge_agent.catalog import Catalog
-from edge_agent.mqtt import Incoming, Requester
+from edge_agent.adapters.broker import LocalBroker
+from edge_agent.adapters.mqtt import Incoming, Requester
+from edge_agent.core.catalog import Catalog
+from tests.harness.process import AgentProcess, start_agent_process
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_DIR = ROOT / "tests" / "data" / "eval"  # a copy of ../shared/eval, attribution kept
@@ -30,8 +30,8 @@ EVAL_DIR = ROOT / "tests" / "data" / "eval"  # a copy of ../shared/eval, attribu
 
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
-    from edge_agent.app import default_lock_path
-    from edge_agent.catalog import load_lock
+    from edge_agent.adapters.store import load_lock
+    from edge_agent.service.app import default_lock_path
 
     return load_lock(default_lock_path())
 
@@ -50,7 +50,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path(catalog: Catalog, model_cache: Path) -> Path:
-    from edge_agent.store import locate, verify
+    from edge_agent.adapters.store import locate, verify
 
     entry = catalog.get("smollm2-135m-instruct-q4_1")
     assert entry is not None
@@ -61,7 +61,7 @@ def smollm2_path(catalog: Catalog, model_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_path(catalog: Catalog, model_cache: Path) -> Path:
-    from edge_agent.store import locate, verify
+    from edge_agent.adapters.store import locate, verify
 
     entry = catalog.get("gemma-3-270m-q4_k_m")
     assert entry is not None
@@ -73,7 +73,7 @@ def gemma_path(catalog: Catalog, model_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path: Path) -> Iterator[Any]:
     """The bundled model, loaded once for every engine test."""
-    from edge_agent.engine import EngineConfig, LlamaEngine
+    from edge_agent.adapters.engine import EngineConfig, LlamaEngine
 
     engine = LlamaEngine(smollm2_path, EngineConfig(n_threads=2, n_threads_batch=2, n_ctx=2048))
     yield engine
@@ -82,7 +82,7 @@ def smollm2(smollm2_path: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def gemma(gemma_path: Path) -> Iterator[Any]:
-    from edge_agent.engine import EngineConfig, LlamaEngine
+    from edge_agent.adapters.engine import EngineConfig, LlamaEngine
 
     engine = LlamaEngine(gemma_path, EngineConfig(n_threads=2, n_threads_batch=2, n_ctx=1024))
     yield engine

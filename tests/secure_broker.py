@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.broker import find_mosquitto, free_port, stop_process, wait_for_port
+from edge_agent.adapters.broker import find_mosquitto, free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "mosquitto"

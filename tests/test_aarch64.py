@@ -36,8 +36,8 @@ from typing import Any
 import psutil
 import pytest
 
-from edge_agent.broker import LocalBroker
-from edge_agent.mqtt import Requester
+from edge_agent.adapters.broker import LocalBroker
+from edge_agent.adapters.mqtt import Requester
 from tests import nspawn
 from tests.conftest import reply_for
 from tests.playbook import play

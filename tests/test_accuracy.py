@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from edge_agent.engine import LlamaEngine
-from edge_agent.evaluation import above, evaluate, load_rows
-from edge_agent.protocol import Delivery, JobLimits, Topics, parse_job
-from edge_agent.runner import JobRunner
-from edge_agent.schema import schema_for_fields
+from edge_agent.adapters.engine import LlamaEngine
+from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
+from edge_agent.core.schema import schema_for_fields
+from edge_agent.service.evaluation import above, evaluate, load_rows
+from edge_agent.service.runner import JobRunner
 from tests.conftest import EVAL_DIR, eval_rows
 
 pytestmark = pytest.mark.model
@@ -42,7 +42,7 @@ def run(engine: LlamaEngine, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
 def test_calibrated_scores_divide_out_the_content_free_answer(engine: LlamaEngine) -> None:
     """Independent of the engine's cache: p_cal(label) ∝ p(label | text) / mean over the
     content-free texts of p(label | content-free text), each read through classify()."""
-    from edge_agent.prompt import classify_plan
+    from edge_agent.core.prompt import classify_plan
 
     plan = classify_plan(LEVELS, None, [])
     free = [engine.classify(plan, t, LEVELS).raw_scores for t in engine.config.calibration_texts]

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from bench.harness import AgentProcess, wait_for_log
-from edge_agent.broker import LocalBroker
+from edge_agent.adapters.broker import LocalBroker
+from tests.harness.process import AgentProcess, wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"

@@ -19,10 +19,10 @@ import gguf
 import jsonschema
 import pytest
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.engine import EngineConfig, LlamaEngine
-from edge_agent.prompt import classify_plan, extract_plan
-from edge_agent.schema import SchemaLimits, compile_schema
+from edge_agent.adapters.engine import EngineConfig, LlamaEngine
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.prompt import classify_plan, extract_plan
+from edge_agent.core.schema import SchemaLimits, compile_schema
 from tests.synthetic_gguf import (
     ARCHITECTURES,
     CHAT_MARKERS,

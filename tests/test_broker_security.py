@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from bench.harness import AgentProcess, start_agent_process, wait_for_log
+from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
 from tests.secure_broker import (
     BAD_USERNAME_OR_PASSWORD,
     DEPLOY,

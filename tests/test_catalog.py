@@ -9,7 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.catalog import (
+from edge_agent.adapters.store import load_lock
+from edge_agent.core.catalog import (
     DEFAULT_MODEL,
     GIB,
     MIB,
@@ -18,12 +19,11 @@ from edge_agent.catalog import (
     Runtime,
     budget,
     estimate,
-    load_lock,
     parse_size,
     quality_prior,
     select,
 )
-from edge_agent.errors import ConfigError
+from edge_agent.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = load_lock(ROOT / "models.lock")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import fuzz, scenarios, slowfs
-from bench.harness import (
+from edge_agent.adapters.broker import LocalBroker
+from tests.conftest import NotifySocket
+from tests.harness import fuzz, scenarios, slowfs
+from tests.harness.process import (
     HEADER,
     Figures,
     Sensor,
@@ -23,8 +25,6 @@ from bench.harness import (
     start_agent_process,
     wait_for_log,
 )
-from edge_agent.broker import LocalBroker
-from tests.conftest import NotifySocket
 
 pytestmark = [pytest.mark.chaos, pytest.mark.model]
 
@@ -64,7 +64,7 @@ def test_slow_member_of_a_shared_subscription_does_not_hoard(tmp_path: Path) -> 
 
 
 def test_the_protocol_fuzzer_finds_no_message_that_stops_a_board(tmp_path: Path) -> None:
-    """A short campaign of bench/fuzz.py: hostile values in every job field and MQTT
+    """A short campaign of tests/harness/fuzz.py (bench/fuzz.py runs the long one): hostile values in every job field and MQTT
     property, MQTT 5 and 3.1.1, device and fleet topics, cancels and control topics,
     against one MQTT 5 and one MQTT 3.1.1 agent. The seed is fixed and printed;
     EDGE_AGENT_FUZZ_SEED=random (or a number) runs another one."""

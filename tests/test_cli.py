@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.broker import LocalBroker
+from edge_agent.adapters.broker import LocalBroker
 from tests.conftest import AgentFactory
 
 COMMANDS = ["run", "submit", "demo", "config", "probe", "select", "models", "bench", "eval"]
@@ -80,7 +80,7 @@ def test_submit_prints_the_reply(
 
 
 def test_submit_to_an_unreachable_broker_exits_69() -> None:
-    from edge_agent.broker import free_port
+    from edge_agent.adapters.broker import free_port
 
     result = edge_agent(
         "submit",

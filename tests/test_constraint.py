@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.constraint import JsonConstraint, State, _Grounds
-from edge_agent.errors import Code, JobError
-from edge_agent.schema import SchemaLimits, compile_schema
+from edge_agent.core.constraint import JsonConstraint, State, _Grounds
+from edge_agent.core.errors import Code, JobError
+from edge_agent.core.schema import SchemaLimits, compile_schema
 
 LIMITS = SchemaLimits(max_string_chars=12, max_items=4)
 
@@ -265,7 +265,7 @@ def test_finish_closes_from_anywhere() -> None:
 @settings(max_examples=150, deadline=None)
 @given(root_schemas, st.integers(0, 2**32))
 def test_own_validator_agrees_with_jsonschema(schema: dict[str, Any], seed: int) -> None:
-    from edge_agent.schema import problems
+    from edge_agent.core.schema import problems
 
     rng = random.Random(seed)
     good = canonical_instance(schema, rng)

@@ -14,11 +14,11 @@ from typing import Any
 import jsonschema
 import pytest
 
-from bench.harness import AgentProcess, start_agent_process
-from edge_agent.broker import LocalBroker
-from edge_agent.mqtt import Requester
-from edge_agent.schema import schema_for_fields
+from edge_agent.adapters.broker import LocalBroker
+from edge_agent.adapters.mqtt import Requester
+from edge_agent.core.schema import schema_for_fields
 from tests.conftest import eval_rows, reply_for
+from tests.harness.process import AgentProcess, start_agent_process
 
 pytestmark = pytest.mark.model
 

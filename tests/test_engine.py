@@ -15,12 +15,12 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.engine import LlamaEngine
-from edge_agent.errors import Code, EngineError
-from edge_agent.inference import Interrupted
-from edge_agent.prompt import Example, classify_plan, extract_plan
-from edge_agent.schema import SchemaLimits, compile_schema, schema_for_fields
+from edge_agent.adapters.engine import LlamaEngine
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.errors import Code, EngineError
+from edge_agent.core.inference import Interrupted
+from edge_agent.core.prompt import Example, classify_plan, extract_plan
+from edge_agent.core.schema import SchemaLimits, compile_schema, schema_for_fields
 from tests.conftest import eval_rows
 
 pytestmark = pytest.mark.model

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from edge_agent.fleet import FleetState
+from edge_agent.cli.console import render_table
+from edge_agent.core.fleet import FleetState
 
 
 def feed(
@@ -54,7 +55,7 @@ def test_rows_and_sorting() -> None:
         "temp": 55.5,
         "seen": 3.0,
     }
-    text = state.render("device")
+    text = render_table(*state.table("device"))
     assert "SoC °C" in text.splitlines()[0] and "offline" in text
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import start_agent_process
-from edge_agent.app import job_limits
-from edge_agent.broker import LocalBroker
-from edge_agent.errors import Code, JobError
-from edge_agent.mqtt import Requester
-from edge_agent.protocol import Delivery, Topics, parse_job
-from edge_agent.settings import load_settings
+from edge_agent.adapters.broker import LocalBroker
+from edge_agent.adapters.mqtt import Requester
+from edge_agent.adapters.settings import load_settings
+from edge_agent.core.errors import Code, JobError
+from edge_agent.core.protocol import Delivery, Topics, parse_job
+from edge_agent.service.app import job_limits
 from tests.conftest import reply_for
+from tests.harness.process import start_agent_process
 
 SECRET = "correct-horse-" + uuid.uuid4().hex
 
@@ -96,8 +96,8 @@ def test_a_tls_misconfiguration_stops_the_agent_before_the_model_loads(
 
 
 def test_a_certificate_that_does_not_match_its_key_is_refused(tmp_path: Path) -> None:
-    from edge_agent.errors import ConfigError
-    from edge_agent.mqtt import tls_context
+    from edge_agent.adapters.mqtt import tls_context
+    from edge_agent.core.errors import ConfigError
 
     def make(name: str) -> tuple[Path, Path]:
         key, crt = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"

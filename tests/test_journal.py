@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_agent.journal import (
+from edge_agent.adapters.journal import (
     DELIVERED,
     IN_FLIGHT,
     PENDING,

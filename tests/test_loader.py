@@ -14,12 +14,13 @@ import gguf
 import numpy as np
 import pytest
 
-from edge_agent.app import open_engine
-from edge_agent.catalog import DEFAULT_MODEL, Runtime, estimate, load_lock
-from edge_agent.errors import ModelError
-from edge_agent.loader import load_model
-from edge_agent.probe import board_facts
-from edge_agent.settings import load_settings
+from edge_agent.adapters.probe import board_facts
+from edge_agent.adapters.settings import load_settings
+from edge_agent.adapters.store import load_lock
+from edge_agent.core.catalog import DEFAULT_MODEL, Runtime, estimate
+from edge_agent.core.errors import ModelError
+from edge_agent.service.app import open_engine
+from edge_agent.service.loader import load_model
 
 pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,13 +121,13 @@ def test_nothing_loadable_is_a_clear_error(tmp_path: Path) -> None:
 MEASURE = """
 import json, sys, psutil
 from pathlib import Path
-from edge_agent.app import open_engine
-from edge_agent.constraint import JsonConstraint
-from edge_agent.probe import board_facts
-from edge_agent.prompt import classify_plan, extract_plan
-from edge_agent.schema import SchemaLimits, compile_schema, schema_for_fields
-from edge_agent.settings import load_settings
-import edge_agent.app, edge_agent.mqtt, edge_agent.worker  # what the running agent imports
+from edge_agent.service.app import open_engine
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.adapters.probe import board_facts
+from edge_agent.core.prompt import classify_plan, extract_plan
+from edge_agent.core.schema import SchemaLimits, compile_schema, schema_for_fields
+from edge_agent.adapters.settings import load_settings
+import edge_agent.service.app, edge_agent.mqtt, edge_agent.worker  # what the running agent imports
 settings = load_settings(None, model={"n_threads": 2})
 engine = open_engine(Path(sys.argv[1]), settings, board_facts())
 labels = ["normal", "warning", "critical_temperature_alarm"]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from edge_agent import log
-from edge_agent.broker import LocalBroker
-from edge_agent.loader import library_problem
+from edge_agent.adapters import log
+from edge_agent.adapters.broker import LocalBroker
+from edge_agent.service.loader import library_problem
 
 
 def test_lines_carry_their_journald_priority_when_stdout_is_the_journal() -> None:

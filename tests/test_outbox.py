@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import Code
-from edge_agent.journal import Journal, job_key
-from edge_agent.metrics import Metrics
-from edge_agent.outbox import MAX_SEND_FAILURES, Handoff, Memo, Outbox, reply_expiry
-from edge_agent.protocol import MAX_DEADLINE_S, Reply, ReplyRoute, Status
+from edge_agent.adapters.journal import Journal, job_key
+from edge_agent.core.errors import Code
+from edge_agent.core.metrics import Metrics
+from edge_agent.core.protocol import MAX_DEADLINE_S, Reply, ReplyRoute, Status
+from edge_agent.service.outbox import MAX_SEND_FAILURES, Handoff, Memo, Outbox, reply_expiry
 
 
 @dataclass

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from bench.harness import AgentProcess, start_agent_process
-from edge_agent.broker import LocalBroker
-from edge_agent.mqtt import Requester
+from edge_agent.adapters.broker import LocalBroker
+from edge_agent.adapters.mqtt import Requester
 from tests.conftest import reply_for
+from tests.harness.process import AgentProcess, start_agent_process
 
 pytestmark = pytest.mark.model
 

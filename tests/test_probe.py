@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_agent.probe import (
+from edge_agent.adapters.probe import (
     _board_model,
     _cgroup_memory_max,
     _cpu_features,

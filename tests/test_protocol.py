@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.errors import Code, JobError
-from edge_agent.protocol import (
+from edge_agent.core.errors import Code, JobError
+from edge_agent.core.protocol import (
     Delivery,
     JobLimits,
     Profile,

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.errors import Code, JobError
-from edge_agent.inference import Classification, Extraction, StopCheck, Timings
-from edge_agent.prompt import PromptPlan
-from edge_agent.protocol import Delivery, JobLimits, Topics, parse_job
-from edge_agent.runner import JobRunner
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.errors import Code, JobError
+from edge_agent.core.inference import Classification, Extraction, StopCheck, Timings
+from edge_agent.core.prompt import PromptPlan
+from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
+from edge_agent.service.runner import JobRunner
 
 TOPICS = Topics("edge", "pi-1", "g")
 

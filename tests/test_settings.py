@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import ConfigError
-from edge_agent.settings import Settings, load_settings
+from edge_agent.adapters.settings import Settings, load_settings
+from edge_agent.core.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -20,7 +20,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("edge_agent.settings.DEFAULT_CONFIG_FILE", Path("/nonexistent/config.toml"))
+    monkeypatch.setattr(
+        "edge_agent.adapters.settings.DEFAULT_CONFIG_FILE", Path("/nonexistent/config.toml")
+    )
     s = load_settings()
     assert s.mqtt.broker == "mqtt://localhost:1883"
     assert s.mqtt.protocol == "5"
@@ -164,7 +166,7 @@ def test_configuration_doc_matches_the_code() -> None:
 
 
 def test_a_bad_profile_is_a_config_error_naming_it(tmp_path: Path) -> None:
-    from edge_agent.app import job_profiles
+    from edge_agent.service.app import job_profiles
 
     good = write(tmp_path, '[profiles.sev]\nkind = "classify"\nlabels = ["a", "b"]\n')
     assert set(job_profiles(load_settings(good))) == {"sev"}
@@ -180,7 +182,7 @@ def test_a_bad_profile_is_a_config_error_naming_it(tmp_path: Path) -> None:
 
 
 def test_profile_label_descriptions_and_thresholds_are_checked(tmp_path: Path) -> None:
-    from edge_agent.app import job_profiles
+    from edge_agent.service.app import job_profiles
 
     base = '[profiles.sev]\nkind = "classify"\nlabels = ["ok", "alarm"]\n'
     good = write(

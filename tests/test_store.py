@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.catalog import ModelEntry, load_lock
-from edge_agent.errors import ChecksumMismatch, StoreError, UnpinnedModel
-from edge_agent.store import PARTIAL_DIR, fetch, plan_gc, record_loaded, verify
+from edge_agent.adapters.store import PARTIAL_DIR, fetch, load_lock, plan_gc, record_loaded, verify
+from edge_agent.core.catalog import ModelEntry
+from edge_agent.core.errors import ChecksumMismatch, StoreError, UnpinnedModel
 from tests.httpserver import serve
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import start_agent_process, wait_for_log
-from edge_agent.broker import LocalBroker
-from edge_agent.constraint import JsonConstraint
-from edge_agent.health import Health
-from edge_agent.inference import Classification, Extraction, StopCheck, Timings
-from edge_agent.metrics import Metrics
-from edge_agent.prompt import PromptPlan
-from edge_agent.protocol import Delivery, JobLimits, parse_job
-from edge_agent.runner import JobRunner
-from edge_agent.systemd import Notifier, Watchdog
-from edge_agent.worker import Worker
+from edge_agent.adapters.broker import LocalBroker
+from edge_agent.adapters.systemd import Notifier, Watchdog
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.inference import Classification, Extraction, StopCheck, Timings
+from edge_agent.core.metrics import Metrics
+from edge_agent.core.prompt import PromptPlan
+from edge_agent.core.protocol import Delivery, JobLimits, parse_job
+from edge_agent.service.health import Health
+from edge_agent.service.runner import JobRunner
+from edge_agent.service.worker import Worker
 from tests.conftest import NotifySocket
+from tests.harness.process import start_agent_process, wait_for_log
 from tests.test_worker import MODEL, TOPICS, RecordingOutbox
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,11 +22,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.harness import AgentProcess, start_agent_process, wait_for_log
-from edge_agent.broker import LocalBroker, free_port, wait_for_port
-from edge_agent.mqtt import Requester
-from edge_agent.probe import Readings
-from edge_agent.telemetry import Identity, build_telemetry, ha_discovery
+from edge_agent.adapters.broker import LocalBroker, free_port, wait_for_port
+from edge_agent.adapters.mqtt import Requester
+from edge_agent.adapters.probe import Readings
+from edge_agent.service.telemetry import Identity, build_telemetry, ha_discovery
+from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs" / "telemetry.schema.json").read_text())

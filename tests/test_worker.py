@@ -11,18 +11,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.errors import Code, EngineError
-from edge_agent.inference import Classification, Extraction, Interrupted, StopCheck, Timings
-from edge_agent.intake import Handing, Intake
-from edge_agent.journal import Journal, Stored
-from edge_agent.metrics import Metrics
-from edge_agent.mqtt import Incoming
-from edge_agent.outbox import Handoff, Memo
-from edge_agent.prompt import PromptPlan
-from edge_agent.protocol import JobLimits, ModelRef, Reply, Status, Topics
-from edge_agent.runner import JobRunner
-from edge_agent.worker import Worker
+from edge_agent.adapters.journal import Journal, Stored
+from edge_agent.adapters.mqtt import Incoming
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.errors import Code, EngineError
+from edge_agent.core.inference import Classification, Extraction, Interrupted, StopCheck, Timings
+from edge_agent.core.metrics import Metrics
+from edge_agent.core.prompt import PromptPlan
+from edge_agent.core.protocol import JobLimits, ModelRef, Reply, Status, Topics
+from edge_agent.service.intake import Handing, Intake
+from edge_agent.service.outbox import Handoff, Memo
+from edge_agent.service.runner import JobRunner
+from edge_agent.service.worker import Worker
 
 TOPICS = Topics("edge", "pi-1", "g")
 MODEL = ModelRef("fake", "Q0", None)
@@ -495,7 +495,7 @@ def test_a_job_that_crashed_the_agent_twice_is_answered_without_running(tmp_path
     p, journal = journaled(tmp_path, FakeEngine())
     body = {"labels": ["a", "b"], "text": "boom", "id": "boom"}
     payload = json.dumps(body).encode()
-    from edge_agent.journal import payload_digest
+    from edge_agent.adapters.journal import payload_digest
 
     assert journal.note_crash(payload_digest(payload), "boom") == 1
     assert journal.note_crash(payload_digest(payload), "boom") == 2

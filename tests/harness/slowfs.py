@@ -1,4 +1,4 @@
-"""A directory on storage whose every fsync takes a second or more (bench/slowfs.c, a FUSE
+"""A directory on storage whose every fsync takes a second or more (tests/harness/slowfs.c, a FUSE
 filesystem), for the chaos runs: the agent's state directory on it shows what a worn SD
 card's slow flushes do to the agent.
 

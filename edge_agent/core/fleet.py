@@ -1,7 +1,7 @@
 """`edge-agent fleet`: every device under the topic prefix, from what they publish.
 
 Pure: `FleetState` folds status, info and telemetry messages into one row per device and
-renders them; the command line feeds it from an MQTT subscription to
+the table's cells; the command line feeds it from an MQTT subscription to
 `<prefix>/devices/+/{status,info,telemetry}` (retained status and info arrive at once,
 telemetry every interval).
 """
@@ -12,8 +12,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-from edge_agent.console import render_table
 
 LEAVES = ("status", "info", "telemetry")
 # column key -> (header, how to sort: a function of the row)
@@ -117,11 +115,13 @@ class FleetState:
             for view in sorted(self.devices.values(), key=lambda v: v.device)
         ]
 
-    def render(self, sort: str = "device", reverse: bool = False) -> str:
+    def table(
+        self, sort: str = "device", reverse: bool = False
+    ) -> tuple[list[str], list[list[str]]]:
+        """Headers and cells of the fleet table, in order; the CLI draws it."""
         rows = self.rows(sort, reverse)
         headers = [COLUMNS[k] for k in COLUMNS]
-        lines = [[_cell(row[k]) for k in COLUMNS] for row in rows]
-        return render_table(headers, lines)
+        return headers, [[_cell(row[k]) for k in COLUMNS] for row in rows]
 
 
 def _cell(value: Any) -> str:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.schema import LiteralNode, Node, NumberNode, ObjectNode, StringNode
+from edge_agent.core.schema import LiteralNode, Node, NumberNode, ObjectNode, StringNode
 
 MAX_INT_DIGITS = 15
 MAX_FRAC_DIGITS = 10

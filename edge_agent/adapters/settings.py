@@ -39,7 +39,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from edge_agent.errors import ConfigError
+from edge_agent.core.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("/etc/edge-agent/config.toml")
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

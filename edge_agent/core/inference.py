@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.errors import Code, EngineError
-from edge_agent.prompt import PromptPlan
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.errors import Code, EngineError
+from edge_agent.core.prompt import PromptPlan
 
 StopCheck = Callable[[], bool]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import structlog
 
-from edge_agent.health import Beat, supervised
-from edge_agent.probe import Readings
+from edge_agent.adapters.probe import Readings
+from edge_agent.service.health import Beat, supervised
 
 log = structlog.get_logger("edge_agent.telemetry")
 TELEMETRY_VERSION = 1

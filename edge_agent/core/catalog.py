@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_agent.errors import ConfigError
+from edge_agent.core.errors import ConfigError
 
 LOCK_VERSION = 1
 DEFAULT_MODEL = "smollm2-135m-instruct-q4_1"
@@ -163,16 +163,6 @@ def parse_lock(data: Any, source: Path | None = None) -> Catalog:
     if dupes:
         raise ConfigError(f"models.lock {source or ''}: duplicate names {dupes}")
     return Catalog(entries=lock.models, source=source)
-
-
-def load_lock(path: Path) -> Catalog:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read models.lock at {path}: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"models.lock at {path} is not JSON: {exc}") from exc
-    return parse_lock(data, path)
 
 
 def dump_lock(catalog: Catalog) -> str:

@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from edge_agent.catalog import Catalog, ModelEntry
-from edge_agent.errors import ChecksumMismatch, ModelNotFound, StoreError, UnpinnedModel
+from edge_agent.core.catalog import Catalog, ModelEntry, parse_lock
+from edge_agent.core.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    ModelNotFound,
+    StoreError,
+    UnpinnedModel,
+)
 
 CHUNK = 1024 * 1024
 PARTIAL_DIR = ".partial"
@@ -36,6 +42,17 @@ DISK_MARGIN = 64 * 1024 * 1024
 USER_AGENT = "edge-agent (models fetch)"
 
 Progress = Callable[[int, int | None], None]  # (bytes so far, total or None)
+
+
+def load_lock(path: Path) -> Catalog:
+    """models.lock, read and checked (core.catalog.parse_lock)."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read models.lock at {path}: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"models.lock at {path} is not JSON: {exc}") from exc
+    return parse_lock(data, path)
 
 
 def bundled_path(entry: ModelEntry, model_dir: Path) -> Path | None:

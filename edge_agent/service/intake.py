@@ -30,14 +30,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from edge_agent.errors import Code, JobError
-from edge_agent.health import Beat, supervised
-from edge_agent.journal import DELIVERED, Journal, Stored, job_key, payload_digest
-from edge_agent.log import bind_job
-from edge_agent.metrics import Metrics
-from edge_agent.mqtt import Ack, Incoming
-from edge_agent.outbox import Handoff
-from edge_agent.protocol import (
+from edge_agent.adapters.journal import DELIVERED, Journal, Stored, job_key, payload_digest
+from edge_agent.adapters.log import bind_job
+from edge_agent.adapters.mqtt import Ack, Incoming
+from edge_agent.core.errors import Code, JobError
+from edge_agent.core.metrics import Metrics
+from edge_agent.core.protocol import (
     MAX_DEADLINE_S,
     Delivery,
     Job,
@@ -53,7 +51,9 @@ from edge_agent.protocol import (
     rejection,
     reply_route,
 )
-from edge_agent.worker import ReplySink, Worker
+from edge_agent.service.health import Beat, supervised
+from edge_agent.service.outbox import Handoff
+from edge_agent.service.worker import ReplySink, Worker
 
 log = structlog.get_logger("edge_agent.intake")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.errors import ConfigError, EdgeAgentError, EngineUnavailable, ModelError
-from edge_agent.settings import Settings, load_settings
+from edge_agent.adapters.settings import Settings, load_settings
+from edge_agent.core.errors import ConfigError, EdgeAgentError, EngineUnavailable, ModelError
 
 EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
 EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 69, 75, 78
@@ -229,7 +229,7 @@ def _add_bench_and_eval(sub: Any) -> None:
 
 
 def _add_fleet(sub: Any) -> None:
-    from edge_agent.fleet import COLUMNS
+    from edge_agent.core.fleet import COLUMNS
 
     fleet = sub.add_parser(
         "fleet",
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.func is not cmd_run:
         # Commands print their results on stdout; their logs go to stderr, warnings only.
-        from edge_agent import log
+        from edge_agent.adapters import log
 
         log.configure(getattr(args, "log_level", None) or "warning", "auto", sys.stderr)
     try:
@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _limit_malloc_arenas()
-    from edge_agent import log
-    from edge_agent.app import Agent, install_signal_handlers
+    from edge_agent.adapters import log
+    from edge_agent.service.app import Agent, install_signal_handlers
 
     settings = settings_from(args)
     log.configure(settings.log.level, settings.log.format)
@@ -399,7 +399,7 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"--schema: not JSON: {exc}") from exc
     elif args.fields:
-        from edge_agent.schema import schema_for_fields
+        from edge_agent.core.schema import schema_for_fields
 
         pairs = dict(item.split("=", 1) for item in args.fields.split(",") if "=" in item)
         job["schema"] = schema_for_fields(pairs)
@@ -413,8 +413,8 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from edge_agent.app import topics_for
-    from edge_agent.mqtt import Requester
+    from edge_agent.adapters.mqtt import Requester
+    from edge_agent.service.app import topics_for
 
     settings = settings_from(args)
     job = build_job(args)
@@ -480,7 +480,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _tls_context(settings: Settings) -> Any:
     if not settings.mqtt.tls:
         return None
-    from edge_agent.mqtt import tls_context
+    from edge_agent.adapters.mqtt import tls_context
 
     m = settings.mqtt
     return tls_context(
@@ -492,14 +492,14 @@ def _tls_context(settings: Settings) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edge_agent.demo import run_demo
+    from edge_agent.cli.demo import run_demo
 
     return run_demo(broker=args.broker, model=args.model, protocol=args.protocol)
 
 
 def _probe_report(settings: Settings) -> dict[str, Any]:
-    from edge_agent.app import thread_counts
-    from edge_agent.probe import available_ram, board_facts, disk_free
+    from edge_agent.adapters.probe import available_ram, board_facts, disk_free
+    from edge_agent.service.app import thread_counts
 
     board = board_facts()
     gen, batch = thread_counts(settings, board.cpu_cores)
@@ -519,7 +519,7 @@ def _probe_report(settings: Settings) -> dict[str, Any]:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from edge_agent.console import gib
+    from edge_agent.cli.console import gib
 
     report = _probe_report(settings_from(args))
     if args.json:
@@ -548,11 +548,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from edge_agent.app import load_catalog
-    from edge_agent.catalog import parse_size
-    from edge_agent.console import gib, table
-    from edge_agent.loader import selection_for
-    from edge_agent.probe import board_facts
+    from edge_agent.adapters.probe import board_facts
+    from edge_agent.cli.console import gib, table
+    from edge_agent.core.catalog import parse_size
+    from edge_agent.service.app import load_catalog
+    from edge_agent.service.loader import selection_for
 
     settings = settings_from(args)
     catalog = load_catalog(settings)
@@ -597,7 +597,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from edge_agent.app import load_catalog
+    from edge_agent.service.app import load_catalog
 
     settings = settings_from(args)
     catalog = load_catalog(settings)
@@ -614,8 +614,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _models_list(settings: Settings, catalog: Any) -> int:
-    from edge_agent.console import mib, table
-    from edge_agent.store import read_selection, stored_path
+    from edge_agent.adapters.store import read_selection, stored_path
+    from edge_agent.cli.console import mib, table
 
     current = read_selection(settings.model_dir).get("current")
     rows = []
@@ -644,10 +644,10 @@ def _models_list(settings: Settings, catalog: Any) -> int:
 
 
 def _models_fetch(settings: Settings, catalog: Any, args: argparse.Namespace) -> int:
-    from edge_agent.console import byte_progress, gib
-    from edge_agent.loader import selection_for
-    from edge_agent.probe import board_facts
-    from edge_agent.store import fetch
+    from edge_agent.adapters.probe import board_facts
+    from edge_agent.adapters.store import fetch
+    from edge_agent.cli.console import byte_progress, gib
+    from edge_agent.service.loader import selection_for
 
     names = list(args.names)
     if not names:
@@ -684,8 +684,8 @@ def _models_fetch(settings: Settings, catalog: Any, args: argparse.Namespace) ->
 
 
 def _models_verify(settings: Settings, catalog: Any, paths: list[Path]) -> int:
-    from edge_agent.console import byte_progress
-    from edge_agent.store import stored_files, stored_path, verify
+    from edge_agent.adapters.store import stored_files, stored_path, verify
+    from edge_agent.cli.console import byte_progress
 
     targets = list(paths)
     if not targets:
@@ -718,8 +718,8 @@ def _models_verify(settings: Settings, catalog: Any, paths: list[Path]) -> int:
 
 
 def _models_gc(settings: Settings, catalog: Any, dry_run: bool) -> int:
-    from edge_agent.console import mib
-    from edge_agent.store import plan_gc, read_selection
+    from edge_agent.adapters.store import plan_gc, read_selection
+    from edge_agent.cli.console import mib
 
     selection = read_selection(settings.model_dir)
     keep = [str(n) for n in (selection.get("current"), selection.get("previous")) if n]
@@ -736,10 +736,10 @@ def _models_gc(settings: Settings, catalog: Any, dry_run: bool) -> int:
 
 
 def _models_lock(settings: Settings, catalog: Any, args: argparse.Namespace) -> int:
-    from edge_agent.app import default_lock_path
-    from edge_agent.catalog import dump_lock, load_lock
-    from edge_agent.console import byte_progress
-    from edge_agent.store import digest_source, file_name_of
+    from edge_agent.adapters.store import digest_source, file_name_of, load_lock
+    from edge_agent.cli.console import byte_progress
+    from edge_agent.core.catalog import dump_lock
+    from edge_agent.service.app import default_lock_path
 
     lock_path = args.lock or settings.model.lock_file or default_lock_path()
     catalog = load_lock(lock_path)
@@ -765,9 +765,9 @@ def _models_lock(settings: Settings, catalog: Any, args: argparse.Namespace) -> 
 
 def _open_model(settings: Settings, wanted: str | None) -> Any:
     """Load `wanted` (entry or path), or what this board would run: (loaded, board)."""
-    from edge_agent.app import load_catalog, open_engine
-    from edge_agent.loader import load_model
-    from edge_agent.probe import board_facts
+    from edge_agent.adapters.probe import board_facts
+    from edge_agent.service.app import load_catalog, open_engine
+    from edge_agent.service.loader import load_model
 
     board = board_facts()
     if wanted is not None:
@@ -780,9 +780,9 @@ def _open_model(settings: Settings, wanted: str | None) -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edge_agent.app import thread_counts
-    from edge_agent.benchmark import run_bench, save
-    from edge_agent.console import step_progress, table
+    from edge_agent.cli.console import step_progress, table
+    from edge_agent.service.app import thread_counts
+    from edge_agent.service.benchmark import run_bench, save
 
     settings = settings_from(args)
     loaded, board = _open_model(settings, args.model)
@@ -820,8 +820,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from edge_agent.console import step_progress, table
-    from edge_agent.evaluation import above, evaluate, load_rows, reliability
+    from edge_agent.cli.console import step_progress, table
+    from edge_agent.service.evaluation import above, evaluate, load_rows, reliability
 
     settings = settings_from(args)
     datasets = [
@@ -906,8 +906,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     import threading
     import time
 
-    from edge_agent.fleet import COLUMNS, FleetState
-    from edge_agent.mqtt import Incoming, Requester
+    from edge_agent.adapters.mqtt import Incoming, Requester
+    from edge_agent.core.fleet import COLUMNS, FleetState
 
     settings = settings_from(args)
     m = settings.mqtt
@@ -949,7 +949,7 @@ def _fleet_live(state: Any, lock: Any, columns: list[str], sort: str, reverse: b
     import time
     import tty
 
-    from edge_agent.console import LiveScreen
+    from edge_agent.cli.console import LiveScreen, render_table
 
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd) if sys.stdin.isatty() else None
@@ -959,7 +959,7 @@ def _fleet_live(state: Any, lock: Any, columns: list[str], sort: str, reverse: b
         with LiveScreen() as screen:
             while True:
                 with lock:
-                    body = state.render(sort, reverse)
+                    body = render_table(*state.table(sort, reverse))
                     count = len(state.devices)
                 keys = "  ".join(f"{(i + 1) % 10}:{c}" for i, c in enumerate(columns))
                 screen.show(

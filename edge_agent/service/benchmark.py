@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.metrics import percentile
-from edge_agent.prompt import Message, PromptPlan, classify_plan, extract_plan
-from edge_agent.schema import SchemaLimits, compile_schema
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.metrics import percentile
+from edge_agent.core.prompt import Message, PromptPlan, classify_plan, extract_plan
+from edge_agent.core.schema import SchemaLimits, compile_schema
 
 BENCH_FILE = "bench.json"
 Progress = Callable[[str, int, int], None]  # (phase, done, total)

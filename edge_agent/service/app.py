@@ -16,18 +16,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edge_agent import __version__
-from edge_agent.catalog import Catalog, load_lock
-from edge_agent.errors import ConfigError, EngineUnavailable, JobError
-from edge_agent.faults import Faults
-from edge_agent.health import Health
-from edge_agent.intake import Handing, Intake
-from edge_agent.journal import POISON_AFTER_CRASHES, Journal, RunningMarker
-from edge_agent.loader import Loaded, import_engine, load_model
-from edge_agent.metrics import Metrics
-from edge_agent.mqtt import LinkConfig, MqttLink, Subscription, tls_context
-from edge_agent.outbox import Outbox
-from edge_agent.probe import BoardFacts, Sampler, board_facts
-from edge_agent.protocol import (
+from edge_agent.adapters.journal import POISON_AFTER_CRASHES, Journal, RunningMarker
+from edge_agent.adapters.mqtt import LinkConfig, MqttLink, Subscription, tls_context
+from edge_agent.adapters.probe import BoardFacts, Sampler, board_facts
+from edge_agent.adapters.settings import Settings
+from edge_agent.adapters.store import load_lock
+from edge_agent.adapters.systemd import Notifier, Watchdog
+from edge_agent.core.catalog import Catalog
+from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
+from edge_agent.core.metrics import Metrics
+from edge_agent.core.protocol import (
     KINDS,
     WIRE_VERSION,
     JobLimits,
@@ -35,11 +33,14 @@ from edge_agent.protocol import (
     Topics,
     check_profile,
 )
-from edge_agent.runner import JobRunner
-from edge_agent.schema import SchemaLimits
-from edge_agent.settings import Settings
-from edge_agent.systemd import Notifier, Watchdog
-from edge_agent.telemetry import (
+from edge_agent.core.schema import SchemaLimits
+from edge_agent.service.faults import Faults
+from edge_agent.service.health import Health
+from edge_agent.service.intake import Handing, Intake
+from edge_agent.service.loader import Loaded, import_engine, load_model
+from edge_agent.service.outbox import Outbox
+from edge_agent.service.runner import JobRunner
+from edge_agent.service.telemetry import (
     Identity,
     TelemetryLoop,
     build_info,
@@ -48,10 +49,10 @@ from edge_agent.telemetry import (
     ha_discovery,
     status_line,
 )
-from edge_agent.worker import Worker
+from edge_agent.service.worker import Worker
 
 if TYPE_CHECKING:
-    from edge_agent.engine import LlamaEngine
+    from edge_agent.adapters.engine import LlamaEngine
 
 log = structlog.get_logger("edge_agent.app")
 
@@ -68,7 +69,7 @@ def load_catalog(settings: Settings) -> Catalog:
 
 def open_engine(path: Path, settings: Settings, board: BoardFacts) -> LlamaEngine:
     """Load `path` with the context the settings ask for."""
-    from edge_agent.engine import EngineConfig, LlamaEngine
+    from edge_agent.adapters.engine import EngineConfig, LlamaEngine
 
     gen_threads, batch_threads = thread_counts(settings, board.cpu_cores)
     return LlamaEngine(
@@ -506,7 +507,7 @@ class Agent:
     def _start_exporter(
         self, snapshot: Callable[[], dict[str, Any]], loaded: Loaded[LlamaEngine]
     ) -> Any:
-        from edge_agent.exporter import MetricsServer
+        from edge_agent.adapters.exporter import MetricsServer
 
         assert self.board is not None
         assert self.settings.telemetry.prometheus_port is not None

@@ -28,11 +28,11 @@ from typing import Protocol
 
 import structlog
 
-from edge_agent.errors import StoreError
-from edge_agent.health import Beat
-from edge_agent.journal import Entry, Journal, Stored
-from edge_agent.metrics import Metrics
-from edge_agent.protocol import CONTENT_TYPE, MAX_DEADLINE_S, Reply
+from edge_agent.adapters.journal import Entry, Journal, Stored
+from edge_agent.core.errors import StoreError
+from edge_agent.core.metrics import Metrics
+from edge_agent.core.protocol import CONTENT_TYPE, MAX_DEADLINE_S, Reply
+from edge_agent.service.health import Beat
 
 log = structlog.get_logger("edge_agent.outbox")
 

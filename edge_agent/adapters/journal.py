@@ -33,7 +33,7 @@ from pathlib import Path
 
 import structlog
 
-from edge_agent.errors import StoreError
+from edge_agent.core.errors import StoreError
 
 log = structlog.get_logger("edge_agent.journal")
 

@@ -33,8 +33,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from tenacity import RetryCallState, wait_random_exponential
 
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import topic_name_problem
+from edge_agent.core.errors import ConfigError
+from edge_agent.core.protocol import topic_name_problem
 
 log = structlog.get_logger("edge_agent.mqtt")
 

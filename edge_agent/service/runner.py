@@ -12,12 +12,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.constraint import JsonConstraint
-from edge_agent.errors import Code, EngineError
-from edge_agent.inference import Engine, StopCheck, Timings
-from edge_agent.prompt import PromptPlan, classify_plan, extract_plan
-from edge_agent.protocol import Job
-from edge_agent.schema import problems
+from edge_agent.core.constraint import JsonConstraint
+from edge_agent.core.errors import Code, EngineError
+from edge_agent.core.inference import Engine, StopCheck, Timings
+from edge_agent.core.prompt import PromptPlan, classify_plan, extract_plan
+from edge_agent.core.protocol import Job
+from edge_agent.core.schema import problems
 
 MAX_NEW_TOKENS = 512
 _SCORE_DIGITS = 4

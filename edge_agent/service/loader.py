@@ -19,13 +19,13 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
-from edge_agent.benchmark import measured_speeds
-from edge_agent.catalog import Catalog, ModelEntry, Policy, Runtime, Selection, select
-from edge_agent.errors import ConfigError, EngineUnavailable, ModelError, ModelNotFound
-from edge_agent.probe import BoardFacts
-from edge_agent.protocol import ModelRef
-from edge_agent.settings import Settings
-from edge_agent.store import entry_for_path, locate, record_loaded, verify
+from edge_agent.adapters.probe import BoardFacts
+from edge_agent.adapters.settings import Settings
+from edge_agent.adapters.store import entry_for_path, locate, record_loaded, verify
+from edge_agent.core.catalog import Catalog, ModelEntry, Policy, Runtime, Selection, select
+from edge_agent.core.errors import ConfigError, EngineUnavailable, ModelError, ModelNotFound
+from edge_agent.core.protocol import ModelRef
+from edge_agent.service.benchmark import measured_speeds
 
 log = structlog.get_logger("edge_agent.loader")
 
@@ -164,7 +164,7 @@ def import_engine() -> ModuleType:
     """Import the llama.cpp adapter, or raise EngineUnavailable saying which system library
     is missing and which package provides it (rather than a traceback from ctypes)."""
     try:
-        return importlib.import_module("edge_agent.engine")
+        return importlib.import_module("edge_agent.adapters.engine")
     except (ImportError, OSError, RuntimeError) as exc:
         raise EngineUnavailable(library_problem(str(exc))) from exc
 

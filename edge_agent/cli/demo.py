@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edge_agent.benchmark import READING
-from edge_agent.broker import LocalBroker, find_mosquitto, free_port, wait_for_port
-from edge_agent.mqtt import Incoming, Requester
+from edge_agent.adapters.broker import LocalBroker, find_mosquitto, free_port, wait_for_port
+from edge_agent.adapters.mqtt import Incoming, Requester
+from edge_agent.service.benchmark import READING
 
 DEVICE = "demo-board"
 SAMPLES: list[dict[str, Any]] = [

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.errors import Code, JobError
+from edge_agent.core.errors import Code, JobError
 
 ANNOTATIONS = frozenset(
     {"title", "description", "$schema", "$id", "$comment", "default", "examples", "format"}

@@ -20,7 +20,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from bench.harness import (
+from edge_agent.adapters.broker import LocalBroker
+from tests.harness.process import (
     AgentProcess,
     Figures,
     Proxy,
@@ -30,8 +31,7 @@ from bench.harness import (
     figures,
     start_agent_process,
 )
-from bench.slowfs import SlowFs
-from edge_agent.broker import LocalBroker
+from tests.harness.slowfs import SlowFs
 
 FAST = {"EDGE_AGENT_MQTT__RECONNECT_MIN_S": "0.2", "EDGE_AGENT_MQTT__RECONNECT_MAX_S": "1"}
 
@@ -293,7 +293,7 @@ def slow_fsync(
     keepalive_s: int = 5,
 ) -> Figures:
     """The agent's state directory (its job journal) on storage where every fsync takes
-    `fsync_ms` (bench/slowfs.c, a FUSE filesystem), while jobs stream in. Replies must all
+    `fsync_ms` (tests/harness/slowfs.c, a FUSE filesystem), while jobs stream in. Replies must all
     come, acknowledgements keep flowing, and the MQTT keepalive never lapses."""
     prefix = f"c{uuid.uuid4().hex[:6]}"
     broker = LocalBroker(workdir=workdir / "broker").start()

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.errors import Code, JobError
-from edge_agent.prompt import Example, canonical_json
-from edge_agent.schema import ObjectNode, SchemaLimits, compile_schema
+from edge_agent.core.errors import Code, JobError
+from edge_agent.core.prompt import Example, canonical_json
+from edge_agent.core.schema import ObjectNode, SchemaLimits, compile_schema
 
 WIRE_VERSION = 1
 KINDS = ("classify", "extract")

@@ -19,15 +19,12 @@ from typing import Protocol
 
 import structlog
 
-from edge_agent.errors import Code, EdgeAgentError, EngineError, JobError
-from edge_agent.faults import Faults
-from edge_agent.health import Beat, Health, supervised
-from edge_agent.inference import Interrupted
-from edge_agent.journal import RunningMarker
-from edge_agent.log import bind_job
-from edge_agent.metrics import Metrics
-from edge_agent.outbox import Handoff, Memo
-from edge_agent.protocol import (
+from edge_agent.adapters.journal import RunningMarker
+from edge_agent.adapters.log import bind_job
+from edge_agent.core.errors import Code, EdgeAgentError, EngineError, JobError
+from edge_agent.core.inference import Interrupted
+from edge_agent.core.metrics import Metrics
+from edge_agent.core.protocol import (
     Job,
     ModelRef,
     Reply,
@@ -37,7 +34,10 @@ from edge_agent.protocol import (
     rejection,
     timings_dict,
 )
-from edge_agent.runner import JobRunner
+from edge_agent.service.faults import Faults
+from edge_agent.service.health import Beat, Health, supervised
+from edge_agent.service.outbox import Handoff, Memo
+from edge_agent.service.runner import JobRunner
 
 log = structlog.get_logger("edge_agent.worker")
 

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import ConfigError, JobError
-from edge_agent.inference import Engine
-from edge_agent.metrics import percentile
-from edge_agent.protocol import Delivery, JobLimits, Topics, parse_job
-from edge_agent.runner import JobRunner
-from edge_agent.schema import problems, schema_for_fields
+from edge_agent.core.errors import ConfigError, JobError
+from edge_agent.core.inference import Engine
+from edge_agent.core.metrics import percentile
+from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
+from edge_agent.core.schema import problems, schema_for_fields
+from edge_agent.service.runner import JobRunner
 
 Progress = Callable[[int, int], None]
 TUNE, TEST = "tune", "test"

@@ -32,10 +32,10 @@ import llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.constraint import JsonConstraint, State
-from edge_agent.errors import Code, EngineError, JobError, ModelLoadError
-from edge_agent.inference import Classification, Extraction, Interrupted, StopCheck, Timings
-from edge_agent.prompt import PromptPlan
+from edge_agent.core.constraint import JsonConstraint, State
+from edge_agent.core.errors import Code, EngineError, JobError, ModelLoadError
+from edge_agent.core.inference import Classification, Extraction, Interrupted, StopCheck, Timings
+from edge_agent.core.prompt import PromptPlan
 
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a chat template
 # How many of the likeliest tokens normalise a choice's probability (field confidence).
