@@ -25,7 +25,7 @@ from edge_agent.core.catalog import Catalog
 from tests.harness.process import AgentProcess, start_agent_process
 
 ROOT = Path(__file__).resolve().parent.parent
-EVAL_DIR = ROOT / "tests" / "data" / "eval"  # a copy of ../shared/eval, attribution kept
+EVAL_DIR = ROOT / "tests" / "data" / "eval"  # loghub rows and hand-written ones; attribution kept
 
 
 @pytest.fixture(scope="session")

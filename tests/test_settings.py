@@ -207,3 +207,12 @@ def test_a_config_file_that_is_not_a_regular_file_is_read_and_a_directory_is_ref
     assert load_settings(Path("/dev/null")).mqtt.broker == "mqtt://localhost:1883"
     with pytest.raises(ConfigError, match="is a directory"):
         load_settings(tmp_path)
+
+
+def test_job_limits_defaults_are_the_settings_defaults() -> None:
+    """core.protocol.JobLimits() (used by tests, eval and tools) must not drift from the
+    jobs.* settings the agent runs with."""
+    from edge_agent.core.protocol import JobLimits
+    from edge_agent.service.app import job_limits
+
+    assert job_limits(load_settings(Path("/dev/null"))) == JobLimits()

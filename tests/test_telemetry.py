@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.adapters.broker import LocalBroker, free_port, wait_for_port
 from edge_agent.adapters.mqtt import Requester
 from edge_agent.adapters.probe import Readings
+from edge_agent.core.protocol import Topics
 from edge_agent.service.telemetry import Identity, build_telemetry, ha_discovery
 from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
 
@@ -242,10 +243,7 @@ def test_home_assistant_discovery_uses_documented_keys_and_reannounces(
 def test_discovery_values_render_from_a_telemetry_message() -> None:
     """Each value_template's path exists in a real telemetry message (jinja-free check)."""
     configs = ha_discovery(
-        prefix="ha",
-        device_id="pi 1",
-        status_topic="s",
-        telemetry_topic="t",
+        topics=Topics("edge", "pi 1", "g", discovery_prefix="ha"),
         version="1",
         board_model=None,
         architecture="aarch64",

@@ -345,10 +345,6 @@ class Journal:
             ).fetchone()
         return int(count)
 
-    def prune(self) -> None:
-        with self._write_lock:
-            self._prune(self.clock())
-
     def _write(self, sql: str, args: tuple[object, ...]) -> None:
         """A bookkeeping write that needs no fsync of its own (see mark_delivered)."""
         with self._write_lock, self._lazy_sync():

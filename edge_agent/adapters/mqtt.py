@@ -213,9 +213,6 @@ class MqttLink:
         )
         self._supervisor.start()
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 5.0) -> None:
         """Publish `final` (topic, payload; retained) if connected, then disconnect cleanly."""
         self._stopping.set()

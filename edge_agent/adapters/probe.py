@@ -18,7 +18,6 @@ from typing import Any
 
 import psutil
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED = "max"
 # CPU features llama.cpp's kernels care about, by architecture.
 ARM_FEATURES = ("asimd", "asimddp", "i8mm", "sve", "fphp", "asimdhp")

@@ -238,7 +238,11 @@ class ModelSettings(_Section):
         "before it runs.",
     )
     n_threads: int | None = Field(
-        None, ge=1, le=256, description="Threads for generation; default cores - 1 (min 1)."
+        None,
+        ge=1,
+        le=256,
+        description="Threads for generation; default all cores on boards with 1 or 2, "
+        "else cores - 1.",
     )
     n_threads_batch: int | None = Field(
         None, ge=1, le=256, description="Threads for prompt processing; default all cores."

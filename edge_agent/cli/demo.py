@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from edge_agent.adapters.broker import LocalBroker, find_mosquitto, free_port, wait_for_port
 from edge_agent.adapters.mqtt import Incoming, Requester
+from edge_agent.core.protocol import Topics
 from edge_agent.service.benchmark import READING
 
 DEVICE = "demo-board"
@@ -173,10 +174,10 @@ def _run(url: str, protocol: str, model: str | None, state: Path) -> int:
     host, port = parts.hostname or "127.0.0.1", parts.port or 1883
     requester = Requester(host, port, f"edge-demo-{uuid.uuid4().hex[:6]}", protocol=protocol)
     requester.connect()
-    prefix = "edge"
-    reply_topic = f"{prefix}/replies/demo"
-    requester.subscribe(f"{prefix}/devices/{DEVICE}/status")
-    requester.subscribe(f"{prefix}/devices/{DEVICE}/telemetry", qos=0)
+    topics = Topics("edge", DEVICE, "edge-agent")  # the defaults the demo agent runs with
+    reply_topic = topics.replies("demo")
+    requester.subscribe(topics.status())
+    requester.subscribe(topics.telemetry(), qos=0)
     requester.subscribe(reply_topic)
     try:
         with _agent(url, protocol, model, state) as proc:
@@ -186,7 +187,7 @@ def _run(url: str, protocol: str, model: str | None, state: Path) -> int:
                 _say((state / "agent.log").read_text()[-4000:])
                 return 1
             _say("agent:   online\n")
-            ok = _send_samples(requester, prefix, reply_topic, protocol)
+            ok = _send_samples(requester, topics, reply_topic, protocol)
             telemetry = requester.wait_for(lambda m: m.topic.endswith("/telemetry"), 15)
             if telemetry is not None:
                 _say("one telemetry message (edge/devices/demo-board/telemetry):")
@@ -216,13 +217,13 @@ def _wait_status(
     return False
 
 
-def _send_samples(requester: Requester, prefix: str, reply_topic: str, protocol: str) -> bool:
+def _send_samples(requester: Requester, topics: Topics, reply_topic: str, protocol: str) -> bool:
     header = f"{'job':<10} {'kind':<9} {'status':<9} {'answer (confidence)':<60}"
     _say(f"{header} {'ms':>6} {'tok/s':>6}")
     all_answered = True
     for i, sample in enumerate(SAMPLES, start=1):
         job = {"id": f"demo-{i}", **sample}
-        topic = f"{prefix}/jobs/{sample['kind']}"
+        topic = topics.fleet_jobs(sample["kind"])
         if protocol == "5":
             requester.publish(
                 topic,

@@ -20,7 +20,7 @@ from edge_agent import __version__
 from edge_agent.adapters.settings import Settings, load_settings
 from edge_agent.core.errors import ConfigError, EdgeAgentError, EngineUnavailable, ModelError
 
-EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
+EX_OK, EX_FAIL = 0, 1
 EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 69, 75, 78
 
 
@@ -421,16 +421,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     topics = topics_for(settings)
     kind = job.get("kind", args.kind or "classify")
     topic = (
-        f"{settings.mqtt.topic_prefix}/devices/{args.device}/jobs/{kind}"
-        if args.device
-        else topics.fleet_jobs(kind)
+        topics.of_device(args.device).device_jobs(kind) if args.device else topics.fleet_jobs(kind)
     )
     m = settings.mqtt
     nonce = uuid.uuid4().hex[:8]
     client_id = f"edge-submit-{nonce}"
     # A fleet broker (deploy/mosquitto) lets a sensor read only <prefix>/replies/<its username>/#.
     owner = m.username or client_id
-    reply_topic = f"{m.topic_prefix}/replies/{owner}/{nonce}"
+    reply_topic = topics.replies(owner, nonce)
     requester = Requester(
         m.host,
         m.port,
@@ -908,8 +906,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
     from edge_agent.adapters.mqtt import Incoming, Requester
     from edge_agent.core.fleet import COLUMNS, FleetState
+    from edge_agent.service.app import topics_for
 
     settings = settings_from(args)
+    topics = topics_for(settings)
     m = settings.mqtt
     state = FleetState(m.topic_prefix)
     lock = threading.Lock()
@@ -930,9 +930,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         return EX_UNAVAILABLE
     try:
         for leaf in ("status", "info", "telemetry"):
-            client.subscribe(
-                f"{m.topic_prefix}/devices/+/{leaf}", qos=0 if leaf == "telemetry" else 1
-            )
+            client.subscribe(topics.all_devices(leaf), qos=0 if leaf == "telemetry" else 1)
         if args.json or not sys.stdout.isatty():
             time.sleep(args.wait)
             with lock:

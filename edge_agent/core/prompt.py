@@ -73,7 +73,7 @@ def classify_plan(
         f"Labels:\n{listed}\n\nAnswer with the label only."
     )
     # "Message: " and "Label:" frame the job for small models: with them SmolLM2-135M picks
-    # the right label about 1.5x as often on ../shared/eval (docs/performance.md).
+    # the right label about 1.5x as often on tests/data/eval (docs/performance.md).
     return PromptPlan(
         fixed=(Message("system", system), *_shots(examples, "Message: ", "Label: ")),
         lead="Message: ",

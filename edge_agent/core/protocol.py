@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -101,6 +101,18 @@ class Topics:
     def all_devices(self, leaf: str) -> str:
         """Wildcard over every device's `leaf` topic (for the fleet view)."""
         return f"{self.prefix}/devices/+/{leaf}"
+
+    def of_device(self, device_id: str) -> Topics:
+        """The same fleet's topics as another device sees them (for requesters)."""
+        return replace(self, device_id=device_id)
+
+    def replies(self, *parts: str) -> str:
+        """Where requesters take answers: `<prefix>/replies/<their name>/...`."""
+        return "/".join((self.prefix, "replies", *parts))
+
+    def ha_config(self, component: str, node: str, key: str) -> str:
+        """A Home Assistant discovery config topic."""
+        return f"{self.discovery_prefix}/{component}/{node}/{key}/config"
 
     def ha_status(self) -> str:
         """Home Assistant's birth/last-will topic: `online` when it (re)starts."""

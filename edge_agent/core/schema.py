@@ -290,7 +290,7 @@ def _compile_object(
 
 
 def schema_for_fields(fields: dict[str, str]) -> dict[str, Any]:
-    """The JSON Schema of ../shared/eval extract rows: every field required, nothing else."""
+    """The JSON Schema of tests/data/eval extract rows: every field required, nothing else."""
     return {
         "type": "object",
         "properties": {name: {"type": kind} for name, kind in fields.items()},

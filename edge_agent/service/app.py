@@ -493,10 +493,7 @@ class Agent:
         assert self.board is not None
         s = self.settings
         return ha_discovery(
-            prefix=s.telemetry.discovery_prefix,
-            device_id=s.device_id,
-            status_topic=self.topics.status(),
-            telemetry_topic=self.topics.telemetry(),
+            topics=self.topics,
             version=__version__,
             board_model=self.board.board_model,
             architecture=self.board.architecture,

@@ -1,7 +1,7 @@
 """`edge-agent eval`: how well a model does on a dataset of classify or extract rows, and
 whether its confidence means something.
 
-The row format is ../shared/eval's (tests/data/eval/README.md):
+The row format is that of tests/data/eval (its README.md):
     classify  {"text", "labels", "label"}
     extract   {"text", "fields": {name: "string"|"number"|"integer"}, "expected": {...}}
               or {"text", "schema": {...}, "expected": {...}}

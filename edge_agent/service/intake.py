@@ -233,7 +233,8 @@ class Intake:
         """Last resort for a message that broke the reading itself: answer it
         `internal_error` where it asked, if that can be worked out, and acknowledge it."""
         try:
-            delivery = self._delivery(message.incoming)
+            incoming = message.incoming
+            delivery = self._delivery(incoming, self.topics.parse(incoming.topic).fleet)
             try:
                 data: dict[str, Any] | None = decode_payload(delivery.payload, self.limits)
             except JobError:
@@ -267,8 +268,7 @@ class Intake:
 
     # ---- jobs ------------------------------------------------------------------------------
 
-    def _delivery(self, incoming: Incoming) -> Delivery:
-        fleet = incoming.topic.startswith(f"{self.topics.prefix}/jobs/")
+    def _delivery(self, incoming: Incoming, fleet: bool) -> Delivery:
         return Delivery(
             topic=incoming.topic,
             payload=incoming.payload,
@@ -283,7 +283,7 @@ class Intake:
         )
 
     def _job(self, message: _Message, fleet: bool) -> None:
-        delivery = self._delivery(message.incoming)
+        delivery = self._delivery(message.incoming, fleet)
         ack = message.ack
         try:
             data = decode_payload(delivery.payload, self.limits)
@@ -428,7 +428,7 @@ class Intake:
         if not isinstance(job_id, str) or not job_id:
             log.warning("job.cancel_ignored", reason="no id", bytes=len(incoming.payload))
             return
-        delivery = self._delivery(incoming)
+        delivery = self._delivery(incoming, fleet=False)  # only its reply route is read
         route = reply_route(delivery, data if isinstance(data, dict) else None,
                             self.topics, self.limits)  # fmt: skip
         found = self.worker.cancel(job_id, route.topic)

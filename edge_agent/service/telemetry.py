@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from edge_agent.adapters.probe import Readings
+from edge_agent.core.protocol import Topics
 from edge_agent.service.health import Beat, supervised
 
 log = structlog.get_logger("edge_agent.telemetry")
@@ -263,10 +264,7 @@ def _ha_id(text: str) -> str:
 
 def ha_discovery(
     *,
-    prefix: str,
-    device_id: str,
-    status_topic: str,
-    telemetry_topic: str,
+    topics: Topics,
     version: str,
     board_model: str | None,
     architecture: str,
@@ -275,6 +273,7 @@ def ha_discovery(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Retained config messages that make the device and its sensors appear in Home
     Assistant (MQTT discovery), with the device's status topic as availability."""
+    device_id = topics.device_id
     node = f"edge_agent_{_ha_id(device_id)}"
     device = {
         "identifiers": [node],
@@ -291,9 +290,9 @@ def ha_discovery(
         config: dict[str, Any] = {
             "name": s.name,
             "unique_id": f"{node}_{s.key}",
-            "state_topic": telemetry_topic,
+            "state_topic": topics.telemetry(),
             "value_template": s.template,
-            "availability_topic": status_topic,
+            "availability_topic": topics.status(),
             "availability_template": AVAILABILITY_TEMPLATE,
             "payload_available": "online",
             "payload_not_available": "offline",
@@ -312,5 +311,5 @@ def ha_discovery(
             config["suggested_display_precision"] = s.precision
         if s.key in ("cpu", "memory_available", "agent_memory"):
             config["entity_category"] = "diagnostic"
-        out.append((f"{prefix}/sensor/{node}/{s.key}/config", config))
+        out.append((topics.ha_config("sensor", node, s.key), config))
     return out
