@@ -216,3 +216,13 @@ def test_job_limits_defaults_are_the_settings_defaults() -> None:
     from edge_agent.service.app import job_limits
 
     assert job_limits(load_settings(Path("/dev/null"))) == JobLimits()
+
+
+def test_reconnect_backoff_grows_with_full_jitter_up_to_its_ceiling() -> None:
+    from edge_agent.adapters.mqtt import reconnect_delay
+
+    assert reconnect_delay(1, 0.5, 30, rand=lambda: 0.999) == pytest.approx(0.4995)
+    assert reconnect_delay(4, 0.5, 30, rand=lambda: 1.0) == 4.0  # 0.5 x 2^3
+    assert reconnect_delay(10_000, 0.5, 30, rand=lambda: 1.0) == 30  # capped, no overflow
+    assert reconnect_delay(3, 0.5, 30, rand=lambda: 0.0) == 0.0  # full jitter reaches 0
+    assert reconnect_delay(0, 0.5, 30, rand=lambda: 1.0) == 0.5  # attempts count from 1

@@ -22,7 +22,6 @@ import math
 import threading
 import time
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
+from cachetools import LRUCache
 
 from edge_agent.core.constraint import JsonConstraint, State
 from edge_agent.core.errors import Code, EngineError, JobError, ModelLoadError
@@ -83,10 +83,14 @@ class _Shape:
     prefix_tokens: list[int]
     suffix_parts: list[tuple[str, bool]]  # (text, is_template) after the job's text
     label_lead: str = ""  # put before each label: " " when the prompt ends mid-line
-    label_tokens: dict[tuple[str, ...], tuple[list[list[int]], bool]] = field(default_factory=dict)
+    label_tokens: LRUCache[tuple[str, ...], tuple[list[list[int]], bool]] = field(
+        default_factory=lambda: LRUCache(maxsize=32)
+    )
     # Each label set's bias with this prompt: log of the mean label probabilities over
     # content-free texts (contextual calibration), measured once and kept with the shape.
-    label_bias: dict[tuple[str, ...], dict[str, float]] = field(default_factory=dict)
+    label_bias: LRUCache[tuple[str, ...], dict[str, float]] = field(
+        default_factory=lambda: LRUCache(maxsize=32)
+    )
 
 
 def _ensure_backend() -> None:
@@ -152,7 +156,7 @@ class LlamaEngine:
         self._kv_tokens: list[int] = []  # what sequence 0 holds now
         self._prefix_len = 0  # how much of it is the current shape's prefix
         self._saved = _StateCache(config.prefix_cache_bytes)
-        self._shapes: OrderedDict[str, _Shape] = OrderedDict()
+        self._shapes: LRUCache[str, _Shape] = LRUCache(maxsize=64)
         # The intake thread tokenizes (the token budget) while the inference thread decodes:
         # llama.cpp's tokenizer only reads the vocabulary, but these caches are shared.
         self._shape_lock = threading.Lock()
@@ -216,8 +220,6 @@ class LlamaEngine:
         bias = {label: math.log(max(p, 1e-12)) for label, p in mean.items()}
         with self._shape_lock:
             shape.label_bias[labels] = bias
-            if len(shape.label_bias) > 32:
-                shape.label_bias.pop(next(iter(shape.label_bias)))
         return bias
 
     def extract(
@@ -331,7 +333,6 @@ class LlamaEngine:
         with self._shape_lock:
             shape = self._shapes.get(key)
             if shape is not None:
-                self._shapes.move_to_end(key)
                 return shape
         parts = self._render(plan)
         # parts alternate: template text, content, template text, ... then the answer
@@ -351,8 +352,6 @@ class LlamaEngine:
         shape = _Shape(prefix_tokens=prefix, suffix_parts=suffix, label_lead=lead)
         with self._shape_lock:
             self._shapes[key] = shape
-            if len(self._shapes) > 64:
-                self._shapes.popitem(last=False)
         return shape
 
     def _render(self, plan: PromptPlan) -> list[tuple[str, bool]]:
@@ -591,8 +590,6 @@ class LlamaEngine:
         result = (tokens, with_end)
         with self._shape_lock:
             shape.label_tokens[labels] = result
-            if len(shape.label_tokens) > 32:
-                shape.label_tokens.pop(next(iter(shape.label_tokens)))
         return result
 
     def _decode_multi(self, entries: list[tuple[int, int, int]]) -> list[npt.NDArray[np.float32]]:
@@ -824,30 +821,23 @@ class _Pieces:
 
 
 class _StateCache:
-    """Saved KV states of prompt prefixes, least recently used dropped first."""
+    """Saved KV states of prompt prefixes, bounded by their total size, least recently
+    used dropped first (cachetools' LRUCache weighing each state by its bytes)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
+        self._items: LRUCache[str, bytes] = LRUCache(maxsize=max(capacity, 1), getsizeof=len)
 
     def __contains__(self, key: str) -> bool:
         return key in self._items
 
     def get(self, key: str) -> bytes | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
+        return self._items.get(key)
 
     def put(self, key: str, value: bytes) -> None:
-        if key in self._items:
-            return
+        if key in self._items or len(value) > self.capacity:
+            return  # a state bigger than the whole cache is not kept (nor evicts the rest)
         self._items[key] = value
-        self._size += len(value)
-        while self._size > self.capacity and self._items:
-            _, dropped = self._items.popitem(last=False)
-            self._size -= len(dropped)
 
 
 def _release_free_heap() -> None:

@@ -4,7 +4,7 @@ Only this module imports paho. Threads:
     paho's network thread ("paho-mqtt-client-..."): socket I/O and callbacks. Callbacks
         validate and enqueue, nothing more, and never raise (see `_guard`).
     "mqtt-supervisor": connects, and after a drop waits a randomised, growing delay
-        (tenacity's exponential backoff with full jitter) before reconnecting, so a fleet
+        (exponential backoff with full jitter) before reconnecting, so a fleet
         does not reconnect in waves after a broker restart. paho's own reconnect doubles
         its delay without jitter, so it is turned off.
 
@@ -16,6 +16,7 @@ the job, and the job store answers it again without running it twice).
 
 from __future__ import annotations
 
+import random
 import socket
 import ssl
 import threading
@@ -31,7 +32,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from tenacity import RetryCallState, wait_random_exponential
 
 from edge_agent.core.errors import ConfigError
 from edge_agent.core.protocol import topic_name_problem
@@ -230,9 +230,7 @@ class MqttLink:
         self._client.loop_stop()
 
     def _supervise(self) -> None:
-        wait = wait_random_exponential(
-            multiplier=self.config.reconnect_min_s, max=self.config.reconnect_max_s
-        )
+        c = self.config
         failures = 0
         first = True
         while not self._stopping.is_set():
@@ -243,7 +241,7 @@ class MqttLink:
                 self._client.loop_start()
             except (OSError, ssl.SSLError, ValueError) as exc:
                 failures += 1
-                delay = _delay(wait, failures)
+                delay = reconnect_delay(failures, c.reconnect_min_s, c.reconnect_max_s)
                 log.warning(
                     "mqtt.connect_failed",
                     error=str(exc),
@@ -263,7 +261,7 @@ class MqttLink:
             # backoff grows instead of reconnecting in a tight loop.
             lasted = time.monotonic() - self._up_since
             failures = 0 if self._was_up and lasted >= STABLE_CONNECTION_S else failures + 1
-            delay = _delay(wait, max(1, failures))
+            delay = reconnect_delay(max(1, failures), c.reconnect_min_s, c.reconnect_max_s)
             log.warning("mqtt.reconnect_scheduled", retry_in_s=round(delay, 2), attempt=failures)
             self._stopping.wait(delay)
 
@@ -469,11 +467,14 @@ def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _delay(wait: Any, attempt: int) -> float:
-    """The delay tenacity's wait strategy gives for the `attempt`-th retry."""
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = attempt
-    return float(wait(state))
+def reconnect_delay(
+    attempt: int, min_s: float, max_s: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before the `attempt`-th reconnect (from 1): exponential backoff
+    with full jitter, uniform in [0, min(max_s, min_s x 2^(attempt-1))), so boards that
+    lost the same broker do not come back in waves."""
+    ceiling = min(max_s, min_s * 2.0 ** min(max(attempt, 1) - 1, 64))
+    return ceiling * rand()
 
 
 class Requester:

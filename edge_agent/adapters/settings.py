@@ -137,8 +137,9 @@ class MqttSettings(_Section):
         0.5,
         gt=0,
         le=60,
-        description="Base of the reconnect backoff: the n-th retry waits a random time "
-        "between 0 and min(reconnect_max_s, reconnect_min_s x 2^n) seconds (full jitter).",
+        description="Base of the reconnect backoff: the n-th retry (from 1) waits a random "
+        "time between 0 and min(reconnect_max_s, reconnect_min_s x 2^(n-1)) seconds (full "
+        "jitter).",
     )
     reconnect_max_s: float = Field(
         30.0, gt=0, le=3600, description="Longest wait between reconnect attempts."

@@ -12,6 +12,7 @@ Layout of the model directory (`<state_dir>/models` by default):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -24,6 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from edge_agent.core.catalog import Catalog, ModelEntry, parse_lock
@@ -107,16 +109,36 @@ def _assemble(entry: ModelEntry, target: Path) -> None:
     partial.replace(target)
 
 
+def _pump(
+    src: IO[bytes],
+    *,
+    out: IO[bytes] | None = None,
+    digest: Any = None,
+    progress: Progress | None = None,
+    done: int = 0,
+    total: int | None = None,
+) -> int:
+    """The one copy loop: `src` block by block into `out` (then fsynced) and/or `digest`,
+    reporting `done` plus the bytes so far of `total`; returns the bytes moved."""
+    moved = 0
+    while block := src.read(CHUNK):
+        if out is not None:
+            out.write(block)
+        if digest is not None:
+            digest.update(block)
+        moved += len(block)
+        if progress is not None:
+            progress(done + moved, total)
+    if out is not None:
+        out.flush()
+        os.fsync(out.fileno())
+    return moved
+
+
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
     digest = hashlib.sha256()
-    done = 0
-    total = path.stat().st_size
     with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-            done += len(block)
-            if progress is not None:
-                progress(done, total)
+        _pump(handle, digest=digest, progress=progress, total=path.stat().st_size)
     return digest.hexdigest()
 
 
@@ -270,15 +292,8 @@ def _download(
         if have and response.status != 206:
             have, mode = 0, "wb"  # the server ignored Range: start over
         total = _total(response.headers, have, expected)
-        written = 0
         with partial.open(mode) as out:
-            while block := response.read(CHUNK):
-                out.write(block)
-                written += len(block)
-                if progress is not None:
-                    progress(have + written, total)
-            out.flush()
-            os.fsync(out.fileno())
+            written = _pump(response, out=out, progress=progress, done=have, total=total)
     if total is not None and have + written != total:
         raise OSError(f"connection closed after {have + written} of {total} bytes")
     return written
@@ -306,17 +321,9 @@ def _copy_local(source: Path, partial: Path, have: int, progress: Progress | Non
     if not source.is_file():
         raise FileNotFoundError(f"{source} is not in the mirror")
     total = source.stat().st_size
-    written = 0
     with source.open("rb") as src, partial.open("ab" if have else "wb") as out:
         src.seek(have)
-        while block := src.read(CHUNK):
-            out.write(block)
-            written += len(block)
-            if progress is not None:
-                progress(have + written, total)
-        out.flush()
-        os.fsync(out.fileno())
-    return written
+        return _pump(src, out=out, progress=progress, done=have, total=total)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -337,23 +344,14 @@ def digest_source(
             shutil.copyfile(path, keep)
         return path.stat().st_size, sha256_file(path, progress)
     digest = hashlib.sha256()
-    size = 0
     _http_only(source)
     request = urllib.request.Request(source, headers={"User-Agent": USER_AGENT})  # noqa: S310
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+    with (
+        urllib.request.urlopen(request, timeout=timeout) as response,  # noqa: S310
+        keep.open("wb") if keep is not None else contextlib.nullcontext() as out,
+    ):
         total = _total(response.headers, 0, None)
-        out = keep.open("wb") if keep is not None else None
-        try:
-            while block := response.read(CHUNK):
-                digest.update(block)
-                size += len(block)
-                if out is not None:
-                    out.write(block)
-                if progress is not None:
-                    progress(size, total)
-        finally:
-            if out is not None:
-                out.close()
+        size = _pump(response, out=out, digest=digest, progress=progress, total=total)
     return size, digest.hexdigest()
 
 

@@ -6,9 +6,8 @@ schema is compiled once however many jobs use it), and the result shape of wire 
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ from edge_agent.core.errors import Code, EngineError
 from edge_agent.core.inference import Engine, StopCheck, Timings
 from edge_agent.core.prompt import PromptPlan, classify_plan, extract_plan
 from edge_agent.core.protocol import Job
-from edge_agent.core.schema import problems
+from edge_agent.core.schema import ObjectNode, problems
 
 MAX_NEW_TOKENS = 512
 _SCORE_DIGITS = 4
@@ -42,8 +41,6 @@ class JobRunner:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.min_confidence = min_confidence
-        self._constraints: OrderedDict[str, JsonConstraint] = OrderedDict()
-        self._lock = threading.Lock()  # the intake's thread checks budgets meanwhile
 
     def check_budget(self, job: Job) -> None:
         """Raise JobError `context_too_long` if the job cannot fit the engine's context;
@@ -92,19 +89,15 @@ class JobRunner:
         return Outcome(extracted, found.timings)
 
     def _constraint(self, job: Job) -> JsonConstraint:
-        key = json.dumps(job.schema, sort_keys=True)
-        with self._lock:
-            constraint = self._constraints.get(key)
-            if constraint is not None:
-                self._constraints.move_to_end(key)
-                return constraint
         assert job.node is not None
-        constraint = JsonConstraint(job.node)
-        with self._lock:
-            self._constraints[key] = constraint
-            if len(self._constraints) > 64:
-                self._constraints.popitem(last=False)
-        return constraint
+        return _constraint_for(job.node)
+
+
+@functools.lru_cache(maxsize=64)
+def _constraint_for(node: ObjectNode) -> JsonConstraint:
+    """A schema's automaton, compiled once however many jobs use it (nodes are frozen and
+    hashable: schemas that differ only in annotations share one)."""
+    return JsonConstraint(node)
 
 
 def _classify_plan(job: Job) -> PromptPlan:
