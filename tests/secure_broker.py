@@ -279,7 +279,7 @@ class FleetBroker:
         """What an operator does: CA and certificates, the config, one entry per client."""
         run_script("make-test-ca.sh", "--out", str(self.certs), *self.clients)
         # As root, Mosquitto drops to `user` before reading keys and the acl: root keeps
-        # access to the private temporary directory (as edge_agent.broker.LocalBroker does).
+        # access to the private temporary directory (as edge_agent.adapters.broker.LocalBroker does).
         user = "root" if os.geteuid() == 0 else getpass.getuser()
         run_script(
             "install-config.sh",

@@ -134,7 +134,9 @@ def test_architecture_loads_quantized_and_runs(
         assert all(math.isfinite(lp) and lp <= 0.0 for lp in found.logprobs.values())
 
         constraint = JsonConstraint(compile_schema(SCHEMA, SchemaLimits()))
-        extracted = engine.extract(extract_plan(SCHEMA, None, []), TEXT, constraint, 32)
+        extracted = engine.extract(
+            extract_plan(compile_schema(SCHEMA, SchemaLimits()), None, []), TEXT, constraint, 32
+        )
         jsonschema.validate(json.loads(extracted.text), SCHEMA)
         assert extracted.timings.completion_tokens > 0
 

@@ -102,6 +102,8 @@ def test_every_walk_parses_and_validates(schema: dict[str, Any], seed: int, bias
 def canonical_instance(schema: dict[str, Any], rng: random.Random) -> Any:
     if "enum" in schema:
         return rng.choice(schema["enum"])
+    if isinstance(schema["type"], list) and "null" in schema["type"] and rng.random() < 0.3:
+        return None  # a nullable value may be null
     kind = schema["type"][0] if isinstance(schema["type"], list) else schema["type"]
     if kind == "object":
         return {k: canonical_instance(v, rng) for k, v in schema["properties"].items()}
@@ -268,18 +270,17 @@ def test_own_validator_agrees_with_jsonschema(schema: dict[str, Any], seed: int)
     from edge_agent.core.schema import problems
 
     rng = random.Random(seed)
+    node = compile_schema(schema, LIMITS)
     good = canonical_instance(schema, rng)
-    assert problems(good, schema) == []
+    assert problems(good, node) == []
     jsonschema.validate(good, schema)
     bad = dict(good)
     if bad:
         key = next(iter(bad))
         bad[key] = {"nested": [object.__name__]}  # the wrong type for any declared leaf
-        assert (problems(bad, schema) == []) == jsonschema.Draft202012Validator(schema).is_valid(
-            bad
-        )
+        assert (problems(bad, node) == []) == jsonschema.Draft202012Validator(schema).is_valid(bad)
     missing = {k: v for i, (k, v) in enumerate(good.items()) if i > 0}
-    assert (problems(missing, schema) == []) == jsonschema.Draft202012Validator(schema).is_valid(
+    assert (problems(missing, node) == []) == jsonschema.Draft202012Validator(schema).is_valid(
         missing
     )
 
@@ -383,3 +384,50 @@ def test_the_numbers_read_in_a_text() -> None:
     # them (007 is 7, 1,200 is 1200)
     assert g.numbers == (b"7", b"-19.5", b"1200", b"0.50")
     assert g.integers == (b"7", b"1200")
+
+
+def test_a_nullable_value_is_null_or_the_value_and_nothing_else() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "user": {"type": ["string", "null"]},
+            "port": {"type": ["integer", "null"]},
+            "tags": {"type": ["array", "null"], "items": {"type": "string"}},
+        },
+    }
+    for text in (
+        b'{"user": null, "port": null, "tags": null}',
+        b'{"user": "alice", "port": 22, "tags": ["a"]}',
+        b'{"user": null, "port": 22, "tags": []}',
+    ):
+        state = feed(schema, text)
+        assert state is not None and JsonConstraint(compile_schema(schema, LIMITS)).is_complete(
+            state
+        ), text
+    for text in (
+        b'{"user": nul,',
+        b'{"user": nulll',
+        b'{"user": "a", "port": n2',
+        b'{"user": none',
+    ):
+        assert feed(schema, text) is None, text
+    # a value that is not nullable cannot be null
+    assert feed({"type": "object", "properties": {"a": {"type": "string"}}}, b'{"a": n') is None
+    # the finishing path answers null: the shortest value
+    c = JsonConstraint(compile_schema(schema, LIMITS))
+    state, out = c.initial(), bytearray()
+    while not c.is_complete(state):
+        byte = c.finish_byte(state)
+        assert byte is not None
+        out.append(byte)
+        state = c.step(state, byte)
+        assert state is not None
+    assert json.loads(out) == {"user": None, "port": None, "tags": None}
+
+
+def test_grounded_nullable_values_are_a_span_or_null() -> None:
+    schema = {"type": "object", "properties": {"user": {"type": ["string", "null"]}}}
+    bound = JsonConstraint(compile_schema(schema, LIMITS)).bind("Accepted publickey for deploy")
+    assert bound.feed(bound.initial(), b'{"user": "deploy"}') is not None
+    assert bound.feed(bound.initial(), b'{"user": null}') is not None
+    assert bound.feed(bound.initial(), b'{"user": "root"') is None

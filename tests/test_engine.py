@@ -151,7 +151,7 @@ SCHEMAS: list[dict[str, Any]] = [
 @pytest.mark.parametrize("schema", SCHEMAS)
 def test_every_extraction_validates(engine: LlamaEngine, schema: dict[str, Any]) -> None:
     constraint = JsonConstraint(compile_schema(schema, SchemaLimits()))
-    plan = extract_plan(schema, None, [])
+    plan = extract_plan(compile_schema(schema, SchemaLimits()), None, [])
     for row in eval_rows("sensor_extract.jsonl")[:4]:
         found = engine.extract(plan, row["text"], constraint, max_tokens=128)
         jsonschema.validate(json.loads(found.text), schema)
@@ -162,7 +162,10 @@ def test_eval_rows_extract_valid_json(engine: LlamaEngine) -> None:
         schema = schema_for_fields(row["fields"])
         constraint = JsonConstraint(compile_schema(schema, SchemaLimits()))
         found = engine.extract(
-            extract_plan(schema, None, []), row["text"], constraint, max_tokens=96
+            extract_plan(compile_schema(schema, SchemaLimits()), None, []),
+            row["text"],
+            constraint,
+            max_tokens=96,
         )
         data = json.loads(found.text)
         jsonschema.validate(data, schema)
@@ -176,7 +179,10 @@ def test_token_budget_closes_the_json(engine: LlamaEngine) -> None:
     }
     constraint = JsonConstraint(compile_schema(schema, SchemaLimits()))
     found = engine.extract(
-        extract_plan(schema, None, []), "Tell a long story.", constraint, max_tokens=3
+        extract_plan(compile_schema(schema, SchemaLimits()), None, []),
+        "Tell a long story.",
+        constraint,
+        max_tokens=3,
     )
     assert found.truncated
     jsonschema.validate(json.loads(found.text), schema)
@@ -211,6 +217,12 @@ def test_stop_interrupts_and_the_engine_recovers(smollm2: LlamaEngine) -> None:
         return calls["n"] > 5
 
     with pytest.raises(Interrupted):
-        smollm2.extract(extract_plan(schema, None, []), "Tell a story.", constraint, 200, stop)
+        smollm2.extract(
+            extract_plan(compile_schema(schema, SchemaLimits()), None, []),
+            "Tell a story.",
+            constraint,
+            200,
+            stop,
+        )
     found = smollm2.classify(classify_plan(["a", "b"], None, []), "a", ["a", "b"])
     assert set(found.scores) == {"a", "b"}

@@ -127,13 +127,13 @@ from edge_agent.adapters.probe import board_facts
 from edge_agent.core.prompt import classify_plan, extract_plan
 from edge_agent.core.schema import SchemaLimits, compile_schema, schema_for_fields
 from edge_agent.adapters.settings import load_settings
-import edge_agent.service.app, edge_agent.mqtt, edge_agent.worker  # what the running agent imports
+import edge_agent.service.app, edge_agent.adapters.mqtt, edge_agent.service.worker  # what the running agent imports
 settings = load_settings(None, model={"n_threads": 2})
 engine = open_engine(Path(sys.argv[1]), settings, board_facts())
 labels = ["normal", "warning", "critical_temperature_alarm"]
 engine.classify(classify_plan(labels, None, []), "Boiler outlet at 96 C. " * 20, labels)
 schema = schema_for_fields({"device": "string", "value": "number"})
-engine.extract(extract_plan(schema, None, []), "Sensor TS-1 reads 21.7 C. " * 10,
+engine.extract(extract_plan(compile_schema(schema, SchemaLimits()), None, []), "Sensor TS-1 reads 21.7 C. " * 10,
                JsonConstraint(compile_schema(schema, SchemaLimits())), 64)
 print(json.dumps({"rss": psutil.Process().memory_info().rss}))
 """

@@ -21,7 +21,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.core.schema import LiteralNode, Node, NumberNode, ObjectNode, StringNode
+from edge_agent.core.schema import (
+    LiteralNode,
+    Node,
+    NullableNode,
+    NumberNode,
+    ObjectNode,
+    StringNode,
+)
 
 MAX_INT_DIGITS = 15
 MAX_FRAC_DIGITS = 10
@@ -29,6 +36,7 @@ MAX_FRAC_DIGITS = 10
 _QUOTE, _BACKSLASH, _SPACE = 0x22, 0x5C, 0x20
 _COMMA, _CLOSE_BRACKET, _MINUS, _DOT, _ZERO = 0x2C, 0x5D, 0x2D, 0x2E, 0x30
 _ESCAPABLE = frozenset(b'"\\/bfnrt')
+_NULL = b"null"
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -83,7 +91,15 @@ class Arr:
     field: str = ""
 
 
-Segment = Fixed | Str | Num | Lit | Arr | Span
+@dataclass(frozen=True)
+class Opt:
+    """A value or `null`: the first byte chooses (no value of the branch starts with n)."""
+
+    branch: tuple[Segment, ...]
+    field: str = ""
+
+
+Segment = Fixed | Str | Num | Lit | Arr | Span | Opt
 # A frame is (segments, index of the current segment, that segment's sub-state).
 Frame = tuple[tuple[Segment, ...], int, Any]
 State = tuple[Frame, ...]
@@ -118,6 +134,8 @@ def _emit(node: Node, out: list[Segment], path: str) -> None:
         out.append(Num(node.integer, node.grounded, path))
     elif isinstance(node, LiteralNode):
         out.append(Lit(tuple(t.encode() for t in node.texts), path))
+    elif isinstance(node, NullableNode):
+        out.append(Opt(compile_segments(node.inner, path), path))
     else:
         out.append(Fixed(b"["))
         out.append(Arr(compile_segments(node.items, path), node.min_items, node.max_items, path))
@@ -134,7 +152,7 @@ def _initial_sub(seg: Segment) -> Any:
         return ("start", 0, 0)  # (state, integer digits, fraction digits)
     if isinstance(seg, Lit):
         return (tuple(range(len(seg.texts))), 0)  # (alternatives still alive, bytes matched)
-    return ("first", 0)  # (phase, items so far)
+    return ("first", 0)  # arrays: (phase, items so far); Opt: (phase, bytes of null)
 
 
 class JsonConstraint:
@@ -194,6 +212,10 @@ class JsonConstraint:
             seg = segs[idx]
             if isinstance(seg, Arr):
                 fed = self._feed_array(state, seg, sub, byte)
+                if fed is not None:
+                    return fed
+            elif isinstance(seg, Opt):
+                fed = self._feed_opt(state, seg, sub, byte)
                 if fed is not None:
                     return fed
             else:
@@ -262,6 +284,12 @@ class JsonConstraint:
             elif isinstance(seg, Str | Num):
                 if not _must_end(seg, sub):
                     return None
+            elif isinstance(seg, Opt):
+                phase, pos = sub
+                if phase == "first":
+                    return None  # null or a value
+                if phase == "null" and pos < len(_NULL):
+                    return int(_NULL[pos])
             else:
                 phase, count = sub
                 if phase == "sep":
@@ -311,6 +339,9 @@ class JsonConstraint:
                 shortest = min((seg.texts[i] for i in alive), key=len)
                 if len(shortest) > pos:
                     return int(shortest[pos])
+            elif isinstance(seg, Opt):
+                if sub[0] == "first":
+                    return _NULL[0]  # null is the shortest answer
             elif isinstance(seg, Arr):
                 phase, count = sub
                 if phase in ("first", "after"):
@@ -338,6 +369,22 @@ class JsonConstraint:
             return self.step(_push_item(state, seg), byte)
         return None
 
+    def _feed_opt(self, state: State, seg: Opt, sub: Any, byte: int) -> State | None:
+        phase, pos = sub
+        segs, idx, _ = state[-1]
+        if phase == "first" and byte == _NULL[0]:
+            return (*state[:-1], (segs, idx, ("null", 1)))
+        if phase == "first":
+            pushed = (
+                *state[:-1],
+                (segs, idx, ("in", 0)),
+                (seg.branch, 0, _initial_sub(seg.branch[0])),
+            )
+            return self.step(pushed, byte)
+        if phase == "null" and pos < len(_NULL) and _NULL[pos] == byte:
+            return (*state[:-1], (segs, idx, ("null", pos + 1)))
+        return None
+
 
 def _push_item(state: State, seg: Arr) -> State:
     segs, idx, (_, count) = state[-1]
@@ -352,8 +399,10 @@ def _advance(state: State) -> State:
     state = state[:-1]
     if not state:
         return state
-    # The finished frame was an array item: the array now expects `,` or `]`.
     psegs, pidx, (_, count) = state[-1]
+    if isinstance(psegs[pidx], Opt):  # the value of a nullable: it is complete
+        return (*state[:-1], (psegs, pidx, ("closed", 0)))
+    # The finished frame was an array item: the array now expects `,` or `]`.
     return (*state[:-1], (psegs, pidx, ("after", count + 1)))
 
 
@@ -378,6 +427,8 @@ def _can_end(seg: Segment, sub: Any) -> bool:
     if isinstance(seg, Lit):
         alive, pos = sub
         return any(len(seg.texts[i]) == pos for i in alive)
+    if isinstance(seg, Opt):
+        return bool(sub[0] == "closed" or sub == ("null", len(_NULL)))
     return bool(sub[0] == "closed")
 
 
@@ -552,6 +603,8 @@ def _has_grounded(segments: tuple[Segment, ...]) -> bool:
             return True
         if isinstance(seg, Arr) and _has_grounded(seg.items):
             return True
+        if isinstance(seg, Opt) and _has_grounded(seg.branch):
+            return True
     return False
 
 
@@ -577,6 +630,8 @@ def _bind(segments: tuple[Segment, ...], grounds: _Grounds) -> tuple[Segment, ..
             out.append(Lit(found, seg.field) if found else seg)
         elif isinstance(seg, Arr):
             out.append(Arr(_bind(seg.items, grounds), seg.min_items, seg.max_items, seg.field))
+        elif isinstance(seg, Opt):
+            out.append(Opt(_bind(seg.branch, grounds), seg.field))
         else:
             out.append(seg)
     return tuple(out)

@@ -14,6 +14,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edge_agent.core.schema import (
+    ArrayNode,
+    LiteralNode,
+    Node,
+    NullableNode,
+    NumberNode,
+    ObjectNode,
+    StringNode,
+)
+
 DEFAULT_CLASSIFY_INSTRUCTIONS = (
     "You classify short messages from sensors, machines and system logs. "
     "Read the message and choose the one label that fits it best."
@@ -82,8 +92,10 @@ def classify_plan(
 
 
 def extract_plan(
-    schema: dict[str, Any], instructions: str | None, examples: Sequence[Example]
+    schema: ObjectNode, instructions: str | None, examples: Sequence[Example]
 ) -> PromptPlan:
+    """The fields come from the compiled schema, the same node the constraint and the
+    validation read (names, types, enum values, `description`s)."""
     fields = "\n".join(_describe_properties(schema, indent=""))
     system = (
         f"{(instructions or DEFAULT_EXTRACT_INSTRUCTIONS).strip()}\n\n"
@@ -104,42 +116,38 @@ def _shots(examples: Sequence[Example], lead: str, answer_prefix: str) -> list[M
     return turns
 
 
-def _describe_properties(schema: dict[str, Any], indent: str) -> list[str]:
+def _describe_properties(node: ObjectNode, indent: str) -> list[str]:
     lines: list[str] = []
-    for name, sub in schema.get("properties", {}).items():
-        lines.append(f"{indent}- {name} ({_type_name(sub)}){_note(sub)}")
-        if isinstance(sub, dict) and _first_type(sub) == "object":
-            lines.extend(_describe_properties(sub, indent + "  "))
-        items = sub.get("items") if isinstance(sub, dict) else None
-        if isinstance(items, dict) and _first_type(items) == "object":
-            lines.extend(_describe_properties(items, indent + "  "))
+    notes = node.descriptions or (None,) * len(node.properties)
+    for (name, sub), note in zip(node.properties, notes, strict=True):
+        lines.append(f"{indent}- {name} ({_type_name(sub)}){f': {note}' if note else ''}")
+        inner = _unwrap(sub)
+        if isinstance(inner, ArrayNode):
+            inner = _unwrap(inner.items)
+        if isinstance(inner, ObjectNode):
+            lines.extend(_describe_properties(inner, indent + "  "))
     return lines
 
 
-def _first_type(schema: dict[str, Any]) -> str | None:
-    declared = schema.get("type")
-    if isinstance(declared, list):
-        return next((t for t in declared if t != "null"), None)
-    return declared if isinstance(declared, str) else None
+def _unwrap(node: Node) -> Node:
+    return node.inner if isinstance(node, NullableNode) else node
 
 
-def _type_name(schema: Any) -> str:
-    if not isinstance(schema, dict):
-        return "value"
-    if "enum" in schema:
-        return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
-    if "const" in schema:
-        return "always " + json.dumps(schema["const"])
-    kind = _first_type(schema) or "value"
-    if kind == "array" and isinstance(schema.get("items"), dict):
-        return f"list of {_type_name(schema['items'])}"
-    return kind
-
-
-def _note(schema: Any) -> str:
-    if isinstance(schema, dict) and isinstance(schema.get("description"), str):
-        return f": {schema['description'].strip()}"
-    return ""
+def _type_name(node: Node) -> str:
+    node = _unwrap(node)  # null is not announced: the model writes it only when nothing fits
+    if isinstance(node, LiteralNode):
+        if set(node.texts) == {"true", "false"}:
+            return "boolean"
+        if len(node.texts) == 1:
+            return f"always {node.texts[0]}"
+        return "one of " + ", ".join(node.texts)
+    if isinstance(node, StringNode):
+        return "string"
+    if isinstance(node, NumberNode):
+        return "integer" if node.integer else "number"
+    if isinstance(node, ArrayNode):
+        return f"list of {_type_name(node.items)}"
+    return "object"
 
 
 def canonical_json(data: Any) -> str:

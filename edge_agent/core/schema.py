@@ -2,7 +2,8 @@
 
 Supported (docs/protocol.md, "Extraction schemas"):
     type: object | string | number | integer | boolean | array (or a list of types, of which
-          the first non-"null" one is used: the output then matches that member of the union)
+          the first non-"null" one is used: the output then matches that member of the union;
+          with "null" in the list the value may also be null)
     object: properties, required, additionalProperties (false or true: only declared
             properties are ever produced)
     string: enum, const, minLength, maxLength
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.core.errors import Code, JobError
@@ -88,15 +89,30 @@ class ArrayNode:
 @dataclass(frozen=True)
 class ObjectNode:
     properties: tuple[tuple[str, Node], ...]
+    required: frozenset[str] = frozenset()
+    additional: bool = True  # additionalProperties
+    # each property's `description`, in order, for the prompt (not part of the shape: two
+    # schemas that differ only there share one automaton)
+    descriptions: tuple[str | None, ...] = field(default=(), compare=False)
 
 
-Node = StringNode | NumberNode | LiteralNode | ArrayNode | ObjectNode
+@dataclass(frozen=True)
+class NullableNode:
+    """A value or `null` (`"type": [..., "null"]`): the model may answer null when the
+    text holds nothing for it."""
+
+    inner: Node
+
+
+Node = StringNode | NumberNode | LiteralNode | ArrayNode | ObjectNode | NullableNode
 
 
 def compile_schema(schema: Any, limits: SchemaLimits) -> ObjectNode:
     """Check `schema` against the supported subset and compile it; the root must be an object."""
     counter = [0]
     node = _compile(schema, limits, depth=1, path="schema", counter=counter)
+    if isinstance(node, NullableNode):
+        node = node.inner  # an answer is always an object
     if not isinstance(node, ObjectNode):
         raise JobError(Code.INVALID_SCHEMA, 'schema: the root must be {"type": "object"}')
     return node
@@ -123,6 +139,15 @@ def _compile(schema: Any, limits: SchemaLimits, depth: int, path: str, counter: 
     if unknown:
         listed = ", ".join(sorted(unknown))
         raise _fail(Code.UNSUPPORTED_SCHEMA, path, f"unsupported keyword(s) for {kind}: {listed}")
+    node = _compile_typed(schema, kind, limits, depth, path, counter)
+    declared = schema.get("type")
+    return NullableNode(node) if isinstance(declared, list) and "null" in declared else node
+
+
+def _compile_typed(
+    schema: dict[str, Any], kind: str, limits: SchemaLimits, depth: int, path: str,
+    counter: list[int],
+) -> Node:  # fmt: skip
     if kind == "object":
         return _compile_object(schema, limits, depth, path, counter)
     if kind == "array":
@@ -271,6 +296,7 @@ def _compile_object(
     if not isinstance(extra, bool):
         raise _fail(Code.UNSUPPORTED_SCHEMA, f"{path}.additionalProperties", "only true or false")
     compiled: list[tuple[str, Node]] = []
+    descriptions: list[str | None] = []
     for key, sub in props.items():
         counter[0] += 1
         if counter[0] > limits.max_properties:
@@ -286,7 +312,14 @@ def _compile_object(
         compiled.append(
             (key, _compile(sub, limits, depth + 1, f"{path}.properties.{key}", counter))
         )
-    return ObjectNode(properties=tuple(compiled))
+        note = sub.get("description")
+        descriptions.append(note.strip() if isinstance(note, str) and note.strip() else None)
+    return ObjectNode(
+        properties=tuple(compiled),
+        required=frozenset(required),
+        additional=extra,
+        descriptions=tuple(descriptions),
+    )
 
 
 def schema_for_fields(fields: dict[str, str]) -> dict[str, Any]:
@@ -299,45 +332,48 @@ def schema_for_fields(fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def problems(instance: Any, schema: dict[str, Any], path: str = "data") -> list[str]:
-    """Where `instance` breaks `schema` (the supported subset); empty when it validates.
+def problems(instance: Any, node: Node, path: str = "data") -> list[str]:
+    """Where `instance` breaks the compiled schema; empty when it validates.
 
     The agent's own check of every extraction before it is sent, and `edge-agent eval`'s
-    schema-validity figure; tests cross-check it against the jsonschema library.
+    schema-validity figure; tests cross-check it against the jsonschema library. It reads
+    the same node the prompt and the constraint are built from.
     """
-    if "const" in schema:
-        return [] if _same(instance, schema["const"]) else [f"{path}: not the const value"]
-    if "enum" in schema:
-        if not any(_same(instance, v) for v in schema["enum"]):
-            return [f"{path}: not one of the enum values"]
-        if "type" not in schema:
+    if isinstance(node, NullableNode):
+        return [] if instance is None else problems(instance, node.inner, path)
+    if isinstance(node, LiteralNode):
+        if any(_same(instance, json.loads(text)) for text in node.texts):
             return []
-    declared = schema.get("type")
-    kinds = declared if isinstance(declared, list) else [declared]
-    if not _admits(kinds, instance):
-        return [f"{path}: expected {declared}"]
-    found: list[str] = []
-    if isinstance(instance, dict):
-        props = schema.get("properties", {})
-        for name in schema.get("required", []):
-            if name not in instance:
-                found.append(f"{path}.{name}: required")
-        for name, value in instance.items():
-            if name in props:
-                found.extend(problems(value, props[name], f"{path}.{name}"))
-            elif schema.get("additionalProperties", True) is False:
-                found.append(f"{path}.{name}: not allowed")
-    elif isinstance(instance, list):
-        if len(instance) < schema.get("minItems", 0) or len(instance) > schema.get(
-            "maxItems", len(instance)
-        ):
+        return [f"{path}: not one of the allowed values"]
+    if isinstance(node, StringNode):
+        if not isinstance(instance, str):
+            return [f"{path}: expected a string"]
+        if not node.min_length <= len(instance) <= node.max_length:
+            return [f"{path}: length {len(instance)} is out of bounds"]
+        return []
+    if isinstance(node, NumberNode):
+        kind = "integer" if node.integer else "number"
+        if isinstance(instance, bool) or not _admits([kind], instance):
+            return [f"{path}: expected {'an integer' if node.integer else 'a number'}"]
+        return []
+    if isinstance(node, ArrayNode):
+        if not isinstance(instance, list):
+            return [f"{path}: expected an array"]
+        found: list[str] = []
+        if not node.min_items <= len(instance) <= node.max_items:
             found.append(f"{path}: {len(instance)} items is out of bounds")
         for i, item in enumerate(instance):
-            found.extend(problems(item, schema.get("items", {}), f"{path}[{i}]"))
-    elif isinstance(instance, str) and (
-        not schema.get("minLength", 0) <= len(instance) <= schema.get("maxLength", len(instance))
-    ):
-        found.append(f"{path}: length {len(instance)} is out of bounds")
+            found.extend(problems(item, node.items, f"{path}[{i}]"))
+        return found
+    if not isinstance(instance, dict):
+        return [f"{path}: expected an object"]
+    found = [f"{path}.{name}: required" for name in sorted(node.required - set(instance))]
+    props = dict(node.properties)
+    for name, value in instance.items():
+        if name in props:
+            found.extend(problems(value, props[name], f"{path}.{name}"))
+        elif not node.additional:
+            found.append(f"{path}.{name}: not allowed")
     return found
 
 

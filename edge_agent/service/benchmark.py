@@ -104,16 +104,18 @@ def run_bench(
         t = engine.generate_free(plan, "Describe the pump in detail.", 64)
         gen_rates.append(t.tokens_per_second or 0.0)
         tick("generation")
-        schema_plan = extract_plan(LONG_TEXT, "Write long notes about the message.", [])
-        constraint = JsonConstraint(compile_schema(LONG_TEXT, SchemaLimits()))
+        notes = compile_schema(LONG_TEXT, SchemaLimits())
+        schema_plan = extract_plan(notes, "Write long notes about the message.", [])
+        constraint = JsonConstraint(notes)
         found = engine.extract(schema_plan, "Describe the pump in detail.", constraint, 64)
         constrained_rates.append(found.timings.tokens_per_second or 0.0)
         tick("constrained")
     classify_ms: list[float] = []
     extract_ms: list[float] = []
     c_plan = classify_plan(LABELS, None, [])
-    e_plan = extract_plan(READING, None, [])
-    e_constraint = JsonConstraint(compile_schema(READING, SchemaLimits()))
+    reading = compile_schema(READING, SchemaLimits())
+    e_plan = extract_plan(reading, None, [])
+    e_constraint = JsonConstraint(reading)
     for _ in range(rounds):
         for text in CLASSIFY_SAMPLES:
             start = time.perf_counter()

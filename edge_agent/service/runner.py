@@ -48,8 +48,8 @@ class JobRunner:
         if job.kind == "classify":
             self.engine.fits(_classify_plan(job), job.text, labels=job.labels)
             return
-        assert job.schema is not None
-        plan = extract_plan(job.schema, job.instructions, job.examples)
+        assert job.node is not None
+        plan = extract_plan(job.node, job.instructions, job.examples)
         self.engine.fits(plan, job.text, constraint=self._constraint(job))
 
     def run(self, job: Job, stop: StopCheck) -> Outcome:
@@ -67,8 +67,8 @@ class JobRunner:
             if threshold is not None:
                 result["uncertain"] = confidence < threshold
             return Outcome(result, chosen.timings)
-        assert job.schema is not None
-        plan = extract_plan(job.schema, job.instructions, job.examples)
+        assert job.node is not None
+        plan = extract_plan(job.node, job.instructions, job.examples)
         # Grounded values (the default) come from this job's text: bind the schema's
         # automaton to it.
         constraint = self._constraint(job).bind(job.text)
@@ -77,7 +77,7 @@ class JobRunner:
             data = json.loads(found.text)
         except ValueError as exc:  # the constraint makes this unreachable; say so loudly
             raise EngineError(Code.INTERNAL_ERROR, f"decoder produced invalid JSON: {exc}") from exc
-        broken = problems(data, job.schema)
+        broken = problems(data, job.node)
         if broken:  # the constraint makes this unreachable; never send invalid data
             raise EngineError(Code.INTERNAL_ERROR, f"extraction does not validate: {broken[0]}")
         sure = _rounded(found.confidence)
