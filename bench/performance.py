@@ -290,7 +290,9 @@ def constrained_vs_free(model: Path, rounds: int = 5) -> tuple[float, float, flo
             }
         },
     }
-    plan = extract_plan(compile_schema(schema, SchemaLimits()), "Write notes about the message.", [])
+    plan = extract_plan(
+        compile_schema(schema, SchemaLimits()), "Write notes about the message.", []
+    )
     text = "Pump P-3 vibration 9.1 mm/s, above the alarm threshold."
     # As the agent runs it: each note a piece of the text (grounded), with its confidence.
     constraint = JsonConstraint(compile_schema(schema, SchemaLimits())).bind(text)

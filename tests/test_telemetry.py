@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.adapters.broker import LocalBroker, free_port, wait_for_port
 from edge_agent.adapters.mqtt import Requester
 from edge_agent.adapters.probe import Readings
+from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import Topics
 from edge_agent.service.telemetry import Identity, build_telemetry, ha_discovery
 from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
@@ -240,6 +241,16 @@ def test_home_assistant_discovery_uses_documented_keys_and_reannounces(
     assert again is not None, "no re-announcement after homeassistant/status online"
 
 
+SPOOL_KEYS = (
+    "spool_pending",
+    "remembered",
+    "spool_dropped_full",
+    "spool_dropped_expired",
+    "spool_dropped_unsendable",
+    "poison_jobs",
+)
+
+
 def test_discovery_values_render_from_a_telemetry_message() -> None:
     """Each value_template's path exists in a real telemetry message (jinja-free check)."""
     configs = ha_discovery(
@@ -259,11 +270,14 @@ def test_discovery_values_render_from_a_telemetry_message() -> None:
         Identity("d", 1, "m", "q"),
         Readings(1, 1, 1, 1, 0, 1, 1, 1.0, None, 1),
         {
-            "jobs": {"done": 0, "failed": 0},
-            "tokens_per_second": 1,
-            "prompt_tokens_per_second": 1,
-            "latency_ms_p50": 1,
-            "latency_ms_p95": 1,
+            **Metrics().snapshot(),
+            "tokens_per_second": 1.0,
+            "prompt_tokens_per_second": 1.0,
+            "latency_ms_p50": 1.0,
+            "latency_ms_p95": 1.0,
+            "spool": dict.fromkeys(SPOOL_KEYS, 0),
+            "health": {"state": "ok", "reasons": []},
+            "intake_backlog": 0,
         },
         0,
     )
@@ -348,3 +362,37 @@ def test_fleet_json_lists_three_agents(start_agent: Any, broker: LocalBroker, pr
         assert row["model"] == "smollm2-135m-instruct-q4_1" and row["quant"] == "Q4_1"
         assert row["seen"] is not None and row["seen"] < 5
         assert row["telemetry"]["queue_depth"] == 0
+
+
+def test_wire_schemas_are_generated_from_the_models() -> None:
+    """docs/telemetry.schema.json and docs/protocol.schema.json are what
+    scripts/gen_wire_schemas.py writes from edge_agent/core/wire.py: no drift."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_wire_schemas.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_protocol_schema_accepts_the_documented_messages_and_refuses_strays() -> None:
+    schema = json.loads((ROOT / "docs" / "protocol.schema.json").read_text())
+    defs = schema["$defs"]
+
+    def valid(name: str, message: dict[str, Any]) -> bool:
+        return jsonschema.Draft202012Validator({**defs[name], "$defs": defs}).is_valid(message)
+
+    job = {"id": "j1", "kind": "classify", "text": "Door D-1 opened.", "labels": ["ok", "alarm"]}
+    assert valid("JobIn", job)
+    assert not valid("JobIn", {**job, "priority": "7"})  # strict: a string is not a priority
+    reply = {
+        "v": 1, "id": "j1", "status": "done", "device": "pi-1",
+        "model": {"name": "m", "quant": "Q4_1", "sha256": None},
+        "result": {"label": "ok", "scores": {"ok": 0.9, "alarm": 0.1}, "confidence": 0.9},
+        "error": None, "timings": None,
+    }  # fmt: skip
+    assert valid("ReplyMessage", reply)
+    assert not valid("ReplyMessage", {**reply, "status": "maybe"})
+    assert not valid("ReplyMessage", {**reply, "surprise": 1})

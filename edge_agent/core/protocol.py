@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edge_agent.core.errors import Code, JobError
 from edge_agent.core.prompt import Example, canonical_json
 from edge_agent.core.schema import ObjectNode, SchemaLimits, compile_schema
+from edge_agent.core.wire import WIRE_VERSION, ReplyMessage
 
-WIRE_VERSION = 1
 KINDS = ("classify", "extract")
 Kind = Literal["classify", "extract"]
 CONTENT_TYPE = "application/json"
@@ -752,28 +752,34 @@ class Reply:
     ignored: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The wire form, built through `wire.ReplyMessage`: a reply that does not fit the
+        documented shape raises here instead of reaching a sensor."""
         error: dict[str, Any] | None = None
         if self.error_code is not None:
             error = {"code": str(self.error_code), "message": self.error_message or ""}
             if self.retry_after_ms is not None:
                 error["retry_after_ms"] = self.retry_after_ms
-        body: dict[str, Any] = {
-            "v": WIRE_VERSION,
-            "id": self.job_id,
-            "status": str(self.status),
-            "device": self.device,
-            "model": None
-            if self.model is None
-            else {"name": self.model.name, "quant": self.model.quant, "sha256": self.model.sha256},
-            "result": self.result,
-            "error": error,
-            "timings": self.timings,
-        }
-        if self.route.correlation_id is not None:
-            body["correlation_id"] = self.route.correlation_id
-        if self.ignored:
-            body["ignored"] = list(self.ignored)
-        return body
+        message = ReplyMessage.model_validate(
+            {
+                "v": WIRE_VERSION,
+                "id": self.job_id,
+                "status": str(self.status),
+                "device": self.device,
+                "model": None
+                if self.model is None
+                else {
+                    "name": self.model.name,
+                    "quant": self.model.quant,
+                    "sha256": self.model.sha256,
+                },
+                "result": self.result,
+                "error": error,
+                "timings": self.timings,
+                "correlation_id": self.route.correlation_id,
+                "ignored": list(self.ignored) if self.ignored else None,
+            }
+        )
+        return message.wire()
 
     def encode(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()

@@ -27,13 +27,13 @@ from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import (
     KINDS,
-    WIRE_VERSION,
     JobLimits,
     Profile,
     Topics,
     check_profile,
 )
 from edge_agent.core.schema import SchemaLimits
+from edge_agent.core.wire import WIRE_VERSION, Info
 from edge_agent.service.faults import Faults
 from edge_agent.service.health import Health
 from edge_agent.service.intake import Handing, Intake
@@ -483,8 +483,10 @@ class Agent:
         if self._link is None:
             return
         if self._info is not None:
-            info = {**self._info, "health": self.health.report().to_dict()}
-            self._link.publish(self.topics.info(), encode(info), qos=1, retain=True)
+            info = Info.model_validate({**self._info, "health": self.health.report().to_dict()})
+            self._link.publish(
+                self.topics.info(), encode(info.model_dump(mode="json")), qos=1, retain=True
+            )
         for topic, config in self._discovery:
             self._link.publish(topic, encode(config), qos=1, retain=True)
         self._link.publish(self.topics.status(), b"online", qos=1, retain=True)

@@ -18,10 +18,10 @@ import structlog
 
 from edge_agent.adapters.probe import Readings
 from edge_agent.core.protocol import Topics
+from edge_agent.core.wire import TELEMETRY_VERSION, Info, Telemetry
 from edge_agent.service.health import Beat, supervised
 
 log = structlog.get_logger("edge_agent.telemetry")
-TELEMETRY_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def build_telemetry(
     now: datetime | None = None,
 ) -> dict[str, Any]:
     moment = now or datetime.now(UTC)
-    return {
+    message = {
         "v": TELEMETRY_VERSION,
         "device": identity.device,
         "ts": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -63,6 +63,9 @@ def build_telemetry(
         "queue_depth": queue_depth,
         **inference,
     }
+    # through the typed model: a message that does not fit docs/telemetry.schema.json
+    # raises here (the telemetry thread logs it) instead of breaking a dashboard
+    return Telemetry.model_validate(message).model_dump(mode="json")
 
 
 def status_line(telemetry: dict[str, Any], connected: bool) -> str:
@@ -92,7 +95,7 @@ def build_info(
     runtime: dict[str, Any],
 ) -> dict[str, Any]:
     """The retained device info (docs/telemetry.md): what a dashboard needs to know once."""
-    return {
+    info = {
         "v": TELEMETRY_VERSION,
         "device": identity.device,
         "session": identity.session,
@@ -111,6 +114,7 @@ def build_info(
         "runtime": runtime,
         "capabilities": capabilities,
     }
+    return Info.model_validate(info).model_dump(mode="json", exclude={"health"})
 
 
 def encode(message: dict[str, Any]) -> bytes:
