@@ -186,6 +186,13 @@ class NotifySocket:
         with self._lock:
             return sum(1 for t, f in self.messages if key in f and t >= since)
 
+    def wait_count(self, key: str, count: int, since: float = 0.0, timeout: float = 10) -> None:
+        """Until `count` messages carrying `key` arrived after `since` (time.monotonic())."""
+        deadline = time.monotonic() + timeout
+        while self.count(key, since) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} {key} within {timeout}s"
+            time.sleep(0.02)
+
     def wait_for(self, key: str, value: str | None = None, timeout: float = 60) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

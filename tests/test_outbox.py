@@ -45,10 +45,21 @@ def reply(job_id: str, status: Status = Status.DONE) -> Reply:
     )
 
 
-def make(tmp_path: Path) -> tuple[Outbox, FakeLink, Journal]:
+class Clock:
+    """Wall-clock time the test moves forward instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def make(tmp_path: Path, clock: Clock | None = None) -> tuple[Outbox, FakeLink, Journal]:
     link = FakeLink()
-    journal = Journal(tmp_path / "j.db", dedup_window_s=60, spool_max=100)
-    outbox = Outbox(link, journal, Metrics())
+    clock = clock or Clock()
+    journal = Journal(tmp_path / "j.db", dedup_window_s=60, spool_max=100, clock=clock)
+    outbox = Outbox(link, journal, Metrics(), clock=clock)
     outbox.start()
     return outbox, link, journal
 
@@ -100,7 +111,8 @@ def test_every_delivery_of_a_job_is_acked_with_its_reply(tmp_path: Path) -> None
 
 
 def test_offline_replies_wait_in_the_spool_and_go_out_oldest_first(tmp_path: Path) -> None:
-    outbox, link, journal = make(tmp_path)
+    clock = Clock()
+    outbox, link, journal = make(tmp_path, clock)
     link.connected = False
     acked: list[str] = []
     for name in ("one", "two"):
@@ -110,12 +122,12 @@ def test_offline_replies_wait_in_the_spool_and_go_out_oldest_first(tmp_path: Pat
     outbox.deliver(
         reply("late", Status.REJECTED),
         lambda: acked.append("late"),
-        Memo(None, None, time.time() + 0.05),
+        Memo(None, None, clock() + 60),
     )
     assert outbox.drain()
     assert acked == ["one", "two", "late"]  # all safe on disk: the broker may forget the jobs
     assert link.sent == []
-    time.sleep(0.1)  # "late"'s deadline passes while offline
+    clock.offset += 61  # "late"'s deadline passes while offline
     link.connected = True
     outbox.flush()
     assert outbox.drain()

@@ -132,8 +132,7 @@ def test_a_wedged_inference_stops_the_watchdog_pings(notify_socket: NotifySocket
     watchdog = Watchdog(notifier, lambda: health.report().ok)
     watchdog.start()
     try:
-        time.sleep(0.5)
-        assert notify_socket.count("WATCHDOG") >= 3, "an idle agent is healthy"
+        notify_socket.wait_count("WATCHDOG", 3, timeout=5)  # an idle agent is healthy
         job = parse_job(
             Delivery(
                 "edge/jobs/classify", b'{"id":"stuck","text":"t","labels":["a"]}', time.time()
@@ -143,17 +142,19 @@ def test_a_wedged_inference_stops_the_watchdog_pings(notify_socket: NotifySocket
         )
         worker.offer(job, lambda: None)
         assert engine.entered.wait(5)
-        time.sleep(0.5)  # past the 0.3 s stall limit
-        wedged = time.monotonic()
-        time.sleep(0.6)
-        assert notify_socket.count("WATCHDOG", since=wedged) == 0, "pinged while wedged"
+        deadline = time.monotonic() + 5
+        while health.report().ok:  # until the beat is older than the 0.3 s stall limit
+            assert time.monotonic() < deadline, "a wedged job never turned health degraded"
+            time.sleep(0.02)
         report = health.report()
-        assert not report.ok and "inference thread stalled" in report.reasons[0]
+        assert "inference thread stalled" in report.reasons[0]
+        wedged = time.monotonic()
+        time.sleep(0.6)  # three ping periods: an absence can only be seen by waiting
+        assert notify_socket.count("WATCHDOG", since=wedged) == 0, "pinged while wedged"
         engine.release.set()
         outbox_wait(outbox, 1)
         resumed = time.monotonic()
-        time.sleep(0.5)
-        assert notify_socket.count("WATCHDOG", since=resumed) >= 2, "pings resume after the job"
+        notify_socket.wait_count("WATCHDOG", 2, since=resumed, timeout=5)  # pings resume
         assert health.report().ok
     finally:
         engine.release.set()
@@ -192,8 +193,7 @@ def test_the_agent_tells_systemd_what_it_is_doing(
         # telemetry ticks (every second here) refresh the status with live counts
         notify_socket.wait_for("STATUS", "0 done, 0 failed, 0 queued", timeout=10)
         t = time.monotonic()
-        time.sleep(1.6)
-        assert notify_socket.count("WATCHDOG", since=t) >= 2  # every WATCHDOG_USEC / 2
+        notify_socket.wait_count("WATCHDOG", 2, since=t, timeout=2)  # every WATCHDOG_USEC / 2
 
         broker.restart()  # the status says so while the broker is away, and recovers
         notify_socket.wait_for("STATUS", "unreachable, reconnecting", timeout=20)

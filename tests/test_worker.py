@@ -156,16 +156,33 @@ class Pipeline:
         self.worker.stop()
 
 
+class Clock:
+    """Wall-clock time the test moves forward instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 def make(
     engine: FakeEngine,
     max_queue: int = 8,
     journal: Journal | None = None,
     handing: Handing | None = None,
+    clock: Clock | None = None,
 ) -> Pipeline:
     outbox = RecordingOutbox()
     metrics = Metrics()
     worker = Worker(
-        JobRunner(engine), outbox, metrics, topics=TOPICS, model=MODEL, max_queue=max_queue
+        JobRunner(engine),
+        outbox,
+        metrics,
+        topics=TOPICS,
+        model=MODEL,
+        max_queue=max_queue,
+        clock=clock or Clock(),
     )
     intake = Intake(
         topics=TOPICS,
@@ -263,13 +280,13 @@ def test_full_queue_rejects_with_retry_after() -> None:
 
 
 def test_job_expired_in_the_queue_is_not_run() -> None:
-    gate = threading.Event()
-    p = make(FakeEngine(gate=gate))
+    gate, clock = threading.Event(), Clock()
+    p = make(FakeEngine(gate=gate), clock=clock)
     send(p, {"id": "blocker"})
     p.engine.wait_running("blocker")
-    send(p, {"id": "late", "ttl_ms": 30})
+    send(p, {"id": "late", "ttl_ms": 30_000})
     p.intake.stop()
-    time.sleep(0.05)  # the job's own 30 ms deadline passes while it waits
+    clock.offset += 31  # the job's own 30 s deadline passes while it waits
     gate.set()
     replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
     p.worker.stop()
@@ -279,13 +296,13 @@ def test_job_expired_in_the_queue_is_not_run() -> None:
 
 
 def test_a_job_whose_message_expiry_ran_out_in_the_queue_is_not_run() -> None:
-    gate = threading.Event()
-    p = make(FakeEngine(gate=gate))
+    gate, clock = threading.Event(), Clock()
+    p = make(FakeEngine(gate=gate), clock=clock)
     send(p, {"id": "blocker"})
     p.engine.wait_running("blocker")
-    send(p, {"id": "mqtt-expiry"}, expiry_s=1)
+    send(p, {"id": "mqtt-expiry"}, expiry_s=60)
     p.intake.stop()
-    time.sleep(1.05)  # the MQTT 5 Message Expiry (1 s) runs out while it waits
+    clock.offset += 61  # the MQTT 5 Message Expiry (60 s) runs out while it waits
     gate.set()
     replies = {r.job_id: r.to_dict() for r in p.outbox.wait(2)}
     p.worker.stop()

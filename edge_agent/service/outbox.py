@@ -135,11 +135,13 @@ class Outbox:
         journal: Journal,
         metrics: Metrics,
         beat: Beat | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.link = link
         self.journal = journal
         self.metrics = metrics
         self.beat = beat
+        self.clock = clock  # wall-clock seconds, as the jobs' deadlines are
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Keys of remembered replies handed over but not yet committed: the intake waits
@@ -414,7 +416,7 @@ class Outbox:
         is raised; otherwise it is logged and the message counts as not sent."""
         expiry = None
         if deadline is not None:
-            expiry = reply_expiry(deadline, time.time())
+            expiry = reply_expiry(deadline, self.clock())
         try:
             return self.link.publish(
                 topic,
@@ -433,7 +435,7 @@ class Outbox:
     def _flush(self) -> None:
         sent = 0
         tried: set[int] = set()
-        now = time.time()
+        now = self.clock()
         while self.link.connected:
             batch = self.journal.pending(limit=200, exclude=[*self._rows.values(), *tried])
             if not batch:
@@ -455,7 +457,7 @@ class Outbox:
         job = work.job
         expiry = None
         if job.deadline is not None:
-            expiry = int(job.deadline - time.time())
+            expiry = int(job.deadline - self.clock())
             if expiry < 1:
                 work.undo()
                 return
