@@ -191,6 +191,7 @@ class Delivery:
     shared: bool = False  # came through the fleet's shared subscription
     hops: int = 0  # times agents handed it back to the fleet (user property edge-hops)
     retained: bool = False  # replayed from the broker's retained store at subscribe time
+    kind: str | None = None  # the kind its topic names, when the topic was already parsed
 
 
 class _Wire(BaseModel):
@@ -296,14 +297,17 @@ def parse_job(
     limits: JobLimits,
     profiles: Mapping[str, Profile] | None = None,
     data: dict[str, Any] | None = None,
+    route: ReplyRoute | None = None,
 ) -> Job:
-    """Validate one job message (`data`: its payload, if already decoded); raises
-    JobError with the code to reply with."""
-    topic_kind = topics.kind_of(delivery.topic)
+    """Validate one job message; raises JobError with the code to reply with. The intake
+    passes what it already worked out (the payload decoded as `data`, the reply `route`,
+    the topic's kind in `delivery.kind`), so nothing is read twice."""
+    topic_kind = delivery.kind if delivery.kind is not None else topics.kind_of(delivery.topic)
     if data is None:
         data = decode_payload(delivery.payload, limits)
     check_characters(data, delivery.payload)
-    route = reply_route(delivery, data, topics, limits)
+    if route is None:
+        route = reply_route(delivery, data, topics, limits)
     problem = reply_to_problem(delivery, data, topics, limits)
     if problem is not None:
         raise JobError(Code.INVALID_REPLY_TO, problem)

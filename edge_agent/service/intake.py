@@ -251,7 +251,7 @@ class Intake:
         incoming, ack = message.incoming, message.ack
         match = self.topics.parse(incoming.topic)
         if match.role == "job":
-            self._job(message, match.fleet)
+            self._job(message, match.fleet, match.kind)
             return
         ack()  # control messages: acknowledged at once, never answered
         if match.role == "cancel":
@@ -268,8 +268,9 @@ class Intake:
 
     # ---- jobs ------------------------------------------------------------------------------
 
-    def _delivery(self, incoming: Incoming, fleet: bool) -> Delivery:
+    def _delivery(self, incoming: Incoming, fleet: bool, kind: str | None = None) -> Delivery:
         return Delivery(
+            kind=kind,
             topic=incoming.topic,
             payload=incoming.payload,
             received_at=incoming.received_at,
@@ -282,8 +283,8 @@ class Intake:
             retained=incoming.retain,
         )
 
-    def _job(self, message: _Message, fleet: bool) -> None:
-        delivery = self._delivery(message.incoming, fleet)
+    def _job(self, message: _Message, fleet: bool, kind: str | None) -> None:
+        delivery = self._delivery(message.incoming, fleet, kind)
         ack = message.ack
         try:
             data = decode_payload(delivery.payload, self.limits)
@@ -292,7 +293,9 @@ class Intake:
             return
         route = reply_route(delivery, data, self.topics, self.limits)
         try:
-            job = parse_job(delivery, self.topics, self.limits, self.profiles, data=data)
+            job = parse_job(
+                delivery, self.topics, self.limits, self.profiles, data=data, route=route
+            )
             bind_job(job.id)
             self.budget(job)
         except JobError as exc:

@@ -348,7 +348,9 @@ class Outbox:
             # In the journal: publish, and acknowledge the job on the PUBACK; if it cannot
             # go out now it waits in the spool, and the job is acknowledged once the spool
             # is on disk.
-            if self._send_row(row, topic, final.payload, correlation, deadline, final.acks):
+            if self._send_row(
+                row, topic, final.payload, correlation, deadline, final.acks, reply.job_id
+            ):
                 return
             if durable:
                 _ack_all(final.acks)
@@ -369,7 +371,7 @@ class Outbox:
             self.metrics.bump("replies_lost")
             return
         _ack_all(final.acks)
-        self._send_row(row, topic, final.payload, correlation, deadline)
+        self._send_row(row, topic, final.payload, correlation, deadline, job_id=reply.job_id)
 
     def _send_row(
         self,
@@ -379,6 +381,7 @@ class Outbox:
         correlation: bytes | None,
         deadline: float | None,
         acks: tuple[Ack, ...] = (),
+        job_id: str | None = None,
     ) -> bool:
         """Publish a journaled reply (`acks`: its job's, to run on the PUBACK); False when
         it must wait for the next connect (and `acks` were not taken)."""
@@ -387,9 +390,9 @@ class Outbox:
         except Exception:  # the link refused this very message
             failures = self._send_failures.get(row, 0) + 1
             self._send_failures[row] = failures
-            log.exception("reply.publish_failed", row=row, attempt=failures)
+            log.exception("reply.publish_failed", row=row, attempt=failures, job_id=job_id)
             if failures >= MAX_SEND_FAILURES:
-                log.error("reply.dropped_unsendable", row=row, topic=topic)
+                log.error("reply.dropped_unsendable", row=row, topic=topic, job_id=job_id)
                 self.journal.drop(row, "unsendable")
                 self._send_failures.pop(row, None)
             if acks:  # it is in the journal: never hold the job's delivery for it
@@ -443,10 +446,16 @@ class Outbox:
             for stored in batch:
                 tried.add(stored.row)
                 if stored.deadline is not None and stored.deadline < now:
+                    log.info("reply.expired_in_spool", row=stored.row, job_id=stored.job_id)
                     self.journal.drop(stored.row, "expired")
                     continue
                 if not self._send_row(
-                    stored.row, stored.topic, stored.payload, stored.correlation, stored.deadline
+                    stored.row,
+                    stored.topic,
+                    stored.payload,
+                    stored.correlation,
+                    stored.deadline,
+                    job_id=stored.job_id,
                 ):
                     return
                 sent += 1
