@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_agent.core.protocol import Topics
+
 LEAVES = ("status", "info", "telemetry")
 # column key -> (header, how to sort: a function of the row)
 COLUMNS = {
@@ -62,14 +64,15 @@ class DeviceView:
 class FleetState:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self.topics = Topics(prefix, device_id="", share_group="")
         self.devices: dict[str, DeviceView] = {}
 
     def update(self, topic: str, payload: bytes, now: float | None = None) -> bool:
         """Fold one message in; False if it is not a device status/info/telemetry."""
-        levels = topic.split("/")
-        if len(levels) != 4 or levels[0] != self.prefix or levels[1] != "devices":
+        found = self.topics.device_leaf(topic)
+        if found is None:
             return False
-        device, leaf = levels[2], levels[3]
+        device, leaf = found
         if leaf not in LEAVES:
             return False
         view = self.devices.setdefault(device, DeviceView(device))

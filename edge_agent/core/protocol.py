@@ -102,6 +102,14 @@ class Topics:
         """Wildcard over every device's `leaf` topic (for the fleet view)."""
         return f"{self.prefix}/devices/+/{leaf}"
 
+    def device_leaf(self, topic: str) -> tuple[str, str] | None:
+        """(device, leaf) of any device's `<prefix>/devices/<device>/<leaf>` topic (for
+        the fleet view), else None."""
+        levels = topic.split("/")
+        if len(levels) != 4 or levels[0] != self.prefix or levels[1] != "devices":
+            return None
+        return levels[2], levels[3]
+
     def of_device(self, device_id: str) -> Topics:
         """The same fleet's topics as another device sees them (for requesters)."""
         return replace(self, device_id=device_id)
