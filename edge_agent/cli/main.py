@@ -414,6 +414,7 @@ def build_job(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from edge_agent.adapters.mqtt import Requester
+    from edge_agent.core.wire import ReplyMessage
     from edge_agent.service.app import topics_for
 
     settings = settings_from(args)
@@ -461,8 +462,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
             try:
                 body = json.loads(msg.payload)
             except ValueError:
-                return False
-            return body.get("id") == job["id"] and body.get("status") in final
+                return False  # anything else on the reply topic is not ours to read
+            return (
+                isinstance(body, dict)
+                and body.get("id") == job["id"]
+                and body.get("status") in final
+            )
 
         reply = requester.wait_for(is_answer, args.timeout)
     finally:
@@ -472,6 +477,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EX_TEMPFAIL
     body = json.loads(reply.payload)
     print(json.dumps(body, indent=2, ensure_ascii=False))
+    try:  # read through the same model the agent builds replies with
+        ReplyMessage.model_validate(body)
+    except ValueError as exc:
+        first = str(exc).splitlines()[1:3]
+        print(f"edge-agent: the reply does not match wire contract v1: {first}", file=sys.stderr)
     return EX_OK if body.get("status") == "done" else EX_FAIL
 
 
