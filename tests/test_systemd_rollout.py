@@ -430,6 +430,13 @@ def test_a_wedged_inference_is_restarted_by_the_watchdog(board: Board, sensor: P
         ).stdout
         assert "systemd.watchdog_withheld" in errors, errors[-2000:]
         assert "faults.armed" not in errors, "a warning is not an error"
+        warnings = board.container.run(
+            "journalctl", "-u", UNIT, "-p", "warning", "--no-pager", "-o", "cat"
+        ).stdout
+        assert "faults.armed" in warnings, warnings[-2000:]  # the provoked warning
+        assert "model.loaded" not in warnings and "mqtt.connected" not in warnings, (
+            "info lines are below warning"
+        )
         print(f"watchdog: wedged job sent -> killed after {fired_at:.1f} s "
               f"(stall {TEST_STALL_S} s, WatchdogSec={TEST_WATCHDOG_S})")  # fmt: skip
         board.figures["watchdog"] = (
