@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHON VENV
 
-.PHONY: run test test-systemd test-aarch64 setup setup-test lint typecheck bench chaos help clean
+.PHONY: run test test-systemd test-aarch64 setup setup-test lint help clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
