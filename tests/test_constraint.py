@@ -431,3 +431,33 @@ def test_grounded_nullable_values_are_a_span_or_null() -> None:
     assert bound.feed(bound.initial(), b'{"user": "deploy"}') is not None
     assert bound.feed(bound.initial(), b'{"user": null}') is not None
     assert bound.feed(bound.initial(), b'{"user": "root"') is None
+
+
+@pytest.mark.parametrize(
+    "text", ["TS-70 TS-7", "TS-7 TS-70", "TS-70 and TS-7 here", "port 2222 and port 22"]
+)
+def test_a_word_is_a_value_wherever_it_appears_whole(text: str) -> None:
+    """A span may end where any of its copies in the text ends a word: "TS-7" is a whole
+    word in "TS-70 TS-7" even though its first match is the start of "TS-70"."""
+    schema = {"type": "object", "properties": {"v": {"type": "string"}}}
+    bound = JsonConstraint(compile_schema(schema, LIMITS)).bind(text)
+    value = "TS-7" if "TS" in text else "22"
+    state = bound.feed(bound.initial(), f'{{"v": "{value}"}}'.encode())
+    assert state is not None and bound.is_complete(state), text
+    # and never part of a word: "TS-" or "222" end no word anywhere
+    part = "TS-" if "TS" in text else "222"
+    assert bound.feed(bound.initial(), f'{{"v": "{part}"}}'.encode()) is None
+
+
+@pytest.mark.parametrize("text", ["0\r", "Door D-1 open \n", "a\t\t"])
+def test_a_span_never_runs_into_trailing_whitespace(text: str) -> None:
+    """Found by the property test: a span could grow into the spaces that end a text,
+    from where no word end is reachable: a dead end for the decoder."""
+    schema = {"type": "object", "properties": {"v": {"type": "string"}}}
+    bound = JsonConstraint(compile_schema(schema, LIMITS)).bind(text)
+    last_word = text.rsplit(maxsplit=1)[-1]
+    state = bound.feed(bound.initial(), f'{{"v": "{last_word}'.encode())
+    assert state is not None
+    escaped_space = json.dumps(text[len(text.rstrip())])[1:-1].encode()
+    assert bound.feed(state, escaped_space) is None  # not into the trailing whitespace
+    assert bound.feed(state, b'"}') is not None

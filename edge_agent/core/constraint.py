@@ -75,6 +75,9 @@ class Span:
     min_length: int
     max_length: int
     field: str = ""
+    # the last word end in the text: a span never grows past it (from beyond it, trailing
+    # spaces, no end could be reached: a dead end)
+    last_end: int = 0
 
 
 @dataclass(frozen=True)
@@ -413,12 +416,15 @@ def _can_end(seg: Segment, sub: Any) -> bool:
         matched, chars, starts = sub
         if matched == 0:
             return seg.max_length == 0  # a value is never empty unless it must be
-        here = next(iter(starts)) + matched
-        # At the end of a word; or, at maxLength, at the end of any character (a dead end
-        # otherwise: it could neither go on nor stop).
-        return chars >= seg.min_length and (
-            here in seg.ends or (chars >= seg.max_length and here in seg.bounds)
-        )
+        if chars < seg.min_length:
+            return False
+        # At the end of a word in any of the places the span may be copied from ("TS-7" is
+        # a word in "TS-70 TS-7" though not at its first match); or, at maxLength, at the
+        # end of any character (a dead end otherwise: it could neither go on nor stop).
+        # Character bounds are the same at every candidate: they all matched the same bytes.
+        if any(i + matched in seg.ends for i in starts):
+            return True
+        return chars >= seg.max_length and next(iter(starts)) + matched in seg.bounds
     if isinstance(seg, Str):
         length, mode, _ = sub
         return bool(mode == 0 and length >= seg.min_length)
@@ -623,6 +629,7 @@ def _bind(segments: tuple[Segment, ...], grounds: _Grounds) -> tuple[Segment, ..
                     seg.min_length,
                     seg.max_length,
                     seg.field,
+                    max(grounds.ends, default=0),
                 )
             )
         elif isinstance(seg, Num) and seg.grounded:
@@ -641,7 +648,8 @@ def _feed_span(seg: Span, sub: Any, byte: int) -> Any:
     matched, chars, starts = sub
     text = seg.text
     candidates = seg.starts if starts is None else starts
-    kept = frozenset(i for i in candidates if i + matched < len(text) and text[i + matched] == byte)
+    limit = seg.last_end
+    kept = frozenset(i for i in candidates if i + matched < limit and text[i + matched] == byte)
     if not kept:
         return None
     if (next(iter(kept)) + matched) in seg.bounds:  # this byte begins a character
@@ -656,4 +664,4 @@ def _span_next_bytes(seg: Span, sub: Any) -> list[int]:
     matched, _chars, starts = sub
     text = seg.text
     candidates = seg.starts if starts is None else starts
-    return sorted({text[i + matched] for i in candidates if i + matched < len(text)})
+    return sorted({text[i + matched] for i in candidates if i + matched < seg.last_end})
