@@ -485,6 +485,22 @@ def store(journal: Journal, reply: Reply, memo: Memo | None) -> int:
     )
 
 
+def test_a_retry_while_the_first_reply_awaits_its_puback_is_answered_too(tmp_path: Any) -> None:
+    """Found by the 20,000-message fuzz campaign: a requester (MQTT 3.1.1, so no
+    Correlation Data) that got its reply and sends the same job again before the agent has
+    the broker's PUBACK for that reply was acknowledged and never answered."""
+    p, journal = journaled(tmp_path, FakeEngine())
+    send(p, {"id": "twice"})
+    first = p.outbox.wait(1)[0]
+    store(journal, first, p.outbox.memos[0])  # in the journal, not yet marked delivered
+    send(p, {"id": "twice"})  # the same job, published again (not a DUP redelivery)
+    send(p, {"id": "twice"}, dup=True)  # a broker redelivery still needs no second reply
+    p.stop()
+    assert p.engine.seen == ["twice"]
+    assert len(p.outbox.resent) == 1 and p.outbox.resent[0].payload == first.encode()
+    assert p.outbox.acks == ["twice", "twice", "twice"]
+
+
 def test_a_job_that_ran_is_answered_from_the_journal_and_never_runs_twice(tmp_path: Any) -> None:
     p, journal = journaled(tmp_path, FakeEngine())
     send(p, {"id": "once"})

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from edge_agent.adapters.journal import DELIVERED, Journal, Stored, job_key, payload_digest
+from edge_agent.adapters.journal import Journal, Stored, job_key, payload_digest
 from edge_agent.adapters.log import bind_job
 from edge_agent.adapters.mqtt import Ack, Incoming
 from edge_agent.core.errors import Code, JobError
@@ -363,11 +363,11 @@ class Intake:
         self.metrics.bump("duplicate_jobs")
         # A broker redelivery (DUP) of a job whose reply is out or on its way needs no
         # second reply. A new publish of the same job is the requester retrying: it gets
-        # the stored reply again, carrying the Correlation Data of this attempt.
+        # the stored reply again, carrying the Correlation Data of this attempt, even when
+        # the first copy still waits for its PUBACK (the requester may already have it,
+        # and be asking again; a second copy is what QoS 1 allows, a missing one is not).
         fresh_attempt = not delivery.dup or delivery.correlation_data != stored.correlation
-        if fresh_attempt and (
-            stored.state == DELIVERED or delivery.correlation_data != stored.correlation
-        ):
+        if fresh_attempt:
             self.outbox.resend(stored, delivery.correlation_data)
         log.info("job.duplicate", job_id=job.id, redelivered=delivery.dup, reply_state=stored.state)
         ack()
