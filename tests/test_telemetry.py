@@ -396,3 +396,19 @@ def test_protocol_schema_accepts_the_documented_messages_and_refuses_strays() ->
     assert valid("ReplyMessage", reply)
     assert not valid("ReplyMessage", {**reply, "status": "maybe"})
     assert not valid("ReplyMessage", {**reply, "surprise": 1})
+
+
+def test_the_wire_models_name_what_the_agent_counts_and_reads() -> None:
+    """core.wire lists the throttle flags and counters by name (core cannot import the
+    probe or the intake); they must be the ones the agent produces."""
+    import re
+    import typing
+
+    from edge_agent.adapters.probe import THROTTLE_BITS
+    from edge_agent.core.wire import Counter, ThrottleFlag
+
+    assert set(typing.get_args(ThrottleFlag)) == set(THROTTLE_BITS)
+    bumped = set()
+    for path in (ROOT / "edge_agent").rglob("*.py"):
+        bumped |= set(re.findall(r'\.bump\("([a-z_0-9]+)"\)', path.read_text()))
+    assert bumped == set(typing.get_args(Counter))

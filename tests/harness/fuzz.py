@@ -151,6 +151,16 @@ _valid_schemas = st.sampled_from([
      "maxLength": 8}, "maxItems": 2}}},
     {"type": ["object", "null"], "properties": {"u": {"type": ["string", "null"], "maxLength": 0}}},
 ])  # fmt: skip
+
+
+def _nested_objects(depth: int) -> dict[str, Any]:
+    """A schema of `depth` objects, each holding the next under "d", around a string."""
+    node: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        node = {"type": "object", "properties": {"d": node}}
+    return node
+
+
 _hostile_schemas = st.one_of(
     st.sampled_from(
         [
@@ -170,42 +180,7 @@ _hostile_schemas = st.one_of(
             {"type": "object", "properties": {"": {"type": "string"}}},
             {"type": "object", "properties": {"a": {"enum": []}}},
             {"type": "object", "required": ["missing"], "properties": {}},
-            {
-                "type": "object",
-                "properties": {
-                    "d": {
-                        "type": "object",
-                        "properties": {
-                            "d": {
-                                "type": "object",
-                                "properties": {
-                                    "d": {
-                                        "type": "object",
-                                        "properties": {
-                                            "d": {
-                                                "type": "object",
-                                                "properties": {
-                                                    "d": {
-                                                        "type": "object",
-                                                        "properties": {
-                                                            "d": {
-                                                                "type": "object",
-                                                                "properties": {
-                                                                    "d": {"type": "string"}
-                                                                },
-                                                            }
-                                                        },
-                                                    }
-                                                },
-                                            }
-                                        },
-                                    }
-                                },
-                            }
-                        },
-                    }
-                },
-            },
+            _nested_objects(7),  # nested past jobs.max_schema_depth (6)
         ]
     ),
     _json_any,
