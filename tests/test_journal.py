@@ -133,17 +133,24 @@ def test_a_journal_sqlite_cannot_read_is_set_aside_and_a_new_one_started(tmp_pat
     assert [p.name for p in tmp_path.glob("j.db.unreadable-*")]
 
 
-def test_the_running_marker_names_the_job_once(tmp_path: Path) -> None:
+def test_the_running_marker_names_the_running_jobs_once(tmp_path: Path) -> None:
     marker = RunningMarker(tmp_path / "running")
-    assert marker.take() is None
+    assert marker.take() == []
     marker.set("d1", "job-1")
-    assert RunningMarker(tmp_path / "running").take() == ("d1", "job-1")
-    assert marker.take() is None
+    assert RunningMarker(tmp_path / "running").take() == [("d1", "job-1")]
+    assert marker.take() == []
+    marker.set_running([("d2", "job-2"), ("d3", "job-3")])
+    assert marker.take() == [("d2", "job-2"), ("d3", "job-3")]
     marker.set("d2", "job-2")
     marker.clear()
-    assert marker.take() is None
+    assert marker.take() == []
     (tmp_path / "running").write_text("{not json")
-    assert marker.take() is None
+    assert marker.take() == []
+    # the one-job file of an earlier release still counts after an upgrade
+    (tmp_path / "running").write_text('{"digest": "d4", "id": "job-4"}')
+    assert marker.take() == [("d4", "job-4")]
+    (tmp_path / "running").write_text('{"jobs": [{"digest": 5}, {"digest": "d6"}]}')
+    assert marker.take() == [("d6", None)]
 
 
 def test_keys_separate_requesters() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, JobError
-from edge_agent.core.inference import Classification, Extraction, StopCheck, Timings
+from edge_agent.core.inference import Classification, Extraction, Task, Timings
 from edge_agent.core.prompt import PromptPlan
 from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
 from edge_agent.service.runner import JobRunner
@@ -32,26 +32,29 @@ class ScriptedEngine:
     def fits(self, plan: PromptPlan, text: str, labels: Any = None, constraint: Any = None) -> int:
         return 1
 
-    def classify(
-        self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
-    ) -> Classification:
+    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
         self.plans.append(plan)
         raw = {labels[0]: 0.6, labels[1]: 0.4}
         calibrated = {labels[0]: 0.35, labels[1]: 0.65}
-        return Classification(labels[1], calibrated, Timings(), raw_scores=raw)
+        task = Task()
+        task.outcome = Classification(labels[1], calibrated, Timings(), raw_scores=raw)
+        return task
 
-    def extract(
-        self,
-        plan: PromptPlan,
-        text: str,
-        constraint: JsonConstraint,
-        max_tokens: int,
-        stop: StopCheck,
-    ) -> Extraction:
+    def begin_extract(
+        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
+    ) -> Task:
         state = constraint.feed(constraint.initial(), self.answer)
         accepted = state is not None and constraint.is_complete(state)
         assert accepted, "the answer is not what the bound constraint allows"
-        return Extraction(self.answer.decode(), Timings(), False, dict(self.confidence))
+        task = Task()
+        task.outcome = Extraction(self.answer.decode(), Timings(), False, dict(self.confidence))
+        return task
+
+    def step(self, tasks: Sequence[Task]) -> None:
+        raise AssertionError("scripted tasks are done when they begin")
+
+    def drop(self, task: Task) -> None:
+        pass
 
 
 def job(body: dict[str, Any], kind: str = "classify") -> Any:

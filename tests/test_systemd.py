@@ -20,7 +20,7 @@ import pytest
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.systemd import Notifier, Watchdog
 from edge_agent.core.constraint import JsonConstraint
-from edge_agent.core.inference import Classification, Extraction, StopCheck, Timings
+from edge_agent.core.inference import Classification, Task, Timings
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.prompt import PromptPlan
 from edge_agent.core.protocol import Delivery, JobLimits, parse_job
@@ -95,23 +95,23 @@ class WedgedEngine:
     ) -> int:
         return 1
 
-    def classify(
-        self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
-    ) -> Classification:
+    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
+        timings = Timings(prompt_ms=1, gen_ms=1, prompt_tokens=1, completion_tokens=0)
+        return Task(Classification(labels[0], {labels[0]: 1.0}, timings))
+
+    def begin_extract(
+        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
+    ) -> Task:
+        raise NotImplementedError
+
+    def step(self, tasks: Sequence[Task]) -> None:
         self.entered.set()
         self.release.wait(30)
-        timings = Timings(prompt_ms=1, gen_ms=1, prompt_tokens=1, completion_tokens=0)
-        return Classification(labels[0], {labels[0]: 1.0}, timings)
+        for task in tasks:
+            task.outcome = task.inner  # type: ignore[assignment]
 
-    def extract(
-        self,
-        plan: PromptPlan,
-        text: str,
-        constraint: JsonConstraint,
-        max_tokens: int,
-        stop: StopCheck,
-    ) -> Extraction:
-        raise NotImplementedError
+    def drop(self, task: Task) -> None:
+        pass
 
 
 def test_a_wedged_inference_stops_the_watchdog_pings(notify_socket: NotifySocket) -> None:

@@ -15,10 +15,17 @@ from edge_agent.adapters.journal import Journal, Stored
 from edge_agent.adapters.mqtt import Incoming
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, EngineError
-from edge_agent.core.inference import Classification, Extraction, Interrupted, StopCheck, Timings
+from edge_agent.core.inference import (
+    Classification,
+    ContextFull,
+    Extraction,
+    Interrupted,
+    Task,
+    Timings,
+)
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.prompt import PromptPlan
-from edge_agent.core.protocol import JobLimits, ModelRef, Reply, Status, Topics
+from edge_agent.core.protocol import Delivery, JobLimits, ModelRef, Reply, Status, Topics, parse_job
 from edge_agent.service.intake import Handing, Intake
 from edge_agent.service.outbox import Handoff, Memo
 from edge_agent.service.runner import JobRunner
@@ -30,29 +37,16 @@ MODEL = ModelRef("fake", "Q0", None)
 
 @dataclass
 class FakeEngine:
-    """Answers with the first label after `delay` s, checking `stop` like the real engine."""
+    """Answers with the first label once `delay` s of steps have passed (and `gate` is
+    open), a step at a time like the real engine: the scheduler checks cancels and
+    deadlines between steps."""
 
     delay: float = 0.0
     fail_on: set[str] = field(default_factory=set)
     seen: list[str] = field(default_factory=list)
     gate: threading.Event | None = None
     started: threading.Condition = field(default_factory=threading.Condition)
-
-    def _work(self, text: str, stop: StopCheck) -> None:
-        with self.started:
-            self.seen.append(text)
-            self.started.notify_all()
-        if self.gate is not None:
-            while not self.gate.wait(0.005):
-                if stop():
-                    raise Interrupted
-        end = time.monotonic() + self.delay
-        while time.monotonic() < end:
-            if stop():
-                raise Interrupted
-            time.sleep(0.002)
-        if text in self.fail_on:
-            raise EngineError(Code.INFERENCE_ERROR, "scripted failure")
+    steps: list[list[str]] = field(default_factory=list)  # the texts in each step
 
     def fits(
         self,
@@ -63,30 +57,42 @@ class FakeEngine:
     ) -> int:
         return len(text)
 
-    def classify(
-        self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
-    ) -> Classification:
-        self._work(text, stop)
+    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
         scores = {label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)}
-        return Classification(
-            labels[0], scores, Timings(prompt_ms=1, gen_ms=1, prompt_tokens=3, completion_tokens=0)
-        )
+        timings = Timings(prompt_ms=1, gen_ms=1, prompt_tokens=3, completion_tokens=0)
+        return self._begin(text, Classification(labels[0], scores, timings))
 
-    def extract(
-        self,
-        plan: PromptPlan,
-        text: str,
-        constraint: JsonConstraint,
-        max_tokens: int,
-        stop: StopCheck,
-    ) -> Extraction:
-        self._work(text, stop)
-        return Extraction(
-            '{"v": 1}',
-            Timings(prompt_ms=1, gen_ms=2, prompt_tokens=3, completion_tokens=5),
-            False,
-            {"v": 0.875},
-        )
+    def begin_extract(
+        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
+    ) -> Task:
+        timings = Timings(prompt_ms=1, gen_ms=2, prompt_tokens=3, completion_tokens=5)
+        return self._begin(text, Extraction('{"v": 1}', timings, False, {"v": 0.875}))
+
+    def _begin(self, text: str, answer: Classification | Extraction) -> Task:
+        with self.started:
+            self.seen.append(text)
+            self.started.notify_all()
+        return Task({"text": text, "answer": answer, "end": None})
+
+    def step(self, tasks: Sequence[Task]) -> None:
+        self.steps.append([t.inner["text"] for t in tasks])  # type: ignore[index]
+        time.sleep(0.002)
+        for task in tasks:
+            state: dict[str, Any] = task.inner  # type: ignore[assignment]
+            if self.gate is not None and not self.gate.is_set():
+                continue
+            if state["end"] is None:
+                state["end"] = time.monotonic() + self.delay
+            if time.monotonic() < state["end"]:
+                continue
+            if state["text"] in self.fail_on:
+                task.error = EngineError(Code.INFERENCE_ERROR, "scripted failure")
+            else:
+                task.outcome = state["answer"]
+
+    def drop(self, task: Task) -> None:
+        if not task.done:
+            task.error = Interrupted()
 
     def wait_running(self, text: str, timeout: float = 5.0) -> None:
         """Until the worker thread has started the job whose text is `text`."""
@@ -172,6 +178,8 @@ def make(
     journal: Journal | None = None,
     handing: Handing | None = None,
     clock: Clock | None = None,
+    parallel: int = 1,
+    suspects: set[str] | None = None,
 ) -> Pipeline:
     outbox = RecordingOutbox()
     metrics = Metrics()
@@ -182,6 +190,8 @@ def make(
         topics=TOPICS,
         model=MODEL,
         max_queue=max_queue,
+        parallel=parallel,
+        suspects=suspects,
         clock=clock or Clock(),
     )
     intake = Intake(
@@ -624,3 +634,84 @@ def test_one_copy_coming_back_among_others_does_not_pause(tmp_path: Any) -> None
     p.worker.stop()
     # j5 was handed back too: one return among three is a fleet taking its share
     assert [json.loads(h.payload)["id"] for h in p.outbox.handed] == ["j2", "j3", "j4", "j5"]
+
+
+# ---- several jobs at once (jobs.parallel) ----------------------------------------------
+
+
+def test_parallel_jobs_share_steps_and_a_cancel_stops_only_its_own() -> None:
+    engine = FakeEngine(delay=0.3)
+    p = make(engine, parallel=3)
+    for name in ("a", "b", "c"):
+        send(p, {"id": name})
+    for name in ("a", "b", "c"):
+        engine.wait_running(name)
+    assert p.worker.busy() == (True, 0)  # every slot taken, nothing waiting
+    assert p.worker.cancel("b", TOPICS.results())
+    replies = {r.job_id: r.to_dict()["status"] for r in p.outbox.wait(3)}
+    p.worker.stop()
+    assert replies == {"a": "done", "b": "cancelled", "c": "done"}
+    assert any(sorted(step) == ["a", "b", "c"] for step in engine.steps), engine.steps[:3]
+
+
+def test_a_queued_job_takes_the_slot_a_finished_one_frees() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=2)
+    for name in ("x", "y", "z"):
+        send(p, {"id": name})
+    engine.wait_running("y")
+    time.sleep(0.05)
+    assert "z" not in engine.seen  # two slots, both taken
+    assert p.worker.busy() == (True, 1)
+    gate.set()
+    p.outbox.wait(3)
+    p.worker.stop()
+    assert engine.seen == ["x", "y", "z"]
+
+
+def test_a_full_context_puts_the_least_urgent_job_back_in_the_queue() -> None:
+    class FullOnce(FakeEngine):
+        full = True
+
+        def step(self, tasks: Sequence[Task]) -> None:
+            if self.full and len(tasks) == 2:
+                self.full = False
+                raise ContextFull
+            super().step(tasks)
+
+    engine = FullOnce(delay=0.05)
+    p = make(engine, parallel=2)
+    send(p, {"id": "urgent", "priority": 9})
+    send(p, {"id": "later", "priority": 1})
+    replies = {r.job_id: r.to_dict()["status"] for r in p.outbox.wait(2)}
+    p.worker.stop()
+    assert replies == {"urgent": "done", "later": "done"}
+    assert p.worker.metrics.snapshot()["counters"]["preempted"] == 1
+    assert engine.seen.count("later") == 2  # it started again from its prompt
+
+
+def test_jobs_that_were_running_when_the_agent_died_run_alone() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=4, suspects={"SUSPECT"})
+    p.intake.stop()
+    limits = JobLimits()
+
+    def offer(name: str, digest: str) -> None:
+        payload = json.dumps({"id": name, "text": name, "labels": ["a", "b"]}).encode()
+        job = parse_job(Delivery("edge/jobs/classify", payload, time.time()), TOPICS, limits)
+        p.worker.offer(job, lambda: p.outbox.acks.append(name), digest=digest)
+
+    offer("plain-1", "d1")
+    engine.wait_running("plain-1")
+    offer("suspect", "SUSPECT")
+    offer("plain-2", "d2")
+    time.sleep(0.05)
+    assert engine.seen == ["plain-1"]  # the suspect waits for an empty scheduler...
+    gate.set()
+    p.outbox.wait(3)
+    p.worker.stop()
+    assert engine.seen == ["plain-1", "suspect", "plain-2"]
+    assert all(step == ["suspect"] for step in engine.steps if "suspect" in step)
+    assert not p.worker.suspects  # ...once, until it is answered

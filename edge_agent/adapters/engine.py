@@ -1,7 +1,11 @@
 """The llama.cpp adapter: one model, one context, driven through llama.cpp's C API.
 
-Only this module imports llama_cpp. One `LlamaEngine` is owned by one thread (the worker);
-llama.cpp's own threads do the maths.
+Only this module imports llama_cpp. One `LlamaEngine` is owned by one thread (the
+scheduler's); llama.cpp's own threads do the maths.
+
+Jobs run as tasks (`core.inference.Task`): each is a generator that yields the tokens it
+needs evaluated next, and `step` puts every running task's tokens into one batch (one
+`llama_decode`), so several jobs share each pass over the weights (continuous batching).
 
 Why the C API and not `Llama.create_completion`: classification is scored, not sampled (the
 prompt is evaluated once, every label is scored as a continuation in its own KV sequence,
@@ -9,8 +13,10 @@ in one batch), extraction is decoded under `constraint.JsonConstraint` (greedy t
 first, fixed stretches evaluated as one batch), and the evaluated prompt prefix is kept in
 the KV cache and reused. See docs/performance.md for the figures.
 
-KV layout: sequence 0 holds the current prompt prefix, then the job's own tokens; sequences
-1..n hold label continuations during scoring and are cleared right after.
+KV layout (one unified buffer of n_ctx cells): sequences 0..prefix_slots-1 each hold one
+prompt prefix (a job shape's fixed part); each running job has its own sequence, which
+shares its prefix's cells (`seq_cp` is bookkeeping, not a copy) and adds the job's tokens;
+label sequences hold label continuations during scoring and are cleared right after.
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import llama_cpp as llama
 import numpy as np
@@ -34,7 +40,16 @@ from cachetools import LRUCache
 
 from edge_agent.core.constraint import JsonConstraint, State
 from edge_agent.core.errors import Code, EngineError, JobError, ModelLoadError
-from edge_agent.core.inference import Classification, Extraction, Interrupted, StopCheck, Timings
+from edge_agent.core.inference import (
+    Classification,
+    ContextFull,
+    Extraction,
+    Interrupted,
+    StopCheck,
+    Task,
+    Timings,
+    run_alone,
+)
 from edge_agent.core.prompt import PromptPlan
 
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a chat template
@@ -44,6 +59,7 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 # llama.cpp logs through this C callback; keep a reference so it is never collected.
 _LOG_CALLBACK: Any = None
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True)
@@ -53,7 +69,9 @@ class EngineConfig:
     n_threads_batch: int = 1
     n_batch: int = 512
     n_ubatch: int = 128
-    max_sequences: int = 33  # 1 for the prompt + one per scored label
+    parallel: int = 1  # jobs in flight at once, each in its own sequence
+    prefix_slots: int = 1  # prompt prefixes kept evaluated in the context at once
+    label_sequences: int = 32  # for scoring multi-token labels (jobs.max_labels)
     prefix_cache_bytes: int = 32 * 1024 * 1024
     kv_cache_type: str = "f16"  # or "q8_0": half the memory, needs flash attention, slower
     # Content-free texts whose label scores measure a prompt's bias (classify); empty: no
@@ -93,6 +111,139 @@ class _Shape:
     )
 
 
+_T = TypeVar("_T")
+# A job inside the engine: yields what it needs evaluated next, receives the logits rows
+# it asked for, and returns its outcome.
+_Gen = Generator["_Need", "list[npt.NDArray[np.float32]]", _T]
+
+
+class _Need:
+    """Tokens a task needs evaluated before it can go on: (token, position, sequence,
+    logits wanted) entries, taken into steps in order; `rows` collects the logits."""
+
+    __slots__ = ("outputs", "pos", "rows", "seqs", "taken", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.pos: list[int] = []
+        self.seqs: list[int] = []
+        self.outputs: list[bool] = []
+        self.rows: list[npt.NDArray[np.float32]] = []
+        self.taken = 0
+
+    @classmethod
+    def one_run(cls, tokens: Sequence[int], pos: int, seq: int, logits: bool = True) -> _Need:
+        """Consecutive tokens of one sequence; logits of the last one (if `logits`)."""
+        need = cls()
+        n = len(tokens)
+        need.tokens = list(tokens)
+        need.pos = list(range(pos, pos + n))
+        need.seqs = [seq] * n
+        need.outputs = [False] * n
+        if logits and n:
+            need.outputs[-1] = True
+        return need
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> None:
+        self.tokens.append(token)
+        self.pos.append(pos)
+        self.seqs.append(seq)
+        self.outputs.append(logits)
+
+    def left(self) -> int:
+        return len(self.tokens) - self.taken
+
+    def waiting_for_tokens(self) -> bool:
+        """False for _WAIT: the task waits for a sequence or for a prefix another task
+        is building, and is asked again next step."""
+        return bool(self.tokens)
+
+
+_WAIT = _Need()
+
+
+@dataclass(eq=False)
+class _Run:
+    """The engine's state for one task."""
+
+    gen: _Gen[Any] | None = None
+    need: _Need | None = None  # None: not started (or ended)
+    seq: int = -1  # its KV sequence while it holds one
+    pos: int = 0  # cells of that sequence: the prefix, then its own tokens
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A KV sequence that holds one prompt prefix, shared by the jobs of that shape."""
+
+    seq: int
+    key: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    building: bool = False
+    used: int = 0
+
+
+def _run_of(task: Task) -> _Run:
+    run = task.inner
+    assert isinstance(run, _Run), "a task of another engine"
+    return run
+
+
+# A task with at most this many tokens to evaluate (a generating one) always gets them all.
+_SMALL_NEED = 16
+# The least a prompt chunk may be, so a crowded step still moves every prompt on.
+_MIN_CHUNK = 32
+
+
+def _shares(left: Sequence[int], budget: int) -> list[int]:
+    """How many of its pending tokens each task evaluates in this step (a pure rule).
+
+    Tasks that are generating (few tokens) take all of theirs first; the prompt chunks of
+    the others split what is left of `budget` evenly, in the order given (priority), at
+    least _MIN_CHUNK each while the budget lasts. A lone task takes the whole budget."""
+    out = [0] * len(left)
+    for i, n in enumerate(left):
+        if n <= _SMALL_NEED and n <= budget:
+            out[i] = n
+            budget -= n
+    big = [i for i, n in enumerate(left) if out[i] == 0 and n > 0]
+    for k, i in enumerate(big):
+        share = max(_MIN_CHUNK, budget // (len(big) - k))
+        out[i] = min(left[i], share, budget)
+        budget -= out[i]
+    return out
+
+
+def _context_params(config: EngineConfig) -> Any:
+    """llama.cpp's context parameters for this configuration."""
+    ctx_params = llama.llama_context_default_params()
+    ctx_params.n_ctx = config.n_ctx
+    ctx_params.n_batch = config.n_batch
+    ctx_params.n_ubatch = min(config.n_ubatch, config.n_batch)
+    n_seq = config.prefix_slots + config.parallel + config.label_sequences
+    if n_seq > MAX_SEQUENCES:
+        raise ModelLoadError(
+            f"{n_seq} KV sequences asked (prefix slots + parallel jobs + labels); "
+            f"llama.cpp holds at most {MAX_SEQUENCES}"
+        )
+    ctx_params.n_seq_max = n_seq
+    ctx_params.n_threads = config.n_threads
+    ctx_params.n_threads_batch = config.n_threads_batch
+    # One KV buffer shared by all sequences: label sequences borrow the prompt's cells
+    # (seq_cp is bookkeeping, not a copy) instead of splitting n_ctx per sequence.
+    ctx_params.kv_unified = True
+    # Keep the whole window for sliding-window models (Gemma 3) so the prefix can be
+    # trimmed back after each job.
+    ctx_params.swa_full = True
+    ctx_params.no_perf = True
+    if config.kv_cache_type == "q8_0":
+        # Quantized V needs flash attention, which llama.cpp has on the CPU as well.
+        ctx_params.type_k = llama.GGML_TYPE_Q8_0
+        ctx_params.type_v = llama.GGML_TYPE_Q8_0
+        ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    return ctx_params
+
+
 def _ensure_backend() -> None:
     global _backend_ready, _LOG_CALLBACK
     with _backend_lock:
@@ -120,25 +271,8 @@ class LlamaEngine:
             )
         self._model = model
         self._vocab = llama.llama_model_get_vocab(model)
-        ctx_params = llama.llama_context_default_params()
-        ctx_params.n_ctx = config.n_ctx
-        ctx_params.n_batch = config.n_batch
-        ctx_params.n_ubatch = min(config.n_ubatch, config.n_batch)
-        ctx_params.n_seq_max = config.max_sequences
-        ctx_params.n_threads = config.n_threads
-        ctx_params.n_threads_batch = config.n_threads_batch
-        # One KV buffer shared by all sequences: label sequences borrow the prompt's cells
-        # (seq_cp is bookkeeping, not a copy) instead of splitting n_ctx per sequence.
-        ctx_params.kv_unified = True
-        # Keep the whole window for sliding-window models (Gemma 3) so the prefix can be
-        # trimmed back after each job.
-        ctx_params.swa_full = True
-        ctx_params.no_perf = True
-        if config.kv_cache_type == "q8_0":
-            # Quantized V needs flash attention, which llama.cpp has on the CPU as well.
-            ctx_params.type_k = llama.GGML_TYPE_Q8_0
-            ctx_params.type_v = llama.GGML_TYPE_Q8_0
-            ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self._label_seq_count = config.label_sequences
+        ctx_params = _context_params(config)
         ctx = llama.llama_init_from_model(model, ctx_params)
         if not ctx:
             llama.llama_model_free(model)
@@ -153,8 +287,12 @@ class LlamaEngine:
         self._n_ctx = int(llama.llama_n_ctx(ctx))
         template = llama.llama_model_chat_template(model, None)
         self._template: bytes | None = template or None
-        self._kv_tokens: list[int] = []  # what sequence 0 holds now
-        self._prefix_len = 0  # how much of it is the current shape's prefix
+        slots = config.prefix_slots
+        self._slots = [_Slot(seq) for seq in range(slots)]
+        self._free_seqs = list(range(slots + config.parallel - 1, slots - 1, -1))
+        first_label = slots + config.parallel
+        self._free_label_seqs = list(range(first_label, first_label + config.label_sequences))
+        self._tick = 0
         self._saved = _StateCache(config.prefix_cache_bytes)
         self._shapes: LRUCache[str, _Shape] = LRUCache(maxsize=64)
         # The intake thread tokenizes (the token budget) while the inference thread decodes:
@@ -164,10 +302,33 @@ class LlamaEngine:
         self._byte_tokens = self._single_byte_tokens()
         self._turn_end = self._find_turn_end()
         self.facts = self._facts()
-        self.stats = {"prefix_hits": 0, "prefix_restores": 0, "prefix_misses": 0}
+        self.stats = {
+            "prefix_hits": 0,
+            "prefix_restores": 0,
+            "prefix_misses": 0,
+            "steps": 0,
+            "step_tokens": 0,
+        }
         _release_free_heap()
 
     # ---- public API -----------------------------------------------------------------
+
+    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
+        """A task that scores every label as the answer to `text` and corrects the scores
+        for the prompt's own bias (contextual calibration, `calibration_texts`); both
+        sets of probabilities sum to 1, and the label is the best calibrated one."""
+        run = _Run()
+        run.gen = self._classify(run, plan, text, tuple(labels))
+        return Task(run)
+
+    def begin_extract(
+        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
+    ) -> Task:
+        """A task that generates JSON for `text` that the constraint (hence the schema)
+        accepts."""
+        run = _Run()
+        run.gen = self._extract(run, plan, text, constraint, max_tokens)
+        return Task(run)
 
     def classify(
         self,
@@ -176,51 +337,10 @@ class LlamaEngine:
         labels: Sequence[str],
         stop: StopCheck = lambda: False,
     ) -> Classification:
-        """Score every label as the answer to `text`, and correct the scores for the
-        prompt's own bias (contextual calibration, `calibration_texts`); both sets of
-        probabilities sum to 1, and the label is the best calibrated one."""
-        timings = Timings()
-        shape = self._shape(plan)
-        key = tuple(labels)
-        bias = self._label_bias(shape, key, stop)
-        with self._job():
-            start = time.perf_counter()
-            logits = self._evaluate_job(shape, text, timings, stop)
-            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
-            start = time.perf_counter()
-            logprobs = self._score_labels(shape, key, logits, timings)
-            timings.gen_ms = (time.perf_counter() - start) * 1000.0
-        raw = _normalise(logprobs)
-        scores = _normalise({label: lp - bias[label] for label, lp in logprobs.items()})
-        top = max(scores, key=scores.__getitem__)
-        return Classification(
-            label=top, scores=scores, timings=timings, logprobs=logprobs, raw_scores=raw
-        )
-
-    def _label_bias(
-        self, shape: _Shape, labels: tuple[str, ...], stop: StopCheck
-    ) -> dict[str, float]:
-        """log p_cf(label): the label distribution this prompt gives texts that say nothing,
-        averaged over `config.calibration_texts` (Zhao et al., "Calibrate Before Use",
-        2021). Measured on the first job of a shape and label set, then kept."""
-        with self._shape_lock:
-            known = shape.label_bias.get(labels)
-        if known is not None:
-            return known
-        texts = self.config.calibration_texts
-        if not texts:
-            return dict.fromkeys(labels, 0.0)
-        mean = dict.fromkeys(labels, 0.0)
-        for text in texts:
-            with self._job():
-                logits = self._evaluate_job(shape, text, Timings(), stop)
-                probs = _normalise(self._score_labels(shape, labels, logits, Timings()))
-            for label, p in probs.items():
-                mean[label] += p / len(texts)
-        bias = {label: math.log(max(p, 1e-12)) for label, p in mean.items()}
-        with self._shape_lock:
-            shape.label_bias[labels] = bias
-        return bias
+        """One classification, alone (tools, evaluation); the agent batches tasks."""
+        out = run_alone(self, self.begin_classify(plan, text, labels), stop)
+        assert isinstance(out, Classification)
+        return out
 
     def extract(
         self,
@@ -230,41 +350,88 @@ class LlamaEngine:
         max_tokens: int,
         stop: StopCheck = lambda: False,
     ) -> Extraction:
-        """Generate JSON for `text` that the constraint (hence the schema) accepts."""
-        timings = Timings()
-        shape = self._shape(plan)
-        with self._job():
-            start = time.perf_counter()
-            logits = self._evaluate_job(shape, text, timings, stop)
-            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
-            start = time.perf_counter()
-            logps: dict[str, float] = {}
-            out, truncated = self._constrained(constraint, logits, max_tokens, timings, stop, logps)
-            timings.gen_ms = (time.perf_counter() - start) * 1000.0
-        return Extraction(
-            text=out.decode("utf-8"),
-            timings=timings,
-            truncated=truncated,
-            confidence={f: math.exp(lp) for f, lp in logps.items()},
-        )
+        """One extraction, alone (tools, evaluation); the agent batches tasks."""
+        out = run_alone(self, self.begin_extract(plan, text, constraint, max_tokens), stop)
+        assert isinstance(out, Extraction)
+        return out
 
     def generate_free(self, plan: PromptPlan, text: str, n_tokens: int) -> Timings:
         """Greedy generation without any constraint, for benchmarks."""
-        timings = Timings()
-        shape = self._shape(plan)
-        with self._job():
-            start = time.perf_counter()
-            logits = self._evaluate_job(shape, text, timings, lambda: False)
-            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
-            start = time.perf_counter()
-            pos = len(self._kv_tokens)
-            for _ in range(min(n_tokens, self._n_ctx - pos)):
-                token = int(np.argmax(logits))
-                logits = self._decode([token], pos, stop=lambda: False)
-                pos += 1
-                timings.completion_tokens += 1
-            timings.gen_ms = (time.perf_counter() - start) * 1000.0
-        return timings
+        run = _Run()
+        run.gen = self._free(run, plan, text, n_tokens)
+        out = run_alone(self, Task(run), lambda: False)
+        assert isinstance(out, Timings)
+        return out
+
+    def step(self, tasks: Sequence[Task]) -> None:
+        """Advance every task by one decode that holds all their next tokens.
+
+        A generating task adds its next token (and any bytes the schema forces); a task
+        still reading its prompt adds a chunk, its share of `n_batch` (the whole budget
+        when it is alone), so a long prompt cannot hold up the jobs that are generating.
+        Raises ContextFull (nothing moved) when the cells run out even after the cached
+        prefixes that no job is building are dropped.
+        """
+        live: list[tuple[Task, _Need]] = []
+        for task in tasks:
+            run = _run_of(task)
+            if not task.done and (run.need is None or not run.need.waiting_for_tokens()):
+                self._advance(task, [])  # start it, or ask again what it waits for
+            if not task.done and run.need is not None and run.need.waiting_for_tokens():
+                live.append((task, run.need))
+        if not live:
+            return
+        plan = _shares([need.left() for _, need in live], self.config.n_batch)
+        batch = self._batch
+        n = 0
+        # (task, its need, first entry taken, entries taken, their first batch index)
+        taken: list[tuple[Task, _Need, int, int, int]] = []
+        for (task, need), count in zip(live, plan, strict=True):
+            if count <= 0:
+                continue
+            start = need.taken
+            for j in range(start, start + count):
+                batch.token[n] = need.tokens[j]
+                batch.pos[n] = need.pos[j]
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = need.seqs[j]
+                batch.logits[n] = need.outputs[j]
+                n += 1
+            taken.append((task, need, start, count, n - count))
+        batch.n_tokens = n
+        if not any(batch.logits[i] for i in range(n)):
+            batch.logits[n - 1] = True  # llama.cpp crashes on a batch without outputs
+        rc = llama.llama_decode(self._ctx, batch)
+        if rc == 1 and self._drop_idle_prefixes():
+            rc = llama.llama_decode(self._ctx, batch)
+        if rc == 1:
+            raise ContextFull
+        if rc != 0:
+            error = EngineError(Code.INFERENCE_ERROR, f"llama_decode returned {rc}")
+            for task, *_ in taken:
+                self._fail(task, error)
+            return
+        self.stats["steps"] += 1
+        self.stats["step_tokens"] += n
+        for _, need, start, count, at in taken:
+            for j in range(count):
+                if need.outputs[start + j]:
+                    need.rows.append(self._logits(at + j))
+            need.taken += count
+            if need.taken < len(need.tokens):
+                need.rows = [row.copy() for row in need.rows]  # the next decode reuses them
+        for task, need, *_ in taken:
+            if need.taken == len(need.tokens):
+                self._advance(task, need.rows)
+
+    def drop(self, task: Task) -> None:
+        """Stop a task and free its cells (its generator's cleanup runs now)."""
+        run = _run_of(task)
+        if run.gen is not None:
+            run.gen.close()
+        run.need = None
+        if not task.done:
+            task.error = Interrupted()
 
     def fits(
         self,
@@ -413,123 +580,259 @@ class LlamaEngine:
                     return tokens[0]
         return int(llama.llama_vocab_eos(self._vocab))
 
-    def _evaluate_job(
-        self, shape: _Shape, text: str, timings: Timings, stop: StopCheck
-    ) -> npt.NDArray[np.float32]:
-        """Bring sequence 0 to prefix + the job's tokens; return the last position's logits."""
-        job = self._job_tokens(shape, text)
-        if len(shape.prefix_tokens) + len(job) + 8 > self._n_ctx:
-            raise EngineError(
-                Code.CONTEXT_OVERFLOW,
-                f"prompt needs {len(shape.prefix_tokens) + len(job)} tokens; the context "
-                f"holds {self._n_ctx}",
-            )
-        self._ensure_prefix(shape.prefix_tokens, timings, stop)
-        pos = len(self._kv_tokens)
-        logits = self._decode(job, pos, stop)
-        self._kv_tokens = self._kv_tokens + job
-        timings.prompt_tokens += len(job)
-        return logits
-
     def _job_tokens(self, shape: _Shape, text: str) -> list[int]:
         tokens: list[int] = self._tokenize(text, special=False)
         for part, is_template in shape.suffix_parts:
             tokens.extend(self._tokenize(part, special=is_template))
         return tokens
 
-    def _ensure_prefix(self, prefix: list[int], timings: Timings, stop: StopCheck) -> None:
-        current = self._kv_tokens
-        self._prefix_len = 0
-        if current == prefix:
-            self.stats["prefix_hits"] += 1
-            timings.cached_tokens = len(prefix)
-            self._prefix_len = len(prefix)
-            return
-        common = _common_prefix(current, prefix)
-        key = _token_key(prefix)
-        saved = self._saved.get(key) if common < len(prefix) else None
-        if current and _token_key(current) not in self._saved and len(current) > common:
-            self._save_current()
-        if saved is not None:
-            llama.llama_memory_seq_rm(self._mem, 0, -1, -1)
-            buf = (ctypes.c_uint8 * len(saved)).from_buffer_copy(saved)
-            if llama.llama_state_seq_set_data(self._ctx, buf, len(saved), 0) == len(saved):
-                self._kv_tokens = list(prefix)
-                self._prefix_len = len(prefix)
-                self.stats["prefix_restores"] += 1
-                timings.cached_tokens = len(prefix)
-                return
-            common = 0  # restore failed: recompute from scratch
-        self.stats["prefix_misses"] += 1
-        if not llama.llama_memory_seq_rm(self._mem, 0, common, -1):
-            llama.llama_memory_seq_rm(self._mem, 0, -1, -1)
-            common = 0
-        self._kv_tokens = prefix[:common]
-        self._decode(prefix[common:], common, stop)
-        self._kv_tokens = list(prefix)
-        self._prefix_len = len(prefix)
-        timings.cached_tokens = common
-        timings.prompt_tokens += len(prefix) - common
+    # ---- tasks: each job is a generator that yields the tokens it needs evaluated ------
 
-    def _save_current(self) -> None:
+    def _advance(self, task: Task, rows: list[npt.NDArray[np.float32]]) -> None:
+        """Resume a task's generator with its logits rows, up to what it needs next."""
+        run = _run_of(task)
+        assert run.gen is not None
+        try:
+            run.need = run.gen.send(rows) if run.need is not None else next(run.gen)
+        except StopIteration as end:
+            run.need = None
+            task.outcome = end.value
+        except Exception as exc:  # noqa: BLE001 - the job's own error; the scheduler answers
+            run.need = None
+            task.error = exc
+
+    def _fail(self, task: Task, error: EngineError) -> None:
+        run = _run_of(task)
+        assert run.gen is not None
+        try:
+            run.gen.throw(error)
+        except StopIteration as end:
+            task.outcome = end.value
+        except Exception as exc:  # noqa: BLE001
+            task.error = exc
+        else:  # pragma: no cover - no generator catches the engine's errors
+            run.gen.close()
+            task.error = error
+        run.need = None
+
+    def _classify(
+        self, run: _Run, plan: PromptPlan, text: str, labels: tuple[str, ...]
+    ) -> _Gen[Classification]:
+        timings = Timings()
+        shape = self._shape(plan)
+        yield from self._take_sequence(run)
+        try:
+            start = time.perf_counter()
+            yield from self._attach_prefix(run, shape.prefix_tokens, timings)
+            bias = yield from self._label_bias(run, shape, labels)
+            logits = yield from self._own_tokens(run, shape, text, timings)
+            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            start = time.perf_counter()
+            logprobs = yield from self._score_labels(run, shape, labels, logits)
+            timings.gen_ms = (time.perf_counter() - start) * 1000.0
+        finally:
+            self._release_sequence(run)
+        raw = _normalise(logprobs)
+        scores = _normalise({label: lp - bias[label] for label, lp in logprobs.items()})
+        top = max(scores, key=scores.__getitem__)
+        return Classification(
+            label=top, scores=scores, timings=timings, logprobs=logprobs, raw_scores=raw
+        )
+
+    def _label_bias(
+        self, run: _Run, shape: _Shape, labels: tuple[str, ...]
+    ) -> _Gen[dict[str, float]]:
+        """log p_cf(label): the label distribution this prompt gives texts that say nothing,
+        averaged over `config.calibration_texts` (Zhao et al., "Calibrate Before Use",
+        2021). Measured on the first job of a shape and label set, in that job's own
+        sequence (rewound to the prefix after each text), then kept."""
+        with self._shape_lock:
+            known = shape.label_bias.get(labels)
+        if known is not None:
+            return known
+        texts = self.config.calibration_texts
+        if not texts:
+            return dict.fromkeys(labels, 0.0)
+        mean = dict.fromkeys(labels, 0.0)
+        prefix = run.pos
+        for text in texts:
+            logits = yield from self._own_tokens(run, shape, text, Timings())
+            scored = yield from self._score_labels(run, shape, labels, logits)
+            for label, p in _normalise(scored).items():
+                mean[label] += p / len(texts)
+            llama.llama_memory_seq_rm(self._mem, run.seq, prefix, -1)
+            run.pos = prefix
+        bias = {label: math.log(max(p, 1e-12)) for label, p in mean.items()}
+        with self._shape_lock:
+            shape.label_bias[labels] = bias
+        return bias
+
+    def _extract(
+        self,
+        run: _Run,
+        plan: PromptPlan,
+        text: str,
+        constraint: JsonConstraint,
+        max_tokens: int,
+    ) -> _Gen[Extraction]:
+        timings = Timings()
+        shape = self._shape(plan)
+        yield from self._take_sequence(run)
+        try:
+            start = time.perf_counter()
+            yield from self._attach_prefix(run, shape.prefix_tokens, timings)
+            logits = yield from self._own_tokens(run, shape, text, timings)
+            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            start = time.perf_counter()
+            logps: dict[str, float] = {}
+            out, truncated = yield from self._constrained(
+                run, constraint, logits, max_tokens, timings, logps
+            )
+            timings.gen_ms = (time.perf_counter() - start) * 1000.0
+        finally:
+            self._release_sequence(run)
+        return Extraction(
+            text=out.decode("utf-8"),
+            timings=timings,
+            truncated=truncated,
+            confidence={f: math.exp(lp) for f, lp in logps.items()},
+        )
+
+    def _free(self, run: _Run, plan: PromptPlan, text: str, n_tokens: int) -> _Gen[Timings]:
+        timings = Timings()
+        shape = self._shape(plan)
+        yield from self._take_sequence(run)
+        try:
+            start = time.perf_counter()
+            yield from self._attach_prefix(run, shape.prefix_tokens, timings)
+            logits = yield from self._own_tokens(run, shape, text, timings)
+            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            start = time.perf_counter()
+            for _ in range(min(n_tokens, self._n_ctx - run.pos)):
+                token = int(np.argmax(logits))
+                rows = yield _Need.one_run([token], run.pos, run.seq)
+                logits = rows[0]
+                run.pos += 1
+                timings.completion_tokens += 1
+            timings.gen_ms = (time.perf_counter() - start) * 1000.0
+        finally:
+            self._release_sequence(run)
+        return timings
+
+    # ---- sequences and the prompt prefixes they share ---------------------------------
+
+    def _take_sequence(self, run: _Run) -> _Gen[None]:
+        while not self._free_seqs:
+            yield _WAIT
+        run.seq = self._free_seqs.pop()
+        run.pos = 0
+
+    def _release_sequence(self, run: _Run) -> None:
+        if run.seq < 0:
+            return
+        llama.llama_memory_seq_rm(self._mem, run.seq, -1, -1)
+        self._free_seqs.append(run.seq)
+        run.seq = -1
+
+    def _attach_prefix(self, run: _Run, prefix: list[int], timings: Timings) -> _Gen[None]:
+        """Give the job's sequence the shape's prefix: shared cells of a prefix slot (a
+        sequence that holds one prompt prefix for every job of that shape), evaluated
+        once, restored from a saved state, or built from the longest common start of
+        another slot."""
+        key = _token_key(prefix)
+        while True:
+            slot = next((s for s in self._slots if s.key == key), None)
+            if slot is not None and not slot.building:
+                self.stats["prefix_hits"] += 1
+                timings.cached_tokens = len(prefix)
+                self._share(slot, run, len(prefix))
+                return
+            idle = [s for s in self._slots if not s.building]
+            if slot is None and idle:
+                break
+            yield _WAIT  # another job is building this prefix, or every slot is
+        victim = min(idle, key=lambda s: s.used)
+        self._save_slot(victim)
+        saved = self._saved.get(key)
+        # The slot's own start is kept when the new prefix shares it (a longer or edited
+        # fixed part). Cells copied from another slot's start would do too in theory, but
+        # scores then moved by up to 0.02 (attention over cells in another order), so a
+        # new prefix is evaluated whole.
+        common = _common_prefix(victim.tokens, prefix) if saved is None else 0
+        llama.llama_memory_seq_rm(self._mem, victim.seq, common, -1)
+        victim.key, victim.tokens, victim.building = key, list(prefix), True
+        try:
+            if saved is not None:
+                buf = (ctypes.c_uint8 * len(saved)).from_buffer_copy(saved)
+                if llama.llama_state_seq_set_data(self._ctx, buf, len(saved), victim.seq) == len(
+                    saved
+                ):
+                    self.stats["prefix_restores"] += 1
+                    timings.cached_tokens = len(prefix)
+                else:  # restore failed: evaluate it
+                    llama.llama_memory_seq_rm(self._mem, victim.seq, -1, -1)
+                    saved = None
+            if saved is None:
+                self.stats["prefix_misses"] += 1
+                rest = prefix[common:]
+                if rest:
+                    yield _Need.one_run(rest, common, victim.seq, logits=False)
+                timings.cached_tokens = common
+                timings.prompt_tokens += len(rest)
+        except BaseException:
+            llama.llama_memory_seq_rm(self._mem, victim.seq, -1, -1)
+            victim.key, victim.tokens, victim.building = None, [], False
+            raise
+        victim.building = False
+        self._share(victim, run, len(prefix))
+
+    def _share(self, slot: _Slot, run: _Run, length: int) -> None:
+        self._tick += 1
+        slot.used = self._tick
+        llama.llama_memory_seq_cp(self._mem, slot.seq, run.seq, -1, -1)
+        run.pos = length
+
+    def _save_slot(self, slot: _Slot) -> None:
+        """Keep a slot's prefix state before the slot takes another one."""
+        if not slot.tokens or slot.key is None or slot.key in self._saved:
+            return
         if self._saved.capacity <= 0:
             return
-        size = llama.llama_state_seq_get_size(self._ctx, 0)
+        size = llama.llama_state_seq_get_size(self._ctx, slot.seq)
         if size <= 0 or size > self._saved.capacity:
             return
         buf = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
-        if written == size:
-            self._saved.put(_token_key(self._kv_tokens), bytes(buf))
+        if llama.llama_state_seq_get_data(self._ctx, buf, size, slot.seq) == size:
+            self._saved.put(slot.key, bytes(buf))
 
-    @contextlib.contextmanager
-    def _job(self) -> Iterator[None]:
-        """Run one job's evaluation; afterwards sequence 0 holds only the prefix again.
+    def _drop_idle_prefixes(self) -> bool:
+        """Free the cells of prefixes no job is building (under memory pressure); True if
+        there was one. Jobs that share a prefix keep their cells."""
+        dropped = False
+        for slot in self._slots:
+            if slot.tokens and not slot.building:
+                self._save_slot(slot)
+                llama.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+                slot.key, slot.tokens = None, []
+                dropped = True
+        return dropped
 
-        If anything fails half-way (an interrupted prefix, a decode error), the KV state is
-        no longer known token by token, so it is dropped and rebuilt by the next job.
-        """
-        try:
-            yield
-        except BaseException:
-            self._reset_kv()
-            raise
-        if not llama.llama_memory_seq_rm(self._mem, 0, self._prefix_len, -1):
-            self._reset_kv()
-            return
-        self._kv_tokens = self._kv_tokens[: self._prefix_len]
-
-    def _reset_kv(self) -> None:
-        llama.llama_memory_clear(self._mem, True)
-        self._kv_tokens = []
-        self._prefix_len = 0
+    def _own_tokens(
+        self, run: _Run, shape: _Shape, text: str, timings: Timings
+    ) -> _Gen[npt.NDArray[np.float32]]:
+        """Evaluate the job's own tokens after the prefix; the last position's logits."""
+        job = self._job_tokens(shape, text)
+        if run.pos + len(job) + 8 > self._n_ctx:
+            raise EngineError(
+                Code.CONTEXT_OVERFLOW,
+                f"prompt needs {run.pos + len(job)} tokens; the context holds {self._n_ctx}",
+            )
+        rows = yield _Need.one_run(job, run.pos, run.seq)
+        run.pos += len(job)
+        timings.prompt_tokens += len(job)
+        return rows[-1]
 
     # ---- decoding ---------------------------------------------------------------------
-
-    def _decode(self, tokens: Sequence[int], pos: int, stop: StopCheck) -> npt.NDArray[np.float32]:
-        """Evaluate tokens in sequence 0 from `pos`; logits of the last one."""
-        if not tokens:
-            return self._logits(-1)
-        step = self.config.n_ubatch
-        for start in range(0, len(tokens), step):
-            if stop():
-                raise Interrupted
-            chunk = tokens[start : start + step]
-            batch = self._batch
-            batch.n_tokens = len(chunk)
-            for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = pos + start + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = start + i == len(tokens) - 1
-            self._run(batch)
-        return self._logits(-1)
-
-    def _run(self, batch: Any) -> None:
-        rc = llama.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise EngineError(Code.INFERENCE_ERROR, f"llama_decode returned {rc}")
 
     def _logits(self, index: int) -> npt.NDArray[np.float32]:
         ptr = llama.llama_get_logits_ith(self._ctx, index)
@@ -539,11 +842,11 @@ class LlamaEngine:
 
     def _score_labels(
         self,
+        run: _Run,
         shape: _Shape,
         labels: tuple[str, ...],
         first_logits: npt.NDArray[np.float32],
-        timings: Timings,
-    ) -> dict[str, float]:
+    ) -> _Gen[dict[str, float]]:
         """Log-probability of each label's tokens as the continuation of the prompt.
 
         Labels that need more than their first token are evaluated together in one batch,
@@ -552,29 +855,36 @@ class LlamaEngine:
         and "high_temp" compare fairly.
         """
         label_tokens, with_end = self._label_tokens(shape, labels)
-        first = _log_softmax(first_logits)
+        first = _log_softmax(first_logits)  # before any wait: the row is only lent
         logps = [float(first[tokens[0]]) for tokens in label_tokens]
-        rows: list[tuple[int, int, int]] = []  # (label index, token index it predicts, row)
-        entries: list[tuple[int, int, int]] = []  # (token, position, sequence)
-        base = len(self._kv_tokens)
+        todo: list[tuple[int, list[int], list[int]]] = []
         for i, tokens in enumerate(label_tokens):
-            continuation = tokens[1:]
             inputs = tokens if with_end else tokens[:-1]
-            if not inputs:
-                continue
-            seq = i + 1
-            llama.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
-            targets = [*continuation, self._turn_end] if with_end else continuation
-            for j, token in enumerate(inputs):
-                rows.append((i, targets[j], len(entries)))
-                entries.append((token, base + j, seq))
-        if entries:
-            logits = self._decode_multi(entries)
-            for i, target, row in rows:
-                logps[i] += float(_log_softmax(logits[row])[target])
-            for seq in {seq for _, _, seq in entries}:
+            if inputs:
+                targets = [*tokens[1:], self._turn_end] if with_end else tokens[1:]
+                todo.append((i, inputs, targets))
+        if not todo:
+            return dict(zip(labels, logps, strict=True))
+        if len(todo) > self._label_seq_count:
+            raise EngineError(Code.INTERNAL_ERROR, "more labels than label sequences")
+        while len(self._free_label_seqs) < len(todo):
+            yield _WAIT
+        seqs = [self._free_label_seqs.pop() for _ in todo]
+        try:
+            need = _Need()
+            targets_by_row: list[tuple[int, int]] = []
+            for (i, inputs, targets), seq in zip(todo, seqs, strict=True):
+                llama.llama_memory_seq_cp(self._mem, run.seq, seq, -1, -1)
+                for j, token in enumerate(inputs):
+                    targets_by_row.append((i, targets[j]))
+                    need.add(token, run.pos + j, seq, True)
+            rows = yield need
+            for (i, target), row in zip(targets_by_row, rows, strict=True):
+                logps[i] += float(_log_softmax(row)[target])
+        finally:
+            for seq in seqs:
                 llama.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        timings.completion_tokens = 0  # scored, not generated: no tokens/s for classify
+                self._free_label_seqs.append(seq)
         return dict(zip(labels, logps, strict=True))
 
     def _label_tokens(self, shape: _Shape, labels: tuple[str, ...]) -> tuple[list[list[int]], bool]:
@@ -592,45 +902,28 @@ class LlamaEngine:
             shape.label_tokens[labels] = result
         return result
 
-    def _decode_multi(self, entries: list[tuple[int, int, int]]) -> list[npt.NDArray[np.float32]]:
-        """Evaluate (token, position, sequence) entries with logits for each; copies rows."""
-        rows: list[npt.NDArray[np.float32]] = []
-        step = self.config.n_batch
-        for start in range(0, len(entries), step):
-            chunk = entries[start : start + step]
-            batch = self._batch
-            batch.n_tokens = len(chunk)
-            for i, (token, pos, seq) in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = pos
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = True
-            self._run(batch)
-            rows.extend(self._logits(i).copy() for i in range(len(chunk)))
-        return rows
-
     def _constrained(
         self,
+        run: _Run,
         constraint: JsonConstraint,
         logits: npt.NDArray[np.float32],
         max_tokens: int,
         timings: Timings,
-        stop: StopCheck,
         confidence: dict[str, float] | None = None,
-    ) -> tuple[bytes, bool]:
+    ) -> _Gen[tuple[bytes, bool]]:
         """Greedy decoding under the constraint.
 
         Each step takes the most likely token and checks its bytes against the automaton;
         only when it is rejected are the next candidates checked, best first. Bytes the
-        schema forces (keys, punctuation) are evaluated as one batch, never sampled.
+        schema forces (keys, punctuation) are evaluated with the next step's token, never
+        sampled.
         """
         state = constraint.initial()
         out = bytearray()
         pending: list[int] = []  # tokens chosen or forced, not yet evaluated
         emitted = 0  # every token of the answer, sampled or forced
         chosen = 0  # tokens the model picked (the budget counts these)
-        budget = min(max_tokens, self._n_ctx - len(self._kv_tokens) - 2)
+        budget = min(max_tokens, self._n_ctx - run.pos - 2)
         truncated = False
         fields = confidence if confidence is not None else {}
         while True:
@@ -642,14 +935,13 @@ class LlamaEngine:
                 emitted += len(tokens)
             if constraint.is_complete(state):
                 break
-            if len(self._kv_tokens) + len(pending) + 1 >= self._n_ctx:
+            if run.pos + len(pending) + 1 >= self._n_ctx:
                 budget = chosen  # out of context: close the JSON now
             elif pending:
-                logits = self._decode(pending, len(self._kv_tokens), stop)
-                self._kv_tokens = self._kv_tokens + pending
+                rows = yield _Need.one_run(pending, run.pos, run.seq)
+                logits = rows[-1]
+                run.pos += len(pending)
                 pending = []
-            if stop():
-                raise Interrupted
             if chosen >= budget:
                 truncated = True
                 out += self._finish(constraint, state)

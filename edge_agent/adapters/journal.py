@@ -394,18 +394,22 @@ class Journal:
 
 
 class RunningMarker:
-    """A small file naming the job the inference thread is running, so a restart knows
-    which job was running when the agent died (a crash in llama.cpp, an OOM kill, the
+    """A small file naming the jobs the scheduler is running, so a restart knows which
+    jobs were running when the agent died (a crash in llama.cpp, an OOM kill, the
     watchdog). Written without fsync: it must survive the process, not a power cut, and
-    costs a write per job instead of a flush.
+    costs a write when the running set changes instead of a flush.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def set(self, digest: str, job_id: str) -> None:
+        self.set_running([(digest, job_id)])
+
+    def set_running(self, jobs: list[tuple[str, str]]) -> None:
+        data = [{"digest": digest, "id": job_id} for digest, job_id in jobs]
         try:
-            self.path.write_text(json.dumps({"digest": digest, "id": job_id}))
+            self.path.write_text(json.dumps({"jobs": data}))
         except OSError as exc:
             log.warning("journal.marker_failed", error=str(exc))
 
@@ -415,14 +419,21 @@ class RunningMarker:
         except OSError as exc:
             log.warning("journal.marker_failed", error=str(exc))
 
-    def take(self) -> tuple[str, str | None] | None:
-        """What the last process left running (digest, job id), and forget it."""
+    def take(self) -> list[tuple[str, str | None]]:
+        """What the last process left running (digest, job id each), and forget it."""
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             data = None
         self.clear()
-        if not isinstance(data, dict) or not isinstance(data.get("digest"), str):
-            return None
-        job_id = data.get("id")
-        return data["digest"], job_id if isinstance(job_id, str) else None
+        if not isinstance(data, dict):
+            return []
+        rows = data.get("jobs")
+        if not isinstance(rows, list):
+            rows = [data]  # the one-job format of earlier releases
+        out: list[tuple[str, str | None]] = []
+        for row in rows:
+            if isinstance(row, dict) and isinstance(row.get("digest"), str):
+                job_id = row.get("id")
+                out.append((row["digest"], job_id if isinstance(job_id, str) else None))
+        return out

@@ -521,7 +521,7 @@ def _probe_report(settings: Settings) -> dict[str, Any]:
             "n_threads_batch": batch,
             "n_ctx": settings.n_ctx,
             "n_ubatch": settings.model.n_ubatch,
-            "n_seq_max": settings.jobs.max_labels + 1,
+            "parallel": settings.jobs.parallel,
         },
     }
 
@@ -550,7 +550,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"disk      {gib(report['disk_free_bytes'])} free for {report['model_dir']}")
     print(
         f"llama.cpp {rt['n_threads']} threads for generation, {rt['n_threads_batch']} for prompts; "
-        f"n_ctx {rt['n_ctx']}, n_ubatch {rt['n_ubatch']}"
+        f"n_ctx {rt['n_ctx']}, n_ubatch {rt['n_ubatch']}; {rt['parallel']} jobs at once"
     )
     return EX_OK
 

@@ -2,6 +2,11 @@
 
 `engine.LlamaEngine` implements `Engine`; unit tests use owned fakes. Keeping these types
 here lets the runner and the worker be tested without loading a model.
+
+An engine runs jobs as `Task`s: `begin_classify` / `begin_extract` make one, and each
+`step` advances every task it is given by one evaluation (one llama.cpp decode holding
+all their tokens: a batch). The scheduler (`service/worker.py`) keeps up to N tasks in
+flight; `run_alone` drives one task to its end for callers that want one answer.
 """
 
 from __future__ import annotations
@@ -22,6 +27,14 @@ class Interrupted(EngineError):
 
     def __init__(self) -> None:
         super().__init__(Code.CANCELLED, "stopped by request")
+
+
+class ContextFull(EngineError):
+    """The context has no free cells for this step's tokens, even after dropping cached
+    prompt prefixes: the scheduler puts a job back in the queue and the others go on."""
+
+    def __init__(self) -> None:
+        super().__init__(Code.CONTEXT_OVERFLOW, "the context is full")
 
 
 @dataclass
@@ -66,6 +79,28 @@ class Extraction:
     confidence: dict[str, float] = field(default_factory=dict)
 
 
+class Task:
+    """One job's work inside an engine. `inner` is the engine's own state; the task is
+    done when it has an outcome or an error."""
+
+    __slots__ = ("error", "inner", "outcome")
+
+    def __init__(self, inner: object = None) -> None:
+        self.inner = inner
+        self.outcome: Classification | Extraction | Timings | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None or self.error is not None
+
+    def result(self) -> Classification | Extraction | Timings:
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None, "task not done"
+        return self.outcome
+
+
 class Engine(Protocol):
     def fits(
         self,
@@ -76,15 +111,31 @@ class Engine(Protocol):
     ) -> int:
         """Context cells the job needs; raises JobError `context_too_long` if too many."""
 
-    def classify(
-        self, plan: PromptPlan, text: str, labels: Sequence[str], stop: StopCheck
-    ) -> Classification: ...
+    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
+        """A task that scores every label as the answer to `text` (a `Classification`)."""
 
-    def extract(
-        self,
-        plan: PromptPlan,
-        text: str,
-        constraint: JsonConstraint,
-        max_tokens: int,
-        stop: StopCheck,
-    ) -> Extraction: ...
+    def begin_extract(
+        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
+    ) -> Task:
+        """A task that writes JSON for `text` the constraint accepts (an `Extraction`)."""
+
+    def step(self, tasks: Sequence[Task]) -> None:
+        """Advance every task that is not done by one evaluation, together; a task that
+        ends gets its outcome or its error. Raises ContextFull when the context cannot
+        hold this step's tokens: no task has moved then."""
+
+    def drop(self, task: Task) -> None:
+        """Stop a task (cancelled, expired, put back in the queue) and free its cells."""
+
+
+def run_alone(engine: Engine, task: Task, stop: StopCheck) -> object:
+    """Drive one task to its end, checking `stop` before every step; its outcome."""
+    try:
+        while not task.done:
+            if stop():
+                raise Interrupted
+            engine.step([task])
+    except BaseException:
+        engine.drop(task)
+        raise
+    return task.result()

@@ -38,6 +38,7 @@ Counter = Literal[
     "journal_write_errors",
     "replies_lost",
     "intake_dropped_qos0",
+    "preempted",
 ]
 
 

@@ -79,7 +79,8 @@ def open_engine(path: Path, settings: Settings, board: BoardFacts) -> LlamaEngin
             n_threads=gen_threads,
             n_threads_batch=batch_threads,
             n_ubatch=settings.model.n_ubatch,
-            max_sequences=settings.jobs.max_labels + 1,
+            parallel=settings.jobs.parallel,
+            label_sequences=settings.jobs.max_labels,
             prefix_cache_bytes=settings.model.prefix_cache_mb * 1024 * 1024,
             kv_cache_type=settings.model.kv_cache_type,
         ),
@@ -360,7 +361,7 @@ class Agent:
             synchronous=s.jobs.journal_sync.upper(),
         )
         marker = RunningMarker(s.state_dir / "running")
-        self._count_crash(marker, journal)
+        suspects = self._count_crash(marker, journal)
         link_holder: list[MqttLink] = []
         outbox = Outbox(_LazyLink(link_holder), journal, self.metrics, health.beat("outbox", stall))
         runner = JobRunner(loaded.engine, min_confidence=s.jobs.min_confidence)
@@ -371,6 +372,8 @@ class Agent:
             topics=self.topics,
             model=loaded.ref,
             max_queue=s.jobs.max_queue,
+            parallel=loaded.engine.config.parallel,
+            suspects=suspects,
             beat=health.beat("inference", stall),
             marker=marker,
             faults=Faults.from_env(),
@@ -425,20 +428,25 @@ class Agent:
                 return EX_SOFTWARE
         return 0
 
-    def _count_crash(self, marker: RunningMarker, journal: Journal) -> None:
-        """If the last process died while running a job, count that against the job: one
-        that did it twice is answered `job_crashed` from then on, never run again."""
+    def _count_crash(self, marker: RunningMarker, journal: Journal) -> set[str]:
+        """If the last process died while running jobs, find the one to blame: a job that
+        was running alone is counted (one that did it twice is answered `job_crashed`
+        from then on, never run again). Jobs that were running together are suspects:
+        each runs alone until it has been answered, so a second crash names the job."""
         left = marker.take()
-        if left is None:
-            return
-        digest, job_id = left
-        count = journal.note_crash(digest, job_id)
-        log.error(
-            "agent.died_while_running",
-            job_id=job_id,
-            times=count,
-            poison=count >= POISON_AFTER_CRASHES,
-        )
+        if len(left) == 1:
+            digest, job_id = left[0]
+            count = journal.note_crash(digest, job_id)
+            log.error(
+                "agent.died_while_running",
+                job_id=job_id,
+                times=count,
+                poison=count >= POISON_AFTER_CRASHES,
+            )
+            return set()
+        if left:
+            log.error("agent.died_while_running", job_ids=[job_id for _, job_id in left])
+        return {digest for digest, _ in left}
 
     def _subscriptions(self) -> list[Subscription]:
         t = self.topics
@@ -547,6 +555,7 @@ class Agent:
                 "max_array_items": limits.schema.max_items,
             },
             "max_queue": s.jobs.max_queue,
+            "parallel": loaded.engine.config.parallel,
         }
         model = loaded.report()
         model["context"] = loaded.engine.facts.n_ctx
@@ -556,6 +565,7 @@ class Agent:
             "n_threads_batch": batch,
             "n_ctx": loaded.engine.facts.n_ctx,
             "n_ubatch": s.model.n_ubatch,
+            "parallel": loaded.engine.config.parallel,
         }
         return build_info(identity, __version__, self.board.to_dict(), model, capabilities, runtime)
 

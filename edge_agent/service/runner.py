@@ -1,4 +1,4 @@
-"""Turns one validated job into one engine call and the reply's `result`.
+"""Turns one validated job into one engine task and the reply's `result`.
 
 Orchestration without I/O: prompt plans, the compiled constraint per schema (cached, so a
 schema is compiled once however many jobs use it), and the result shape of wire contract v1.
@@ -13,7 +13,15 @@ from typing import Any
 
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, EngineError
-from edge_agent.core.inference import Engine, StopCheck, Timings
+from edge_agent.core.inference import (
+    Classification,
+    Engine,
+    Extraction,
+    StopCheck,
+    Task,
+    Timings,
+    run_alone,
+)
 from edge_agent.core.prompt import PromptPlan, classify_plan, extract_plan
 from edge_agent.core.protocol import Job
 from edge_agent.core.schema import ObjectNode, problems
@@ -52,27 +60,35 @@ class JobRunner:
         plan = extract_plan(job.node, job.instructions, job.examples)
         self.engine.fits(plan, job.text, constraint=self._constraint(job))
 
-    def run(self, job: Job, stop: StopCheck) -> Outcome:
-        threshold = job.min_confidence if job.min_confidence is not None else self.min_confidence
+    def begin(self, job: Job) -> Task:
+        """The engine task for a job; the scheduler steps it with others, then `finish`."""
         if job.kind == "classify":
-            chosen = self.engine.classify(_classify_plan(job), job.text, job.labels, stop)
-            confidence = chosen.scores[chosen.label]
-            result: dict[str, Any] = {
-                "label": chosen.label,
-                "scores": _rounded(chosen.scores),
-                "confidence": round(confidence, _SCORE_DIGITS),
-            }
-            if chosen.raw_scores is not None:
-                result["raw_scores"] = _rounded(chosen.raw_scores)
-            if threshold is not None:
-                result["uncertain"] = confidence < threshold
-            return Outcome(result, chosen.timings)
+            return self.engine.begin_classify(_classify_plan(job), job.text, job.labels)
         assert job.node is not None
         plan = extract_plan(job.node, job.instructions, job.examples)
         # Grounded values (the default) come from this job's text: bind the schema's
         # automaton to it.
         constraint = self._constraint(job).bind(job.text)
-        found = self.engine.extract(plan, job.text, constraint, self.max_new_tokens, stop)
+        return self.engine.begin_extract(plan, job.text, constraint, self.max_new_tokens)
+
+    def finish(self, job: Job, task: Task) -> Outcome:
+        """The reply's result from a finished task (raises the task's error)."""
+        found = task.result()
+        threshold = job.min_confidence if job.min_confidence is not None else self.min_confidence
+        if isinstance(found, Classification):
+            confidence = found.scores[found.label]
+            result: dict[str, Any] = {
+                "label": found.label,
+                "scores": _rounded(found.scores),
+                "confidence": round(confidence, _SCORE_DIGITS),
+            }
+            if found.raw_scores is not None:
+                result["raw_scores"] = _rounded(found.raw_scores)
+            if threshold is not None:
+                result["uncertain"] = confidence < threshold
+            return Outcome(result, found.timings)
+        assert isinstance(found, Extraction)
+        assert job.node is not None
         try:
             data = json.loads(found.text)
         except ValueError as exc:  # the constraint makes this unreachable; say so loudly
@@ -87,6 +103,12 @@ class JobRunner:
         if found.truncated:
             extracted["truncated"] = True
         return Outcome(extracted, found.timings)
+
+    def run(self, job: Job, stop: StopCheck) -> Outcome:
+        """One job alone, to its end (evaluation, tools)."""
+        task = self.begin(job)
+        run_alone(self.engine, task, stop)
+        return self.finish(job, task)
 
     def _constraint(self, job: Job) -> JsonConstraint:
         assert job.node is not None

@@ -1,11 +1,14 @@
-"""The job queue and the one inference thread.
+"""The job queue and the scheduler: the one inference thread, running up to N jobs at once.
 
 Jobs come from the intake stage (`intake.Intake`, its own thread) through `offer()`, which
 queues them or answers at once (queue full, an id already held). The thread named
-"inference" takes the most urgent job, checks its deadline, runs it, and hands the reply
-to the outbox, which stores and publishes it and only then acknowledges the job's MQTT
-message. The thread is supervised: a failing job is answered `failed` and the loop goes
-on; if the thread itself dies, health turns degraded (`health.py`).
+"inference" keeps up to `parallel` jobs in flight: it starts the most urgent queued jobs
+while there is room (checking their deadlines), then advances every running job by one
+engine step (one llama.cpp decode for all of them: continuous batching), and answers each
+job as it ends, cancelled or expired ones between steps, without touching the others. The
+reply goes to the outbox, which stores and publishes it and only then acknowledges the
+job's MQTT message. The thread is supervised: a failing job is answered `failed` and the
+loop goes on; if the thread itself dies, health turns degraded (`health.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import structlog
 from edge_agent.adapters.journal import RunningMarker
 from edge_agent.adapters.log import bind_job
 from edge_agent.core.errors import Code, EdgeAgentError, EngineError, JobError
-from edge_agent.core.inference import Interrupted
+from edge_agent.core.inference import ContextFull, Interrupted, Task
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import (
     Job,
@@ -40,6 +43,9 @@ from edge_agent.service.outbox import Handoff, Memo
 from edge_agent.service.runner import JobRunner
 
 log = structlog.get_logger("edge_agent.worker")
+
+# A ticket's task while the scheduler starts it (admitted, engine task not made yet).
+_STARTING = Task()
 
 Ack = Callable[[], None]
 
@@ -73,6 +79,10 @@ class Ticket:
     # its delivery is acknowledged when that reply is safe.
     riders: list[tuple[ReplyRoute, Ack]] = field(default_factory=list)
 
+    task: Task | None = None  # its engine task while it runs
+    started: float = 0.0  # when it started running (clock), for queue_ms
+    t0: float = 0.0  # perf_counter at the start
+
     def sort_key(self) -> tuple[int, float, int]:
         deadline = self.job.deadline if self.job.deadline is not None else float("inf")
         return (-self.job.priority, deadline, self.order)
@@ -82,7 +92,7 @@ class Ticket:
 
 
 class Worker:
-    """Bounded priority queue + one inference thread."""
+    """Bounded priority queue + the scheduler thread (up to `parallel` jobs at once)."""
 
     def __init__(
         self,
@@ -93,6 +103,8 @@ class Worker:
         topics: Topics,
         model: ModelRef,
         max_queue: int,
+        parallel: int = 1,
+        suspects: set[str] | None = None,
         beat: Beat | None = None,
         marker: RunningMarker | None = None,
         faults: Faults | None = None,
@@ -110,11 +122,16 @@ class Worker:
         self.beat: Beat = beat or Health().beat("inference", stall_after_s=60.0)
         self._heap: list[Ticket] = []
         self._by_id: dict[str, Ticket] = {}
-        self._running: Ticket | None = None
+        self.parallel = max(1, parallel)
+        # Digests of jobs that were running together when the last process died: each runs
+        # alone, so a job that crashes the agent again is known for sure (RunningMarker).
+        self.suspects = set(suspects or ())
+        self._active: list[Ticket] = []  # running now, most urgent first
         self._cond = threading.Condition()
         self._order = 0
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._marked: list[tuple[str, str]] = []
 
     # ---- taking jobs (the intake's thread) ----------------------------------------------
 
@@ -195,7 +212,7 @@ class Worker:
             ticket = self._by_id.get(job_id)
             if ticket is None or ticket.job.route.topic != reply_topic:
                 return False
-            if ticket is self._running:
+            if ticket.task is not None:  # running: the scheduler stops it before its next step
                 ticket.interrupt = "cancelled"
                 return True
             ticket.cancelled = True
@@ -216,17 +233,20 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        """Jobs queued behind the running one (call under self._cond or accept a race)."""
-        return len(self._by_id) - (1 if self._running else 0)
+        """Jobs queued behind the running ones (call under self._cond or accept a race)."""
+        return len(self._by_id) - len(self._active)
 
     def busy(self) -> tuple[bool, int]:
-        """(a job is running, jobs waiting behind it)."""
+        """(every slot is running a job, jobs waiting for one)."""
         with self._cond:
-            return self._running is not None, self.waiting
+            return len(self._active) >= self.parallel, self.waiting
 
     def _retry_after_ms(self) -> int:
+        """When a refused job could find room: the jobs ahead of it, `parallel` at a time,
+        at the recent median latency each."""
         p50 = self.metrics.snapshot()["latency_ms_p50"] or 1000.0
-        return int(p50 * max(1, len(self._by_id)))
+        rounds = -(-max(1, len(self._by_id)) // self.parallel)
+        return int(p50 * rounds)
 
     # ---- the inference thread --------------------------------------------------------
 
@@ -235,83 +255,200 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs; let the running one finish (up to `timeout`)."""
+        """Stop taking jobs; let the running ones finish (up to `timeout`)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _next(self) -> Ticket | None:
+    def _admit(self) -> list[Ticket] | None:
+        """Take the queued jobs that can start now (most urgent first) while a slot is
+        free; wait while there is nothing to do. None: closing and nothing running."""
         with self._cond:
             while True:
-                if self._closing:
+                if self._closing and not self._active:
                     return None
                 while self._heap and self._heap[0].cancelled:
                     heapq.heappop(self._heap)
-                if self._heap:
-                    ticket = heapq.heappop(self._heap)
-                    self._running = ticket
+                taken: list[Ticket] = []
+                while not self._closing and self._heap and len(self._active) < self.parallel:
+                    head = self._heap[0]
+                    alone = head.digest is not None and head.digest in self.suspects
+                    if self._active and (alone or self._runs_alone()):
+                        break  # a suspect runs alone: it waits for an empty scheduler
+                    heapq.heappop(self._heap)
+                    if head.cancelled:
+                        continue
+                    head.started = self.clock()
+                    head.t0 = time.perf_counter()
+                    head.task = _STARTING
+                    self._active.append(head)
+                    taken.append(head)
+                    if alone:
+                        break
+                if self._active:
+                    self._active.sort()
                     self.beat.busy()
-                    return ticket
+                    return taken
                 self._cond.wait()
 
-    def _loop(self) -> None:
-        while True:
-            ticket = self._next()
-            if ticket is None:
-                return
-            if self.marker is not None and ticket.digest is not None:
-                self.marker.set(ticket.digest, ticket.job.id)
-            self.faults.on_inference(ticket.job.id)  # test-only; may end this thread
-            bind_job(ticket.job.id)
-            try:
-                reply = self._run(ticket)
-            except Exception:  # never lose the thread; the job gets a failed reply
-                log.exception("job.crashed", job_id=ticket.job.id)
-                self.beat.error()
-                self.metrics.count("failed")
-                reply = self._status(
-                    ticket.job, Status.FAILED, Code.INTERNAL_ERROR, "internal error"
-                )
-            finally:
-                bind_job(None)
-                self.beat.idle()
-                if self.marker is not None:
-                    self.marker.clear()
-            with self._cond:
-                self._running = None
-                self._finish(ticket, reply)
+    def _runs_alone(self) -> bool:
+        return any(t.digest is not None and t.digest in self.suspects for t in self._active)
 
-    def _run(self, ticket: Ticket) -> Reply:
-        """Run one job; its final reply."""
+    def _loop(self) -> None:
+        engine = self.runner.engine
+        while True:
+            started = self._admit()
+            if started is None:
+                return
+            for ticket in started:
+                self._start(ticket)
+            self._mark_running()
+            self._stop_interrupted()
+            running = [t for t in self._active if t.task is not None and t.task is not _STARTING]
+            if not running:
+                self.beat.idle()
+                continue
+            try:
+                engine.step([t.task for t in running if t.task is not None])
+            except ContextFull:
+                self._make_room(running)
+            except Exception:  # a step that fails outright fails the jobs in it
+                log.exception("step.crashed", jobs=[t.job.id for t in running])
+                self.beat.error()
+                for ticket in running:
+                    self._end(ticket, self._crashed(ticket))
+                continue
+            self.metrics.progress()
+            self.beat.progress()
+            for ticket in running:
+                if ticket.task is not None and ticket.task.done:
+                    self._end(ticket, self._complete(ticket))
+            if not self._active:
+                self.beat.idle()
+
+    def _start(self, ticket: Ticket) -> None:
+        """Start a job that was just admitted, or answer it at once (expired while
+        queued, refused by the engine)."""
         job = ticket.job
-        started = self.clock()
-        queue_ms = max(0.0, (started - job.received_at) * 1000.0)
-        if job.deadline is not None and started >= job.deadline:
+        queue_ms = max(0.0, (ticket.started - job.received_at) * 1000.0)
+        self.faults.on_inference(job.id)  # test-only; may end this thread
+        if job.deadline is not None and ticket.started >= job.deadline:
             log.info("job.expired", job_id=job.id, while_="queued", queue_ms=round(queue_ms))
             self.metrics.count("expired")
-            return self._status(
+            reply = self._status(
                 job, Status.EXPIRED, Code.DEADLINE_EXCEEDED, "deadline passed before the job ran"
             )
+            self._end(ticket, reply)
+            return
         log.debug("job.started", job_id=job.id, kind=job.kind, queue_ms=round(queue_ms, 1))
         if job.progress:
             self.outbox.notify(self._status(job, Status.RUNNING))
-
-        def stop() -> bool:
-            self.metrics.progress()
-            self.beat.progress()
-            if (
-                ticket.interrupt is None
-                and job.deadline is not None
-                and self.clock() >= job.deadline
-            ):
-                ticket.interrupt = "expired"
-            return ticket.interrupt is not None
-
-        t0 = time.perf_counter()
         try:
-            outcome = self.runner.run(job, stop)
+            ticket.task = self.runner.begin(job)
+        except JobError as exc:
+            self._end(ticket, self._refused(ticket, exc))
+        except Exception:
+            log.exception("job.crashed", job_id=job.id)
+            self._end(ticket, self._crashed(ticket))
+
+    def _mark_running(self) -> None:
+        """Name the running jobs in the marker file (for the next process, if this one
+        dies now): only when the set changed."""
+        if self.marker is None:
+            return
+        running = [(t.digest, t.job.id) for t in self._active if t.digest is not None]
+        if running != self._marked:
+            self._marked = running
+            if running:
+                self.marker.set_running(running)
+            else:
+                self.marker.clear()
+
+    def _stop_interrupted(self) -> None:
+        """Cancelled and expired jobs stop here, between steps; the others go on."""
+        now = self.clock()
+        for ticket in list(self._active):
+            if ticket.task is None or ticket.task is _STARTING:
+                continue
+            deadline = ticket.job.deadline
+            if ticket.interrupt is None and deadline is not None and now >= deadline:
+                ticket.interrupt = "expired"
+            if ticket.interrupt is None:
+                continue
+            self.runner.engine.drop(ticket.task)
+            reason = ticket.interrupt
+            status = Status.EXPIRED if reason == "expired" else Status.CANCELLED
+            code = Code.DEADLINE_EXCEEDED if reason == "expired" else Code.CANCELLED
+            log.info("job.interrupted", job_id=ticket.job.id, reason=reason)
+            self.metrics.count(str(status))
+            self._end(ticket, self._status(ticket.job, status, code, f"{reason} while running"))
+
+    def _make_room(self, running: list[Ticket]) -> None:
+        """The context is full: the least urgent running job goes back to the queue (it
+        starts again from its prompt later); a job alone that cannot fit fails."""
+        victim = max(running)  # the last in priority order
+        if len(running) == 1:
+            log.warning("job.failed", job_id=victim.job.id, code="context_overflow")
+            self.metrics.count("failed")
+            self.runner.engine.drop(victim.task) if victim.task is not None else None
+            reply = self._status(
+                victim.job, Status.FAILED, Code.CONTEXT_OVERFLOW, "the context is full"
+            )
+            self._end(victim, reply)
+            return
+        if victim.task is not None:
+            self.runner.engine.drop(victim.task)
+        self.metrics.bump("preempted")
+        log.info("job.preempted", job_id=victim.job.id, running=len(running))
+        with self._cond:
+            self._active.remove(victim)
+            victim.task = None
+            heapq.heappush(self._heap, victim)
+
+    def _end(self, ticket: Ticket, reply: Reply) -> None:
+        with self._cond:
+            if ticket in self._active:
+                self._active.remove(ticket)
+            ticket.task = None
+            if ticket.digest is not None:
+                self.suspects.discard(ticket.digest)
+            self._finish(ticket, reply)
+
+    def _complete(self, ticket: Ticket) -> Reply:
+        """The reply of a job whose task ended."""
+        assert ticket.task is not None
+        bind_job(ticket.job.id)
+        try:
+            return self._outcome(ticket)
+        except Exception:  # never lose the thread; the job gets a failed reply
+            log.exception("job.crashed", job_id=ticket.job.id)
+            self.beat.error()
+            return self._crashed(ticket)
+        finally:
+            bind_job(None)
+
+    def _crashed(self, ticket: Ticket) -> Reply:
+        self.metrics.count("failed")
+        if ticket.task is not None and ticket.task is not _STARTING:
+            self.runner.engine.drop(ticket.task)
+        return self._status(ticket.job, Status.FAILED, Code.INTERNAL_ERROR, "internal error")
+
+    def _refused(self, ticket: Ticket, exc: JobError) -> Reply:
+        job = ticket.job
+        log.warning("job.rejected", job_id=job.id, code=str(exc.code), reason=exc.message)
+        self.metrics.count("rejected")
+        return rejection(job.route, self.topics.device_id, exc)
+
+    def _outcome(self, ticket: Ticket) -> Reply:
+        """A finished task's reply: done, or the error it ended with."""
+        job = ticket.job
+        assert ticket.task is not None
+        queue_ms = max(0.0, (ticket.started - job.received_at) * 1000.0)
+        t0 = ticket.t0
+        try:
+            outcome = self.runner.finish(job, ticket.task)
         except Interrupted:
             reason = ticket.interrupt or "cancelled"
             status = Status.EXPIRED if reason == "expired" else Status.CANCELLED
@@ -320,9 +457,7 @@ class Worker:
             self.metrics.count(str(status))
             return self._status(job, status, code, f"{reason} while running")
         except JobError as exc:  # refused before it ran (the token budget)
-            log.warning("job.rejected", job_id=job.id, code=str(exc.code), reason=exc.message)
-            self.metrics.count("rejected")
-            return rejection(job.route, self.topics.device_id, exc)
+            return self._refused(ticket, exc)
         except EdgeAgentError as exc:
             code = exc.code if isinstance(exc, EngineError) else Code.INFERENCE_ERROR
             log.warning("job.failed", job_id=job.id, code=str(code), reason=str(exc))
