@@ -280,8 +280,8 @@ def main() -> int:
     )  # fmt: skip
     args = parser.parse_args()
     if args.source is not None:
-        path = [str(args.source.resolve()), os.environ.get("PYTHONPATH", "")]
-        os.environ["PYTHONPATH"] = os.pathsep.join(path)
+        # `python -m edge_agent` and `python -c` put their working directory first
+        os.chdir(args.source)
     with_bytecode()
     if args.what == "imports":
         print_imports(args.modules or RUN_PATH, args.detail)
