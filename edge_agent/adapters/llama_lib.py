@@ -74,9 +74,10 @@ def _bare_package() -> ModuleType | None:
 
 
 def _forget(package: ModuleType) -> None:
+    """Undo a failed attempt: the bare package and whatever was imported under it."""
     if sys.modules.get(PACKAGE) is package:
-        del sys.modules[PACKAGE]
-    sys.modules.pop(BINDINGS, None)
+        for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
+            del sys.modules[name]
 
 
 if TYPE_CHECKING:
