@@ -18,10 +18,8 @@ for this process and order: a module imported first pays for what later ones sha
 sends the 10 classify and 10 extract jobs of bench/performance.py, and reads the agent's
 /proc/<pid>/smaps: resident memory by kind of mapping, and the figure issue 16 targets,
 resident memory minus the model file's resident pages (bench/performance.py subtracts the
-file's size instead; both are printed). On a host whose CPU reports AMX that faults when
-llama.cpp uses it (a SIGSEGV in ggml_backend_amx_mul_mat at the first job, as on some VMs),
-`--no-amx` turns llama.cpp's weight repacking off in the agent's process, or `--jobs 0`
-measures the agent as it starts, before any job.
+file's size instead; both are printed). `--jobs 0` measures the agent as it starts, with
+its model loaded, before any job.
 """
 
 from __future__ import annotations
@@ -188,59 +186,18 @@ def smaps(pid: int, model: Path) -> dict[str, int]:
     return dict(kinds)
 
 
-# Started in the agent's process by --no-amx, through a sitecustomize module: when
-# llama_cpp.llama_cpp is loaded, its default model parameters get use_extra_bufts off, so
-# llama.cpp keeps the weights in the file's mapping instead of repacking them for AMX.
-NO_AMX = """
-import sys
-
-
-class _NoExtraBuffers:
-    def find_spec(self, name, path, target=None):
-        if name != "llama_cpp.llama_cpp":
-            return None
-        sys.meta_path.remove(self)
-        spec = sys.modules["_frozen_importlib_external"].PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            default = module.llama_model_default_params
-
-            def params():
-                p = default()
-                p.use_extra_bufts = False
-                return p
-
-            module.llama_model_default_params = params
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _NoExtraBuffers())
-"""
-
-
-def print_agent(jobs: int, settle_s: float, no_amx: bool) -> None:
+def print_agent(jobs: int, settle_s: float) -> None:
     from bench.performance import bundled_model, warm_agent
 
     model = bundled_model()
     work = Path(tempfile.mkdtemp(prefix="edge-mem-"))
-    env = {}
-    if no_amx:
-        (work / "no_amx").mkdir()
-        (work / "no_amx" / "sitecustomize.py").write_text(NO_AMX)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(work / "no_amx"), os.environ.get("PYTHONPATH", "")]
-        )
-    with warm_agent(work, env, jobs) as agent:
+    with warm_agent(work, jobs=jobs) as agent:
         time.sleep(settle_s)
         kinds = smaps(agent.proc.pid, model)
     total, mapped = kinds["total"], kinds.get("model file", 0)
     print(
         f"agent with {model.name} ({model.stat().st_size / MIB:.1f} MiB file), after {jobs} "
-        f"classify and {jobs} extract jobs{' (AMX repacking off)' if no_amx else ''}"
+        f"classify and {jobs} extract jobs"
     )
     print("| mapping | resident MiB |\n|---|---|")
     for kind in ("model file", "anonymous", "heap", "shared libraries", "stacks", "other files",
@@ -274,10 +231,6 @@ def main() -> int:
         "--jobs", type=int, default=10, help="classify and extract jobs each (default 10; 0: "
         "the agent as it starts, model loaded)",
     )  # fmt: skip
-    agent.add_argument(
-        "--no-amx", action="store_true", help="turn llama.cpp's weight repacking off in the "
-        "agent (hosts whose CPU reports AMX that faults when used, as some VMs do)",
-    )  # fmt: skip
     args = parser.parse_args()
     if args.source is not None:
         # `python -m edge_agent` and `python -c` put their working directory first
@@ -286,7 +239,7 @@ def main() -> int:
     if args.what == "imports":
         print_imports(args.modules or RUN_PATH, args.detail)
     else:
-        print_agent(args.jobs, args.settle, args.no_amx)
+        print_agent(args.jobs, args.settle)
     return 0
 
 
