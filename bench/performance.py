@@ -25,6 +25,7 @@ llama-cpp-python's sdist (bench/llamacpp_tools.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import socket
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ from edge_agent.core.prompt import (
     extract_plan,
 )
 from edge_agent.core.schema import SchemaLimits, compile_schema
-from tests.harness.process import start_agent_process
+from tests.harness.process import AgentProcess, start_agent_process
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2
@@ -319,8 +321,10 @@ def constrained_vs_free(model: Path, rounds: int = 5) -> tuple[float, float, flo
 # ---- 3. overhead, memory, idle CPU -----------------------------------------------------------
 
 
-def memory_and_idle(model: Path, idle_s: float = 30.0) -> tuple[float, float]:
-    work = Path(tempfile.mkdtemp(prefix="edge-perf-"))
+@contextlib.contextmanager
+def warm_agent(work: Path, jobs: int = 10) -> Iterator[AgentProcess]:
+    """A broker and an agent with the bundled model that has answered `jobs` classify and
+    `jobs` extract jobs: what the memory figures are read from (also by bench/memory.py)."""
     with LocalBroker(workdir=work / "broker") as broker:
         agent = start_agent_process(
             broker.url, f"m{uuid.uuid4().hex[:6]}", work / "agent", log_level="info"
@@ -328,7 +332,7 @@ def memory_and_idle(model: Path, idle_s: float = 30.0) -> tuple[float, float]:
         client = Requester("127.0.0.1", broker.port, "perf-mem")
         client.connect()
         client.subscribe(f"{agent.prefix}/replies/m")
-        for i in range(10):
+        for i in range(jobs):
             client.publish(
                 f"{agent.prefix}/jobs/classify",
                 json.dumps(
@@ -357,9 +361,19 @@ def memory_and_idle(model: Path, idle_s: float = 30.0) -> tuple[float, float]:
                 ).encode(),
                 response_topic=f"{agent.prefix}/replies/m",
             )
-        for _ in range(20):
-            client.wait_for(lambda m: True, 60)
+        for _ in range(2 * jobs):
+            if client.wait_for(lambda m: True, 60) is None:
+                agent.kill()
+                raise RuntimeError(f"the agent did not answer:\n{agent.log_text()[-2000:]}")
         client.close()
+        try:
+            yield agent
+        finally:
+            agent.kill()
+
+
+def memory_and_idle(model: Path, idle_s: float = 30.0) -> tuple[float, float]:
+    with warm_agent(Path(tempfile.mkdtemp(prefix="edge-perf-"))) as agent:
         process = psutil.Process(agent.proc.pid)
         time.sleep(2)
         rss = process.memory_info().rss - model.stat().st_size
@@ -367,7 +381,6 @@ def memory_and_idle(model: Path, idle_s: float = 30.0) -> tuple[float, float]:
         time.sleep(idle_s)
         after = process.cpu_times()
         idle = ((after.user - before.user) + (after.system - before.system)) / idle_s * 100
-        agent.kill()
     return rss / 2**20, idle
 
 

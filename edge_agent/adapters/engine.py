@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
 from cachetools import LRUCache
 
+from edge_agent.adapters.llama_lib import bindings as llama
 from edge_agent.core.constraint import JsonConstraint, State
 from edge_agent.core.errors import Code, EngineError, JobError, ModelLoadError
 from edge_agent.core.inference import (

@@ -1,11 +1,10 @@
 """`edge-agent bench`: how fast this board runs its model, in the figures the reply and
 telemetry use. Orchestration over an engine; the results are kept in the state directory
-(bench.json) where the device info and the selector's speed preference read them.
+(bench.json, service/measured.py) where the selector's speed preference reads them.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -20,8 +19,8 @@ from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.metrics import percentile
 from edge_agent.core.prompt import Message, PromptPlan, classify_plan, extract_plan
 from edge_agent.core.schema import SchemaLimits, compile_schema
+from edge_agent.service import measured
 
-BENCH_FILE = "bench.json"
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 CLASSIFY_SAMPLES = [
@@ -150,29 +149,5 @@ def run_bench(
 
 
 def save(result: BenchResult, state_dir: Path) -> Path:
-    """Keep the figures per model (the latest run of each)."""
-    path = state_dir / BENCH_FILE
-    known = load(state_dir)
-    known[result.model] = result.to_dict()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known, indent=2))
-    tmp.replace(path)
-    return path
-
-
-def load(state_dir: Path) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads((state_dir / BENCH_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def measured_speeds(state_dir: Path) -> dict[str, float]:
-    """Generation tokens/s this board measured, by models.lock entry name."""
-    return {
-        name: float(figures["tokens_per_second"])
-        for name, figures in load(state_dir).items()
-        if isinstance(figures, dict) and figures.get("tokens_per_second")
-    }
+    """Keep the figures per model (the latest run of each) in <state_dir>/bench.json."""
+    return measured.save(state_dir, result.model, result.to_dict())
