@@ -679,10 +679,7 @@ class LlamaEngine:
         shape = self._shape(plan)
         yield from self._take_sequence(run)
         try:
-            start = time.perf_counter()
-            yield from self._attach_prefix(run, shape.prefix_tokens, timings)
-            logits = yield from self._own_tokens(run, shape, text, timings)
-            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            logits = yield from self._read_prompt(run, shape, text, timings)
             start = time.perf_counter()
             logps: dict[str, float] = {}
             out, truncated = yield from self._constrained(
@@ -703,10 +700,7 @@ class LlamaEngine:
         shape = self._shape(plan)
         yield from self._take_sequence(run)
         try:
-            start = time.perf_counter()
-            yield from self._attach_prefix(run, shape.prefix_tokens, timings)
-            logits = yield from self._own_tokens(run, shape, text, timings)
-            timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+            logits = yield from self._read_prompt(run, shape, text, timings)
             start = time.perf_counter()
             for _ in range(min(n_tokens, self._n_ctx - run.pos)):
                 token = int(np.argmax(logits))
@@ -718,6 +712,16 @@ class LlamaEngine:
         finally:
             self._release_sequence(run)
         return timings
+
+    def _read_prompt(
+        self, run: _Run, shape: _Shape, text: str, timings: Timings
+    ) -> _Gen[npt.NDArray[np.float32]]:
+        """The shape's prefix, then the job's own tokens; the last position's logits."""
+        start = time.perf_counter()
+        yield from self._attach_prefix(run, shape.prefix_tokens, timings)
+        logits = yield from self._own_tokens(run, shape, text, timings)
+        timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+        return logits
 
     # ---- sequences and the prompt prefixes they share ---------------------------------
 
