@@ -90,8 +90,12 @@ def test_a_disk_whose_fsync_takes_a_second_slows_no_reply_and_no_keepalive(
     check(fig)
     assert fig.extra["lapses"] == 0
     assert fig.extra["health"] == "ok"
-    # Acknowledgements wait for the broker's PUBACK of the reply, never for an fsync.
-    assert fig.extra["puback_ms_p50"] is not None and fig.extra["puback_ms_p50"] < 1000
+    # Acknowledgements wait for the broker's PUBACK of the reply, never for an fsync: a job's
+    # PUBACK follows its reply by a loopback round trip, not by a second. (The reply time
+    # itself includes queueing, which on a loaded 2-core CI machine can near a second.)
+    puback, reply = fig.extra["puback_ms_p50"], fig.extra["latency_ms_p50"]
+    assert puback is not None and reply is not None
+    assert puback - reply < 500, (puback, reply)
 
 
 def test_an_inference_thread_that_dies_turns_health_degraded_and_stops_the_watchdog(

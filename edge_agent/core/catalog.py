@@ -381,4 +381,3 @@ def parse_size(text: str) -> int:
     if raw and raw[-1] in units:
         return int(float(raw[:-1]) * units[raw[-1]])
     return int(float(raw) * MIB)
-

@@ -302,6 +302,7 @@ class Worker:
             started = self._admit()
             if started is None:
                 return
+            self._mark_running()  # before the start: the start itself can end the process
             for ticket in started:
                 self._start(ticket)
             self._mark_running()

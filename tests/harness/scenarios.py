@@ -316,12 +316,14 @@ def slow_fsync(
             sensor,
             [agent],
             None,
-            f"{jobs / took:.1f} jobs/s offered {1 / interval:.1f}; PUBACK p50 "
+            f"{jobs / took:.1f} jobs/s offered {1 / interval:.1f}; reply p50 "
+            f"{telemetry.get('latency_ms_p50')} ms; PUBACK p50 "
             f"{telemetry.get('puback_ms_p50')} ms, p99 {telemetry.get('puback_ms_p99')} ms; "
             f"keepalive {keepalive_s} s lapses {lapses}",
         )
         fig.extra.update(
             lapses=lapses,
+            latency_ms_p50=telemetry.get("latency_ms_p50"),
             puback_ms_p50=telemetry.get("puback_ms_p50"),
             puback_ms_p99=telemetry.get("puback_ms_p99"),
             health=(telemetry.get("health") or {}).get("state"),
