@@ -646,7 +646,7 @@ def test_parallel_jobs_share_steps_and_a_cancel_stops_only_its_own() -> None:
         send(p, {"id": name})
     for name in ("a", "b", "c"):
         engine.wait_running(name)
-    assert p.worker.busy() == (True, 0)  # every slot taken, nothing waiting
+    assert p.worker.busy() == (True, 0)  # running, nothing waiting
     assert p.worker.cancel("b", TOPICS.results())
     replies = {r.job_id: r.to_dict()["status"] for r in p.outbox.wait(3)}
     p.worker.stop()
