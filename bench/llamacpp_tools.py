@@ -18,7 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 CACHE = Path(os.environ.get("EDGE_AGENT_TOOLS_CACHE", Path.home() / ".cache" / "edge-agent"))
-TOOLS = ("llama-bench", "llama-server")
+TOOLS = ("llama-bench", "llama-server", "llama-batched-bench")
 
 
 def tools_dir() -> Path:
