@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 
 from edge_agent.adapters.engine import EngineConfig, LlamaEngine
-from edge_agent.core.inference import Classification, Extraction, Task
+from edge_agent.core.inference import Classification, ContextFull, Extraction, Task
 from edge_agent.core.prompt import classify_plan, extract_plan
 from edge_agent.core.schema import SchemaLimits, compile_schema, schema_for_fields
 from edge_agent.service.runner import _constraint_for
 
 EVAL = Path(__file__).parent / "data" / "eval"
 # A label probability moves by rounding alone: measured up to 0.05 (median 0.012) at four
-# and eight jobs per batch, 32 rows; copies of one job spread by 0.013.
+# and eight jobs per batch, 16 rows (bench/batching.py --rows 16); copies of one job
+# spread by 0.013.
 TOLERANCE = 0.08
 # A label may flip where two labels were nearly tied when the job ran alone.
 NEAR_TIE = 0.1
@@ -198,3 +199,34 @@ def test_a_long_prompt_does_not_hold_up_short_jobs(batched: LlamaEngine) -> None
     # each short job needs two steps (its prompt, its labels)
     assert done_at[1] <= 2
     assert done_at[2] <= 4 < done_at[0]
+
+
+def test_a_context_too_small_for_two_moves_nothing_and_each_job_then_runs_alone(
+    smollm2_path: Path,
+) -> None:
+    """What the scheduler's preemption relies on: when two jobs no longer fit, `step`
+    raises ContextFull with nothing moved; the job left runs on, and the dropped one
+    started again later, each to the answer it gives alone."""
+    engine = LlamaEngine(
+        smollm2_path, EngineConfig(n_threads=2, n_threads_batch=2, n_ctx=512, parallel=2)
+    )
+    try:
+        text = " ".join(["Pump P-3 on line 4 reports vibration 9.1 mm/s at bearing B."] * 12)
+        made = [extract_job(text, {"pump": "string", "line": "number"}) for _ in range(2)]
+        alone = [engine.extract(p, text, k, 48) for p, k in made]
+        tasks = [engine.begin_extract(p, text, k, 48) for p, k in made]
+        full = False
+        for _ in range(200):
+            try:
+                engine.step([t for t in tasks if not t.done])
+            except ContextFull:
+                full = True
+                break
+        assert full, "two long prompts should not fit 512 cells together"
+        engine.drop(tasks[1])
+        run_together(engine, [tasks[0]])
+        again = engine.begin_extract(made[1][0], text, made[1][1], 48)
+        run_together(engine, [again])
+        assert [tasks[0].result().text, again.result().text] == [a.text for a in alone]  # type: ignore[union-attr]
+    finally:
+        engine.close()

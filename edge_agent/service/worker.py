@@ -123,6 +123,10 @@ class Worker:
         self._heap: list[Ticket] = []
         self._by_id: dict[str, Ticket] = {}
         self.parallel = max(1, parallel)
+        # Jobs the context holds now: `parallel`, or fewer after a preemption until a job
+        # ends (the preempted job coming straight back would fill the context again, the
+        # whole decode would fail, and no job would ever advance).
+        self._room = self.parallel
         # Digests of jobs that were running together when the last process died: each runs
         # alone, so a job that crashes the agent again is known for sure (RunningMarker).
         self.suspects = set(suspects or ())
@@ -277,7 +281,7 @@ class Worker:
                 while self._heap and self._heap[0].cancelled:
                     heapq.heappop(self._heap)
                 taken: list[Ticket] = []
-                while not self._closing and self._heap and len(self._active) < self.parallel:
+                while not self._closing and self._heap and len(self._active) < self._room:
                     head = self._heap[0]
                     alone = head.digest is not None and head.digest in self.suspects
                     if self._active and (alone or self._runs_alone()):
@@ -410,6 +414,7 @@ class Worker:
         log.info("job.preempted", job_id=victim.job.id, running=len(running))
         with self._cond:
             self._active.remove(victim)
+            self._room = len(self._active)
             victim.task = None
             heapq.heappush(self._heap, victim)
 
@@ -417,6 +422,7 @@ class Worker:
         with self._cond:
             if ticket in self._active:
                 self._active.remove(ticket)
+                self._room = self.parallel  # its cells are free: try a full batch again
             ticket.task = None
             if ticket.digest is not None:
                 self.suspects.discard(ticket.digest)
