@@ -18,7 +18,7 @@ from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.mqtt import Requester
 from edge_agent.core.schema import schema_for_fields
 from tests.conftest import eval_rows, reply_for
-from tests.harness.process import AgentProcess, start_agent_process
+from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
 
 pytestmark = pytest.mark.model
 
@@ -323,38 +323,45 @@ def test_progress_then_cancel_of_a_running_job(
 def test_message_expiry_is_the_deadline(
     agent: AgentProcess, client: Requester, e2e_prefix: str
 ) -> None:
+    # One blocker per job the agent runs at once (jobs.parallel), so the late job queues.
+    # Each writes 64 strings over the slots (16 per array, the default limit): seconds of
+    # generation, so the late job waits well past its 1 s expiry, and no more than the
+    # shared context holds (more would preempt a blocker and let the late job in).
+    slots = wait_for_log(agent, "model.loaded", 5)["parallel"]
+    arrays = 4
     blocker = {
         "id": f"block-{uuid.uuid4().hex[:6]}",
         "kind": "extract",
         "text": "Write a long note.",
         "progress": True,
-        # 64 strings (16 per array, the default limit): seconds of generation, so the late
-        # job waits in the queue well past its 1 s expiry
         "schema": {
             "type": "object",
             "properties": {
                 f"n{i}": {"type": "array", "items": {"type": "string"}, "minItems": 16}
-                for i in range(4)
+                for i in range(arrays)
             },
-            "required": [f"n{i}" for i in range(4)],
+            "required": [f"n{i}" for i in range(arrays)],
         },
     }
     late = {"id": f"late-{uuid.uuid4().hex[:6]}", "text": "Door open.", "labels": ["a", "b"]}
-    client.publish(
-        f"{e2e_prefix}/devices/{agent.device_id}/jobs/extract",
-        json.dumps(blocker).encode(),
-        response_topic=f"{e2e_prefix}/replies/e",
-    )
-    # Only once the blocker runs: queued side by side, the late job's earlier deadline
+    blockers = [{**blocker, "id": f"{blocker['id']}-{i}"} for i in range(slots)]
+    for job in blockers:
+        client.publish(
+            f"{e2e_prefix}/devices/{agent.device_id}/jobs/extract",
+            json.dumps(job).encode(),
+            response_topic=f"{e2e_prefix}/replies/e",
+        )
+    # Only once the blockers run: queued side by side, the late job's earlier deadline
     # would put it first (earliest deadline first), and it would be answered in time.
-    running = client.wait_for(
-        lambda m: (
-            json.loads(m.payload).get("id") == blocker["id"]
-            and json.loads(m.payload).get("status") == "running"
-        ),
-        60,
-    )
-    assert running is not None, "the blocker never started"
+    for job in blockers:
+        running = client.wait_for(
+            lambda m, job=job: (
+                json.loads(m.payload).get("id") == job["id"]
+                and json.loads(m.payload).get("status") == "running"
+            ),
+            60,
+        )
+        assert running is not None, "a blocker never started"
     client.publish(
         f"{e2e_prefix}/devices/{agent.device_id}/jobs/classify",
         json.dumps(late).encode(),
@@ -364,5 +371,7 @@ def test_message_expiry_is_the_deadline(
     reply = reply_for(client, late["id"], timeout=60)
     assert reply["status"] == "expired"
     assert reply["error"]["code"] == "deadline_exceeded"
-    blocked = reply_for(client, blocker["id"], timeout=120)
+    blocked = reply_for(client, blockers[0]["id"], timeout=120)
+    for job in blockers[1:]:  # the agent is idle again for the next test
+        assert reply_for(client, job["id"], timeout=120)["status"] == "done"
     print(f"\nblocker ran {blocked['timings']['total_ms']:.0f} ms")

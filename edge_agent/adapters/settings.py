@@ -116,13 +116,15 @@ class MqttSettings(_Section):
         description="How long the broker keeps the agent's session (and its queued jobs) "
         "after a disconnect, in seconds.",
     )
-    receive_maximum: int = Field(
-        2,
+    receive_maximum: int | None = Field(
+        None,
         ge=1,
         le=65535,
         description="Jobs the broker may have in flight to this agent at once (MQTT 5 "
         "Receive Maximum). Jobs are acknowledged only when answered, so this caps what an "
-        "agent can hoard from the fleet's shared subscription.",
+        "agent can hoard from the fleet's shared subscription. Unset: 2 x jobs.parallel, "
+        "a batch running and the next one waiting (with less, slots stand empty while "
+        "acknowledgements make the round trip: bench/throughput.py).",
     )
     ca_file: Path | None = Field(
         None, description="CA certificate (PEM) to verify the broker; turns TLS on."
@@ -306,14 +308,15 @@ class JobSettings(_Section):
     max_queue: int = Field(
         16, ge=1, le=10000, description="Jobs waiting to run; more are rejected as overloaded."
     )
-    parallel: int = Field(
-        1,
+    parallel: int | None = Field(
+        None,
         ge=1,
         le=32,
         description="Jobs run at once in one batch (each step decodes every running job's "
-        "next tokens together, continuous batching). 1, the default, runs one job at a "
-        "time. 2 gives the same answers as 1; with 3 or more, scores moved by up to 0.33 "
-        "in log-probability in our tests, not yet explained (docs/performance.md).",
+        "next tokens together, continuous batching). Unset: 4 on boards with 2 or more "
+        "cores and 1 GiB or more for the agent, else 1. 1 runs one job at a time, and its "
+        "answers are the same bit for bit from run to run; in a batch, a probability can "
+        "move by rounding (up to 0.05 measured) with what else runs (docs/performance.md).",
     )
     max_payload_bytes: int = Field(
         65536, ge=1024, le=16 * 1024 * 1024, description="Largest job message accepted."

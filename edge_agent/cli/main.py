@@ -507,7 +507,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _probe_report(settings: Settings) -> dict[str, Any]:
     from edge_agent.adapters.probe import available_ram, board_facts, disk_free
-    from edge_agent.service.app import thread_counts
+    from edge_agent.service.app import parallel_jobs, thread_counts
 
     board = board_facts()
     gen, batch = thread_counts(settings, board.cpu_cores)
@@ -521,7 +521,7 @@ def _probe_report(settings: Settings) -> dict[str, Any]:
             "n_threads_batch": batch,
             "n_ctx": settings.n_ctx,
             "n_ubatch": settings.model.n_ubatch,
-            "parallel": settings.jobs.parallel,
+            "parallel": parallel_jobs(settings, board.cpu_cores, board.ram_budget_bytes),
         },
     }
 
