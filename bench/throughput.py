@@ -1,16 +1,18 @@
 """Bursts of jobs, side by side: edge-agent over MQTT against llama-server with -np N.
 
-    .venv/bin/python -m bench.throughput                 # both models, -np 1, 4 and 8
-    .venv/bin/python -m bench.throughput --models smollm2-135m-instruct-q4_1 --np 1,4
+    .venv/bin/python -m bench.throughput                 # both models, N = 1, 4 and 8
+    .venv/bin/python -m bench.throughput --models smollm2-135m-instruct-q4_1 --np 1,4 --parallel 1,4
 
-Sensors publish in bursts (a door opens, a line stops). Each burst is published at once:
+Sensors publish in bursts (a door opens, a line stops). Each burst is published at once
+(`--repeat` times per path; the median row is shown):
 32 classify jobs (sensor messages rated normal / warning / critical), then 16 extract jobs
 (device, metric, value, unit from sensor messages). For each path the table gives jobs per
 second over the burst (first publish to last answer), the p50 and p95 of each job's own
 latency (its publish to its answer) and the resident memory of the serving process minus
 the model file.
 
-- edge-agent: the agent as it ships (one job at a time), MQTT 5, 2 threads.
+- edge-agent N: the agent with `jobs.parallel` = N (N jobs share each llama_decode), MQTT 5,
+  2 threads.
 - llama-server (built from the llama.cpp vendored in the installed llama-cpp-python's sdist,
   bench/llamacpp_tools.py) with -np N, continuous batching (its default), the same
   threads, n_ctx 2048 per slot, one unified KV buffer (`--kv-unified`, so slots share the
@@ -19,8 +21,8 @@ the model file.
   `cache_prompt`, a grammar over the labels (classify) or `json_schema` (extract), one
   HTTP connection per concurrent request.
 
-Issue 16 asks for a scheduler that runs several jobs in one llama.cpp context; this script
-is its yardstick, and prints today's agent against llama-server's best -np.
+Issue 16's yardstick: the last lines compare the agent's best N with its N = 1 (one job
+at a time, as before issue 16) and with llama-server's best -np.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def rss_minus(pid: int, model: Path) -> float:
 class AgentPath:
     """The agent subprocess and a sensor publishing a whole burst at once."""
 
-    def __init__(self, name: str, model: Path) -> None:
-        self.model = model
+    def __init__(self, name: str, model: Path, parallel: int) -> None:
+        self.model, self.parallel = model, parallel
         self.work = Path(tempfile.mkdtemp(prefix="edge-burst-"))
         self.prefix = f"b{uuid.uuid4().hex[:6]}"
         self.broker = LocalBroker(workdir=self.work / "broker").start()
@@ -115,6 +117,7 @@ class AgentPath:
                  "EDGE_AGENT_MODEL__N_THREADS": str(THREADS),
                  "EDGE_AGENT_MODEL__N_THREADS_BATCH": str(THREADS),
                  "EDGE_AGENT_JOBS__MAX_QUEUE": "64",
+                 "EDGE_AGENT_JOBS__PARALLEL": str(parallel),
                  "EDGE_AGENT_TELEMETRY__INTERVAL_S": "30"},
         )  # fmt: skip
         self.answers: dict[str, float] = {}
@@ -158,7 +161,8 @@ class AgentPath:
         end = max(self.answers[j["id"]] for j in jobs)
         latencies = [(self.answers[i] - t) * 1000 for i, t in sent.items()]
         memory = rss_minus(self.agent.proc.pid, self.model)
-        return Burst("edge-agent", kind, len(jobs), end - start, latencies, memory)
+        path = f"edge-agent N={self.parallel}"
+        return Burst(path, kind, len(jobs), end - start, latencies, memory)
 
     def warm(self) -> None:
         self.burst("classify", ["warm up"])
@@ -236,12 +240,45 @@ class ServerPath:
         self.proc.wait(10)
 
 
+def median(bursts: list[Burst]) -> Burst:
+    """The burst with the median jobs/s (the lower middle one of an even count)."""
+    ranked = sorted(bursts, key=lambda b: b.jobs / b.seconds)
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def summary(rows: list[Burst]) -> str:
+    """One burst kind: the agent's best N against its N = 1 and llama-server's best -np."""
+
+    def rate(r: Burst) -> float:
+        return r.jobs / r.seconds
+
+    agents = [r for r in rows if r.path.startswith("edge-agent")]
+    servers = [r for r in rows if not r.path.startswith("edge-agent")]
+    ours = max(agents, key=rate)
+    line = f"{rows[0].kind}: {ours.path} {rate(ours):.2f} jobs/s"
+    single = next((r for r in agents if r.path.endswith("N=1")), None)
+    if single is not None:
+        line += f", {rate(ours) / rate(single):.2f}x N=1 ({rate(single):.2f})"
+    if servers:
+        best = max(servers, key=rate)
+        line += f", {rate(ours) / rate(best):.2f}x {best.path} ({rate(best):.2f})"
+    return line
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
     parser.add_argument("--np", default="1,4,8", help="llama-server -np values")
+    parser.add_argument("--parallel", default="1,4,8", help="the agent's jobs.parallel values")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="bursts of each kind per path; the row shown is the one with the median jobs/s "
+        "(a shared 2-core VM varies by 2x from one minute to the next)",
+    )
     args = parser.parse_args()
     tools = ensure_tools()
     catalog = load_lock(ROOT / "models.lock")
@@ -255,36 +292,31 @@ def main() -> int:
               flush=True)  # fmt: skip
         print(HEADER, flush=True)
         rows: list[Burst] = []
-        agent = AgentPath(name, model)
-        try:
-            agent.warm()
-            for kind, texts in (("classify", classify_texts), ("extract", extract_texts)):
-                rows.append(agent.burst(kind, texts))
-                print(rows[-1].row(), flush=True)
-        finally:
-            agent.close()
+        for parallel in (int(n) for n in args.parallel.split(",")):
+            agent = AgentPath(name, model, parallel)
+            try:
+                agent.warm()
+                for kind, texts in (("classify", classify_texts), ("extract", extract_texts)):
+                    rows.append(median([agent.burst(kind, texts) for _ in range(args.repeat)]))
+                    print(rows[-1].row(), flush=True)
+            finally:
+                agent.close()
         engine = LlamaEngine(model, EngineConfig(n_threads=THREADS, n_threads_batch=THREADS))
         try:
-            for slots in (int(n) for n in args.np.split(",")):
+            for slots in (int(n) for n in args.np.split(",") if n):
                 server = ServerPath(tools["llama-server"], model, engine, slots)
                 try:
                     server.warm()
                     for kind, texts in (("classify", classify_texts), ("extract", extract_texts)):
-                        rows.append(server.burst(kind, texts))
+                        bursts = [server.burst(kind, texts) for _ in range(args.repeat)]
+                        rows.append(median(bursts))
                         print(rows[-1].row(), flush=True)
                 finally:
                     server.close()
         finally:
             engine.close()
         for kind in ("classify", "extract"):
-            ours = next(r for r in rows if r.path == "edge-agent" and r.kind == kind)
-            best = max(
-                (r for r in rows if r.kind == kind and r.path != "edge-agent"),
-                key=lambda r: r.jobs / r.seconds,
-            )
-            print(f"{kind}: edge-agent {ours.jobs / ours.seconds:.2f} jobs/s, best llama-server "
-                  f"({best.path}) {best.jobs / best.seconds:.2f} jobs/s, ratio "
-                  f"{(ours.jobs / ours.seconds) / (best.jobs / best.seconds):.2f}")  # fmt: skip
+            print(summary([r for r in rows if r.kind == kind]))
     return 0
 
 

@@ -40,6 +40,7 @@ class AgentProcess:
     args: list[str]
     env: dict[str, str]
     extra: dict[str, Any] = field(default_factory=dict)
+    cwd: Path | None = None  # where `python -m edge_agent` finds the package (another tree)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -71,7 +72,7 @@ class AgentProcess:
         self.kill()
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
-                self.args, stdout=log_file, stderr=subprocess.STDOUT, env=self.env
+                self.args, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
             )
         if wait_online:
             starts = sum(1 for e in self.log_events() if e.get("event") == "agent.started")
@@ -98,6 +99,7 @@ def start_agent_process(
     wait_online: bool = True,
     timeout: float = 60,
     log_level: str = "debug",
+    cwd: Path | None = None,
 ) -> AgentProcess:
     device = device_id or f"dev-{uuid.uuid4().hex[:6]}"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -118,8 +120,10 @@ def start_agent_process(
         "--log-format", "json", "--log-level", log_level, *(extra_args or []),
     ]  # fmt: skip
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
-    agent = AgentProcess(proc, device, prefix, state_dir, log_path, args, full_env)
+        proc = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd
+        )
+    agent = AgentProcess(proc, device, prefix, state_dir, log_path, args, full_env, cwd=cwd)
     if wait_online:
         wait_for_log(agent, "agent.started", timeout)
         wait_for_log(agent, "mqtt.connected", timeout)
