@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def main() -> int:
                 check=False,
                 capture_output=True,
             )
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -118,6 +118,8 @@ class AgentPath:
                  "EDGE_AGENT_MODEL__N_THREADS_BATCH": str(THREADS),
                  "EDGE_AGENT_JOBS__MAX_QUEUE": "64",
                  "EDGE_AGENT_JOBS__PARALLEL": str(parallel),
+                 # a lone member: hand-back would only bounce the first jobs of a burst
+                 "EDGE_AGENT_JOBS__HANDOFF": "false",
                  "EDGE_AGENT_TELEMETRY__INTERVAL_S": "30"},
         )  # fmt: skip
         self.answers: dict[str, float] = {}

@@ -126,7 +126,9 @@ def test_extract_in_a_batch_matches_one_at_a_time(batched: LlamaEngine) -> None:
             same += 1
         else:
             print(f"differs: alone {one.text} batched {both.text}")
-    assert same >= len(jobs) - 1, f"{same} of {len(jobs)} identical"
+    # nearly all: greedy answers part at a near-tie token (bench/batching.py: 1 of 8 at 4
+    # per batch, 2 of 8 at 8); which ones depends on the CPU's kernels
+    assert same >= len(jobs) - 2, f"{same} of {len(jobs)} identical"
 
 
 def test_mixed_shapes_in_one_batch(batched: LlamaEngine) -> None:
@@ -169,7 +171,7 @@ def test_a_dropped_job_leaves_the_others_alone(batched: LlamaEngine) -> None:
         found = tasks[i].result()
         assert isinstance(found, Extraction)
         assert found.text == alone[i].text
-    # the dropped job's sequence is free again: the engine still takes 2 jobs at once
+    # the dropped job's sequence is free again: the engine takes all three at once again
     again = [
         batched.begin_extract(p, r["text"], k, 96) for (p, k), r in zip(made, jobs, strict=True)
     ]

@@ -107,6 +107,9 @@ def test_an_inference_thread_that_dies_turns_health_degraded_and_stops_the_watch
     env = {
         "EDGE_AGENT_FAULT": "inference-die:die-0",
         "EDGE_AGENT_MQTT__RECEIVE_MAXIMUM": "8",
+        # one job at a time: the marker then names die-0 alone (with several running,
+        # none is counted and each runs alone after the restart: test_poison)
+        "EDGE_AGENT_JOBS__PARALLEL": "1",
         "NOTIFY_SOCKET": notify_socket.path,
         "WATCHDOG_USEC": "1000000",
     }

@@ -226,3 +226,21 @@ def test_reconnect_backoff_grows_with_full_jitter_up_to_its_ceiling() -> None:
     assert reconnect_delay(10_000, 0.5, 30, rand=lambda: 1.0) == 30  # capped, no overflow
     assert reconnect_delay(3, 0.5, 30, rand=lambda: 0.0) == 0.0  # full jitter reaches 0
     assert reconnect_delay(0, 0.5, 30, rand=lambda: 1.0) == 0.5  # attempts count from 1
+
+
+def test_jobs_at_once_and_the_receive_window_follow_the_board_unless_set() -> None:
+    from edge_agent.service.app import link_config, parallel_jobs
+
+    gib = 1024**3
+    assert parallel_jobs(Settings(), cores=2, ram_bytes=2 * gib) == 4
+    assert parallel_jobs(Settings(), cores=1, ram_bytes=8 * gib) == 1
+    assert parallel_jobs(Settings(), cores=4, ram_bytes=gib // 2) == 1
+    assert parallel_jobs(Settings(jobs={"parallel": 7}), cores=1, ram_bytes=gib // 2) == 7
+    # a batch running and the next one waiting; 2 at one job at a time, as before
+    assert link_config(Settings(), None, parallel=1).receive_maximum == 2
+    assert link_config(Settings(), None, parallel=4).receive_maximum == 8
+    # never more than the queue takes: the broker's extra jobs would be refused
+    small = Settings(jobs={"parallel": 32, "max_queue": 4})
+    assert link_config(small, None, parallel=32).receive_maximum == 36
+    mine = Settings(mqtt={"receive_maximum": 3})
+    assert link_config(mine, None, parallel=4).receive_maximum == 3

@@ -654,6 +654,37 @@ def test_parallel_jobs_share_steps_and_a_cancel_stops_only_its_own() -> None:
     assert any(sorted(step) == ["a", "b", "c"] for step in engine.steps), engine.steps[:3]
 
 
+def test_the_running_marker_names_the_jobs_in_flight_and_is_cleared_when_none_runs() -> None:
+    """Else every restart, clean or not, would count a crash against the last jobs."""
+
+    class Marker:
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def set_running(self, jobs: list[tuple[str, str]]) -> None:
+            self.calls.append(sorted(job_id for _, job_id in jobs))
+
+        def clear(self) -> None:
+            self.calls.append([])
+
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=2)
+    marker = Marker()
+    p.worker.marker = marker  # type: ignore[assignment]
+    for name in ("m1", "m2"):
+        send(p, {"id": name})
+    engine.wait_running("m2")
+    gate.set()
+    p.outbox.wait(2)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and marker.calls[-1:] != [[]]:
+        time.sleep(0.01)
+    p.worker.stop()
+    assert ["m1", "m2"] in marker.calls
+    assert marker.calls[-1] == []
+
+
 def test_a_queued_job_takes_the_slot_a_finished_one_frees() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)

@@ -124,7 +124,8 @@ class MqttSettings(_Section):
         "Receive Maximum). Jobs are acknowledged only when answered, so this caps what an "
         "agent can hoard from the fleet's shared subscription. Unset: 2 x jobs.parallel, "
         "a batch running and the next one waiting (with less, slots stand empty while "
-        "acknowledgements make the round trip: bench/throughput.py).",
+        "acknowledgements make the round trip: bench/throughput.py), at most "
+        "jobs.parallel + jobs.max_queue.",
     )
     ca_file: Path | None = Field(
         None, description="CA certificate (PEM) to verify the broker; turns TLS on."

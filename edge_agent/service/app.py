@@ -97,6 +97,12 @@ def parallel_jobs(settings: Settings, cores: int, ram_bytes: int) -> int:
     return 4 if cores >= 2 and ram_bytes >= 1024**3 else 1
 
 
+def receive_window(parallel: int, max_queue: int) -> int:
+    """Receive Maximum when unset: a batch running and the next one waiting, but never more
+    than the queue holds (the broker's extra jobs would be answered `overloaded`)."""
+    return min(2 * parallel, parallel + max_queue)
+
+
 def thread_counts(settings: Settings, cores: int) -> tuple[int, int]:
     """Generation leaves a core for the OS and MQTT on boards with 4 or more."""
     gen = settings.model.n_threads or (cores if cores <= 2 else cores - 1)
@@ -167,7 +173,7 @@ def link_config(settings: Settings, will_topic: str | None, parallel: int = 1) -
         protocol=m.protocol,
         keepalive_s=m.keepalive_s,
         session_expiry_s=m.session_expiry_s,
-        receive_maximum=m.receive_maximum or 2 * parallel,
+        receive_maximum=m.receive_maximum or receive_window(parallel, settings.jobs.max_queue),
         username=m.username,
         password=m.password.get_secret_value() if m.password else None,
         tls=m.tls,
@@ -264,7 +270,7 @@ class Agent:
             log.critical("engine.unavailable", reason=str(exc))
             raise
         self.session = next_session(s.state_dir)
-        board = self.board or board_facts()
+        board = self.board = self.board or board_facts()
         catalog = load_catalog(s)
         gen_threads, batch_threads = thread_counts(s, board.cpu_cores)
         t0 = time.perf_counter()

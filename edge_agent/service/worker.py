@@ -123,9 +123,9 @@ class Worker:
         self._heap: list[Ticket] = []
         self._by_id: dict[str, Ticket] = {}
         self.parallel = max(1, parallel)
-        # Jobs the context holds now: `parallel`, or fewer after a preemption until a job
-        # ends (the preempted job coming straight back would fill the context again, the
-        # whole decode would fail, and no job would ever advance).
+        # Jobs the context holds now: `parallel`, or fewer after a preemption, growing by
+        # one as each job ends (the preempted job coming straight back would fill the
+        # context again, the whole decode would fail, and no job would ever advance).
         self._room = self.parallel
         # Digests of jobs that were running together when the last process died: each runs
         # alone, so a job that crashes the agent again is known for sure (RunningMarker).
@@ -308,6 +308,7 @@ class Worker:
     def _loop(self) -> None:
         engine = self.runner.engine
         while True:
+            self._mark_running()  # cleared once the last job ended, before a wait or exit
             started = self._admit()
             if started is None:
                 return
@@ -422,7 +423,8 @@ class Worker:
         with self._cond:
             if ticket in self._active:
                 self._active.remove(ticket)
-                self._room = self.parallel  # its cells are free: try a full batch again
+                # its cells are free: one more job may join again, up to `parallel`
+                self._room = min(self.parallel, self._room + 1)
             ticket.task = None
             if ticket.digest is not None:
                 self.suspects.discard(ticket.digest)
