@@ -685,6 +685,21 @@ def test_the_running_marker_names_the_jobs_in_flight_and_is_cleared_when_none_ru
     assert marker.calls[-1] == []
 
 
+def test_an_agent_running_one_job_is_busy_for_hand_back_with_slots_free() -> None:
+    """A fleet job that joined the batch would share this board's cores; an idle member
+    runs it alone (tests/test_chaos.py, the slowed member)."""
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=3)
+    assert p.worker.busy() == (False, 0)
+    send(p, {"id": "only"})
+    engine.wait_running("only")
+    assert p.worker.busy() == (True, 0)
+    gate.set()
+    p.outbox.wait(1)
+    p.worker.stop()
+
+
 def test_a_queued_job_takes_the_slot_a_finished_one_frees() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)

@@ -50,11 +50,20 @@ class BoardFacts:
         return out
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (a cpuset or `taskset` narrows them; a container
+    pinned to one CPU of a 4-core host gets threads and jobs.parallel for one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def board_facts(root: Path = Path("/")) -> BoardFacts:
     arch = platform.machine()
     return BoardFacts(
         architecture=arch,
-        cpu_cores=os.cpu_count() or 1,
+        cpu_cores=_usable_cores(),
         cpu_features=_cpu_features(root / "proc/cpuinfo", arch),
         board_model=_board_model(root),
         ram_total_bytes=int(psutil.virtual_memory().total),
