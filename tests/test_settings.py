@@ -57,6 +57,11 @@ def test_settings_are_frozen() -> None:
         ("[jobs]\nmax_queue = -1\n", "jobs.max_queue"),
         ("[mqtt]\nkeeplive_s = 3\n", "mqtt.keeplive_s"),
         ('[mqtt]\npassword = "x"\n', "mqtt.password"),
+        ("[jobs]\nparallel = 0\n", "jobs.parallel"),
+        ("[jobs]\nparallel = 33\n", "jobs.parallel"),
+        ('[jobs]\nparallel = "four"\n', "jobs.parallel"),
+        ("[mqtt]\nreceive_maximum = 0\n", "mqtt.receive_maximum"),
+        ("[mqtt]\nreceive_maximum = 99999999999999999999\n", "mqtt.receive_maximum"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, text: str, field: str) -> None:
