@@ -3,6 +3,7 @@ when, what waits in the spool, and hand-back settlement."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,14 @@ from edge_agent.adapters.journal import Journal, job_key
 from edge_agent.core.errors import Code
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import MAX_DEADLINE_S, Reply, ReplyRoute, Status
-from edge_agent.service.outbox import MAX_SEND_FAILURES, Handoff, Memo, Outbox, reply_expiry
+from edge_agent.service.outbox import (
+    MAX_DROPS,
+    MAX_SEND_FAILURES,
+    Handoff,
+    Memo,
+    Outbox,
+    reply_expiry,
+)
 
 
 @dataclass
@@ -24,6 +32,10 @@ class FakeLink:
     sent: list[dict[str, Any]] = field(default_factory=list)
     next_mid: int = 0
     refuse: set[str] = field(default_factory=set)
+    room: int = 1 << 20  # payload bytes a message may carry (the broker's packet limit)
+
+    def payload_room(self, topic: str, **_kw: Any) -> int:
+        return self.room - len(topic)
 
     def publish(self, topic: str, payload: bytes, **kw: Any) -> int | None:
         if not self.connected:
@@ -225,4 +237,77 @@ def test_hand_back_acks_the_original_only_after_the_copy_is_accepted(tmp_path: P
     outbox.hand_back(job, lambda: events.append("ack3"), lambda: events.append("undo3"))
     assert outbox.drain()
     assert events == ["ack", "undo2", "undo3"]  # could not publish: kept here
+    outbox.stop()
+
+
+def big_reply(job_id: str, ignored: int) -> Reply:
+    return Reply(
+        job_id=job_id,
+        status=Status.DONE,
+        device="d",
+        route=ReplyRoute(topic=f"r/{job_id}"),
+        result={"label": "a", "scores": {"a": 1.0}, "confidence": 1.0},
+        ignored=tuple(f"{i:03d}" + "ж" * 60 for i in range(ignored)),
+    )
+
+
+def test_a_reply_larger_than_the_broker_takes_goes_out_slimmed(tmp_path: Path) -> None:
+    outbox, link, _ = make(tmp_path)
+    link.room = 600
+    acked: list[str] = []
+    outbox.deliver(big_reply("w", ignored=16), lambda: acked.append("w"))
+    assert outbox.drain()
+    (sent,) = link.sent
+    assert len(sent["payload"]) <= link.payload_room(sent["topic"])
+    body = json.loads(sent["payload"])
+    assert body["status"] == "done" and "ignored" not in body
+    outbox.on_published(sent["mid"], 0)
+    assert outbox.drain()
+    assert acked == ["w"]
+    assert outbox.metrics.snapshot()["counters"]["replies_too_large"] == 1
+    outbox.stop()
+
+
+def test_a_reply_that_fits_no_packet_is_given_up_and_its_job_acked(tmp_path: Path) -> None:
+    outbox, link, journal = make(tmp_path)
+    link.room = 40  # smaller than any reply
+    acked: list[str] = []
+    outbox.deliver(
+        big_reply("t", 1), lambda: acked.append("t"), Memo(job_key("t", "r/t"), "d", None)
+    )
+    assert outbox.drain()
+    assert link.sent == []
+    assert acked == ["t"]  # never held: it can never go out
+    assert journal.counts()["spool_pending"] == 0  # nor left pending in the spool
+    assert outbox.metrics.snapshot()["counters"]["replies_given_up"] == 1
+    outbox.stop()
+
+
+def test_a_reply_in_flight_whenever_the_connection_drops_is_given_up(tmp_path: Path) -> None:
+    # A broker that drops the client for a message would get it again after every
+    # reconnect: after MAX_DROPS drops with it in flight, it is not sent again.
+    outbox, link, journal = make(tmp_path)
+    acked: list[str] = []
+    outbox.deliver(reply("k"), lambda: acked.append("k"), Memo(job_key("k", "r/k"), "d", None))
+    assert outbox.drain()
+    for _ in range(MAX_DROPS):
+        outbox.on_link_lost()  # dropped before the PUBACK
+        outbox.flush()  # the reconnect: what is pending goes out again
+        assert outbox.drain()
+    assert len(link.sent) == MAX_DROPS
+    assert journal.counts()["spool_pending"] == 0
+    assert outbox.metrics.snapshot()["counters"]["replies_given_up"] == 1
+    outbox.stop()
+
+
+def test_a_reply_the_broker_refuses_is_counted_and_not_kept(tmp_path: Path) -> None:
+    outbox, link, journal = make(tmp_path)
+    acked: list[str] = []
+    outbox.deliver(reply("n"), lambda: acked.append("n"), Memo(job_key("n", "r/n"), "d", None))
+    assert outbox.drain()
+    outbox.on_published(link.sent[0]["mid"], 0x87)  # not authorized
+    assert outbox.drain()
+    assert acked == ["n"]
+    assert journal.counts()["spool_pending"] == 0
+    assert outbox.metrics.snapshot()["counters"]["replies_refused"] == 1
     outbox.stop()

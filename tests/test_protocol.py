@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.core.errors import Code, JobError
+from edge_agent.core.errors import MAX_MESSAGE_CHARS, Code, JobError
 from edge_agent.core.protocol import (
+    MAX_IGNORED,
+    MAX_IGNORED_CHARS,
     Delivery,
     JobLimits,
     Profile,
@@ -19,6 +21,7 @@ from edge_agent.core.protocol import (
     Status,
     Topics,
     check_profile,
+    fit_reply,
     parse_job,
     reply_route,
     timings_dict,
@@ -408,3 +411,75 @@ def test_profiles_are_checked_when_configured() -> None:
 )
 def test_topic_names_follow_the_strictest_brokers_rules(topic: str, ok: bool) -> None:
     assert (topic_name_problem(topic) is None) is ok
+
+
+# ---- replies within the broker's limits (issue 21) ---------------------------------------
+
+
+def test_a_reply_lists_a_bounded_number_of_unknown_fields_each_cut_short() -> None:
+    body = {
+        "id": "a",
+        "text": "t",
+        "labels": ["x"],
+        **{f"{i:03d}" + "ж" * 90: 1 for i in range(100)},
+    }
+    job = parse_job(delivery(body), TOPICS, LIMITS)
+    assert len(job.ignored) == MAX_IGNORED
+    assert all(len(name) <= MAX_IGNORED_CHARS for name in job.ignored)
+    assert job.ignored[0].startswith("000ж") and job.ignored[0].endswith("…")
+
+
+def test_an_error_message_quoting_a_huge_key_is_cut_short() -> None:
+    huge = "ж" * 10_000
+    with pytest.raises(JobError) as info:
+        parse_job(
+            delivery({"id": "a", "text": "t", "labels": ["x"], "label_descriptions": {huge: "d"}}),
+            TOPICS,
+            LIMITS,
+        )
+    assert info.value.code == Code.INVALID_LABELS
+    assert len(info.value.message) <= MAX_MESSAGE_CHARS
+
+
+def test_replies_are_written_as_utf8_not_escapes() -> None:
+    reply = Reply(
+        job_id="ж", status=Status.REJECTED, device="d", route=ReplyRoute("r"),
+        error_code=Code.BAD_JSON, error_message="ж" * 100,
+    )  # fmt: skip
+    encoded = reply.encode()
+    assert b"\\u" not in encoded
+    assert len(encoded) < 2 * 101 + 150  # 2 bytes a character, not 6
+    assert json.loads(encoded)["error"]["message"] == "ж" * 100
+
+
+def done_reply(ignored: int = 0, labels: int = 2) -> bytes:
+    scores = {f"label-{i}": 1.0 / labels for i in range(labels)}
+    return Reply(
+        job_id="j", status=Status.DONE, device="d", route=ReplyRoute("r", correlation_id="c"),
+        result={"label": "label-0", "scores": scores, "raw_scores": scores, "confidence": 0.5},
+        ignored=tuple(f"{i:03d}" for i in range(ignored)),
+    ).encode()  # fmt: skip
+
+
+def test_a_reply_that_fits_is_sent_as_it_is() -> None:
+    payload = done_reply(ignored=3)
+    assert fit_reply(payload, len(payload)) is payload
+
+
+def test_a_reply_slightly_too_large_loses_its_echoes_first() -> None:
+    payload = done_reply(ignored=16)
+    fitted = fit_reply(payload, len(payload) - 1)
+    assert fitted is not None and len(fitted) < len(payload)
+    body = json.loads(fitted)
+    assert body["status"] == "done" and "ignored" not in body and "raw_scores" not in body["result"]
+    assert body["result"]["scores"] == json.loads(payload)["result"]["scores"]
+
+
+def test_a_reply_far_too_large_is_replaced_by_reply_too_large() -> None:
+    payload = done_reply(labels=32)
+    fitted = fit_reply(payload, 400)
+    assert fitted is not None and len(fitted) <= 400
+    body = json.loads(fitted)
+    assert (body["status"], body["error"]["code"]) == ("failed", "reply_too_large")
+    assert (body["id"], body["correlation_id"]) == ("j", "c")
+    assert fit_reply(payload, 40) is None  # nothing can be that small

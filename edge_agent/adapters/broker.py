@@ -101,6 +101,8 @@ class LocalBroker:
             "autosave_interval 1",
             "max_queued_messages 10000",
             "max_inflight_messages 20",
+            # deploy/mosquitto/mosquitto.conf's limit: a client that publishes more is dropped
+            "max_packet_size 131072",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",

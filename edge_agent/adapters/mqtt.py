@@ -44,6 +44,36 @@ Ack = Callable[[], None]
 # MQTT 5 Message Expiry Interval: a four-byte integer; 0 would mean "no expiry".
 MAX_EXPIRY_S = 0xFFFFFFFF
 STABLE_CONNECTION_S = 10.0
+# The largest packet MQTT can frame (a four-byte Remaining Length).
+MQTT_MAX_PACKET = 268_435_460
+
+
+class PacketTooLarge(ValueError):
+    """A message larger than the broker takes (its Maximum Packet Size, or
+    `mqtt.max_packet_bytes`): publishing it would get the connection dropped."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(f"a {size}-byte packet to {topic[:80]!r}; the broker takes {limit}")
+        self.size = size
+        self.limit = limit
+
+
+def _varint_bytes(value: int) -> int:
+    """Bytes of an MQTT Variable Byte Integer."""
+    n = 1
+    while value >= 128:
+        value //= 128
+        n += 1
+    return n
+
+
+def publish_packet_size(topic: str, payload_bytes: int, qos: int, properties: bytes | None) -> int:
+    """The bytes of a PUBLISH packet on the wire, as a broker counts them against its
+    Maximum Packet Size: fixed header, topic, packet id (QoS 1 and 2), properties (MQTT 5:
+    `properties` is their packed form, length included; None on MQTT 3.1.1), payload."""
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + payload_bytes
+    remaining += len(properties) if properties is not None else 0
+    return 1 + _varint_bytes(remaining) + remaining
 
 
 @dataclass(frozen=True)
@@ -131,6 +161,9 @@ class LinkConfig:
     reconnect_max_s: float = 30.0
     connect_timeout_s: float = 10.0
     persistent: bool = True
+    # The largest packet the agent publishes; MQTT 5 brokers may state a smaller one in
+    # CONNACK, and then that one holds (MQTT 3.1.1 has no way to learn it).
+    max_packet_bytes: int = 131072
 
 
 class MqttLink:
@@ -161,6 +194,7 @@ class MqttLink:
         self.connects = 0
         self._was_up = False  # the last connection got as far as a CONNACK
         self._up_since = 0.0
+        self._max_packet = config.max_packet_bytes
         self._client = self._make_client()
 
     @property
@@ -170,6 +204,12 @@ class MqttLink:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def max_packet(self) -> int:
+        """The largest packet this connection may publish: `max_packet_bytes`, or the
+        broker's Maximum Packet Size from CONNACK when that is smaller."""
+        return self._max_packet
 
     def _make_client(self) -> paho.Client:
         c = self.config
@@ -303,7 +343,7 @@ class MqttLink:
             log.warning("mqtt.nodelay_unavailable")
 
     def _connect(
-        self, client: Any, _userdata: Any, flags: Any, reason: ReasonCode, _props: Any
+        self, client: Any, _userdata: Any, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
         if reason.is_failure:
             log.error("mqtt.connect_refused", reason=str(reason), host=self.config.host)
@@ -312,6 +352,16 @@ class MqttLink:
         self.connects += 1
         self._was_up = True
         self._up_since = time.monotonic()
+        stated = getattr(props, "MaximumPacketSize", None)
+        limit = self.config.max_packet_bytes
+        if isinstance(stated, int) and stated > 0:
+            limit = min(limit, stated)
+        self._max_packet = limit
+        # What was in flight when the last connection dropped is not resent by paho: the
+        # outbox sends again what still needs to go (from the journal), and gives up on a
+        # message that keeps ending connections (a broker that drops the client for it
+        # would otherwise see it again after every reconnect).
+        dropped = client.drop_out_messages()
         subs = list(self._subscriptions())
         if subs:
             if self.v5:
@@ -337,6 +387,9 @@ class MqttLink:
             session_present=bool(flags.session_present),
             subscriptions=len(subs),
             generation=self._generation,
+            max_packet_bytes=limit,
+            broker_max_packet_bytes=stated,
+            unsent_dropped=len(dropped),
         )
         self._on_connected(bool(flags.session_present))
 
@@ -425,10 +478,39 @@ class MqttLink:
             props = _properties(
                 correlation_data, content_type, response_topic, expiry_s, user_properties
             )
+        size = publish_packet_size(topic, len(payload), qos, _packed(props, self.v5))
+        if size > self._max_packet:
+            # Never: the broker would drop the connection (Mosquitto: "oversize packet").
+            raise PacketTooLarge(topic, size, self._max_packet)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return None
         return int(info.mid)
+
+    def payload_room(
+        self,
+        topic: str,
+        *,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+        content_type: str | None = None,
+        response_topic: str | None = None,
+        expiry_s: int | None = None,
+        user_properties: list[tuple[str, str]] | None = None,
+    ) -> int:
+        """The most payload bytes a message with these headers may carry on this
+        connection (`max_packet` less the headers)."""
+        props = None
+        if self.v5:
+            props = _properties(
+                correlation_data, content_type, response_topic, expiry_s, user_properties
+            )
+        packed = _packed(props, self.v5)
+        room = self._max_packet - publish_packet_size(topic, 0, qos, packed)
+        # the Remaining Length field grows with the payload (1 to 4 bytes)
+        while room > 0 and publish_packet_size(topic, room, qos, packed) > self._max_packet:
+            room -= 1
+        return room
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         if self.connected:
@@ -436,6 +518,13 @@ class MqttLink:
                 self._client.subscribe([(topic, SubscribeOptions(qos=qos))])
             else:
                 self._client.subscribe(topic, qos)
+
+
+def _packed(props: Properties | None, v5: bool) -> bytes | None:
+    """A PUBLISH's properties as they go on the wire (MQTT 5: a zero length when none)."""
+    if not v5:
+        return None
+    return bytes(props.pack()) if props is not None else b"\x00"  # type: ignore[no-untyped-call]
 
 
 def _properties(

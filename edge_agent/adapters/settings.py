@@ -127,6 +127,16 @@ class MqttSettings(_Section):
         "acknowledgements make the round trip: bench/throughput.py), at most "
         "jobs.parallel + jobs.max_queue.",
     )
+    max_packet_bytes: int = Field(
+        131072,
+        ge=1024,
+        le=268435455,
+        description="The largest MQTT packet the agent publishes. An MQTT 5 broker that "
+        "states a smaller Maximum Packet Size in CONNACK gets that one; MQTT 3.1.1 cannot "
+        "learn it, so set this to the broker's limit (Mosquitto: max_packet_size). A reply "
+        "that would not fit is slimmed, or replaced by a `reply_too_large` answer "
+        "(docs/protocol.md).",
+    )
     ca_file: Path | None = Field(
         None, description="CA certificate (PEM) to verify the broker; turns TLS on."
     )

@@ -51,6 +51,8 @@ class Code(StrEnum):
     INFERENCE_ERROR = "inference_error"
     JOB_CRASHED = "job_crashed"
     INTERNAL_ERROR = "internal_error"
+    # the answer was larger than the broker accepts (MQTT 5 Maximum Packet Size)
+    REPLY_TOO_LARGE = "reply_too_large"
     # expired / cancelled
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
@@ -64,10 +66,22 @@ class ConfigError(EdgeAgentError):
     """The settings are invalid; the message names the field."""
 
 
+# A message that reaches the wire is cut to this many characters: messages quote what a
+# job sent (a field name, a label, a path), and a job may send 64 KiB of it.
+MAX_MESSAGE_CHARS = 300
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, marked with "…" when cut."""
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
 class JobError(EdgeAgentError):
-    """A job that cannot be run as given; `code` goes on the wire."""
+    """A job that cannot be run as given; `code` goes on the wire (the message cut to
+    MAX_MESSAGE_CHARS)."""
 
     def __init__(self, code: Code, message: str) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -97,6 +111,7 @@ class EngineError(EdgeAgentError):
     """Inference failed while running a job."""
 
     def __init__(self, code: Code, message: str) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.core.errors import Code, JobError
+from edge_agent.core.errors import Code, JobError, clip
 from edge_agent.core.prompt import Example, canonical_json
 from edge_agent.core.schema import ObjectNode, SchemaLimits, compile_schema
 from edge_agent.core.wire import WIRE_VERSION, ReplyMessage
@@ -33,6 +33,10 @@ MAX_TOPIC_BYTES = 1024
 MAX_DEADLINE_S = 7 * 24 * 3600
 # MQTT 5 Message Expiry Interval is a four-byte integer.
 MAX_EXPIRY_S = 0xFFFFFFFF
+# A reply lists at most this many of a job's unknown field names, each cut to this many
+# characters: the names are the sender's, and a 57 KB job of them made a 169 KB reply.
+MAX_IGNORED = 16
+MAX_IGNORED_CHARS = 64
 
 
 class Status(StrEnum):
@@ -344,7 +348,7 @@ def parse_job(
         )
     examples = _examples(raw, profile, limits)
     deadline = _deadline(raw, delivery)
-    ignored = tuple(sorted(set(data) - set(JobIn.model_fields) - {"schema"}))
+    ignored = echoed_names(set(data) - set(JobIn.model_fields) - {"schema"})
     common: dict[str, Any] = {
         "id": raw.id,
         "kind": kind,
@@ -400,6 +404,12 @@ def _examples(raw: JobIn, profile: Profile | None, limits: JobLimits) -> list[Ex
                 f"examples.{i}.text: longer than {limits.max_text_chars} characters",
             )
     return examples
+
+
+def echoed_names(names: set[str]) -> tuple[str, ...]:
+    """Unknown field names as a reply lists them: the first MAX_IGNORED in sorted order,
+    each cut to MAX_IGNORED_CHARS."""
+    return tuple(clip(name, MAX_IGNORED_CHARS) for name in sorted(names)[:MAX_IGNORED])
 
 
 def prompt_chars(job: Job) -> int:
@@ -794,7 +804,54 @@ class Reply:
         return message.wire()
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+        return encode_json(self.to_dict())
+
+
+def encode_json(body: Any) -> bytes:
+    """Compact UTF-8 JSON. Non-ASCII text is written as UTF-8 (2-4 bytes a character), not
+    as `\\uXXXX` escapes (6 or 12), which tripled the size of echoed input."""
+    try:
+        text = json.dumps(body, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: only an escape can carry it
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def fit_reply(payload: bytes, room: int) -> bytes | None:
+    """A reply of at most `room` bytes that says what it can of `payload` (an encoded
+    reply): the reply itself; else without its echoes (`ignored`, `raw_scores`); else, in
+    its place, `failed` / `reply_too_large` with its id and correlation id; None when not
+    even that fits (a broker limit smaller than any reply)."""
+    if len(payload) <= room:
+        return payload
+    body = json.loads(payload)
+    body.pop("ignored", None)
+    if isinstance(body.get("result"), dict):
+        body["result"].pop("raw_scores", None)
+    slim = encode_json(body)
+    if len(slim) <= room:
+        return slim
+    small: dict[str, Any] = {
+        "v": WIRE_VERSION,
+        "id": body.get("id"),
+        "status": str(Status.FAILED),
+        "device": body.get("device"),
+        "model": body.get("model"),
+        "result": None,
+        "error": {
+            "code": str(Code.REPLY_TOO_LARGE),
+            "message": f"the answer is {len(slim)} bytes; the broker takes messages of at "
+            f"most {room} bytes here (MQTT Maximum Packet Size)",
+        },
+        "timings": body.get("timings"),
+    }
+    if body.get("correlation_id") is not None:
+        small["correlation_id"] = body["correlation_id"]
+    for attempt in (small, {**small, "model": None, "timings": None}):
+        encoded = encode_json(ReplyMessage.model_validate(attempt).wire())
+        if len(encoded) <= room:
+            return encoded
+    return None
 
 
 def rejection(

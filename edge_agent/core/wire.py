@@ -39,6 +39,9 @@ Counter = Literal[
     "replies_lost",
     "intake_dropped_qos0",
     "preempted",
+    "replies_too_large",
+    "replies_given_up",
+    "replies_refused",
 ]
 
 
@@ -113,7 +116,11 @@ class ReplyMessage(_Message):
     error: ReplyError | None
     timings: ReplyTimings | None
     correlation_id: str | None = None
-    ignored: list[str] | None = Field(None, description="Unknown fields the job carried.")
+    ignored: list[str] | None = Field(
+        None,
+        description="Unknown fields the job carried: the first 16 in sorted order, each cut "
+        "to 64 characters.",
+    )
 
     def wire(self) -> dict[str, Any]:
         """The JSON object sent. `id`, `model`, `result`, `error` and `timings` are always

@@ -17,7 +17,13 @@ import structlog
 
 from edge_agent import __version__
 from edge_agent.adapters.journal import POISON_AFTER_CRASHES, Journal, RunningMarker
-from edge_agent.adapters.mqtt import LinkConfig, MqttLink, Subscription, tls_context
+from edge_agent.adapters.mqtt import (
+    LinkConfig,
+    MqttLink,
+    PacketTooLarge,
+    Subscription,
+    tls_context,
+)
 from edge_agent.adapters.probe import BoardFacts, Sampler, board_facts
 from edge_agent.adapters.settings import Settings
 from edge_agent.adapters.store import load_lock
@@ -184,6 +190,7 @@ def link_config(settings: Settings, will_topic: str | None, parallel: int = 1) -
         will_topic=will_topic,
         reconnect_min_s=m.reconnect_min_s,
         reconnect_max_s=m.reconnect_max_s,
+        max_packet_bytes=m.max_packet_bytes,
     )
 
 
@@ -419,7 +426,7 @@ class Agent:
             subscriptions=self._subscriptions,
             on_message=intake.submit,
             on_connected=lambda _present: self._on_connected(outbox),
-            on_disconnected=self._on_disconnected,
+            on_disconnected=lambda: self._on_disconnected(outbox),
             on_published=outbox.on_published,
             on_acked=self.metrics.record_ack,
         )
@@ -498,7 +505,8 @@ class Agent:
         if self._telemetry is not None:
             self._telemetry.publish_now()
 
-    def _on_disconnected(self) -> None:
+    def _on_disconnected(self, outbox: Outbox) -> None:
+        outbox.on_link_lost()
         if not self._stop.is_set():
             self.notifier.status(f"broker {self.settings.mqtt.broker} unreachable, reconnecting")
 
@@ -507,17 +515,22 @@ class Agent:
 
     def _announce(self) -> None:
         """Publish device info, then presence, on every connect (and on rebirth, and when
-        health changes)."""
-        if self._link is None:
+        health changes). One message the broker would not take (too large for its packet
+        limit) is logged and skipped; the others still go."""
+        link = self._link
+        if link is None:
             return
+        messages: list[tuple[str, bytes]] = []
         if self._info is not None:
             info = Info.model_validate({**self._info, "health": self.health.report().to_dict()})
-            self._link.publish(
-                self.topics.info(), encode(info.model_dump(mode="json")), qos=1, retain=True
-            )
-        for topic, config in self._discovery:
-            self._link.publish(topic, encode(config), qos=1, retain=True)
-        self._link.publish(self.topics.status(), b"online", qos=1, retain=True)
+            messages.append((self.topics.info(), encode(info.model_dump(mode="json"))))
+        messages.extend((topic, encode(config)) for topic, config in self._discovery)
+        messages.append((self.topics.status(), b"online"))
+        for topic, payload in messages:
+            try:
+                link.publish(topic, payload, qos=1, retain=True)
+            except PacketTooLarge as exc:
+                log.error("announce.too_large", topic=topic, error=str(exc))
 
     def _ha_configs(self, sampler: Sampler) -> list[tuple[str, dict[str, Any]]]:
         assert self.board is not None
@@ -611,6 +624,9 @@ class _LazyLink:
 
     def publish(self, topic: str, payload: bytes, **kwargs: Any) -> int | None:
         return self._holder[0].publish(topic, payload, **kwargs) if self._holder else None
+
+    def payload_room(self, topic: str, **kwargs: Any) -> int:
+        return self._holder[0].payload_room(topic, **kwargs) if self._holder else 0
 
 
 def install_signal_handlers(agent: Agent) -> None:

@@ -12,6 +12,13 @@ The outbox is the only writer of the journal, on one thread of its own ("outbox"
 rule lives in one place and nothing else ever waits for an fsync. Other threads hand it
 work through a queue and return at once. What arrives together is written together.
 
+Every reply fits the broker: one larger than the connection's packet limit is slimmed or
+replaced by a small `reply_too_large` answer (`protocol.fit_reply`). No reply stays pending
+forever: one the broker refuses (a PUBACK reason code of 0x80 or more) is given up at
+once, and one that was in flight when the connection dropped MAX_DROPS times (a broker
+that drops the client for it) is given up too; both are counted, and their jobs
+acknowledged.
+
 It also hands fleet jobs back: a busy agent republishes a job it cannot start soon to the
 fleet topic and acknowledges its copy only once the broker has the new one, so Mosquitto's
 plain round-robin cannot strand jobs behind a slow board (docs/delivery.md).
@@ -19,6 +26,7 @@ plain round-robin cannot strand jobs behind a slow board (docs/delivery.md).
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -27,11 +35,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from cachetools import LRUCache
 
 from edge_agent.adapters.journal import Entry, Journal, Stored
 from edge_agent.core.errors import StoreError
 from edge_agent.core.metrics import Metrics
-from edge_agent.core.protocol import CONTENT_TYPE, MAX_DEADLINE_S, Reply
+from edge_agent.core.protocol import CONTENT_TYPE, MAX_DEADLINE_S, Reply, fit_reply
 from edge_agent.service.health import Beat
 
 log = structlog.get_logger("edge_agent.outbox")
@@ -43,7 +52,15 @@ NO_MATCHING_SUBSCRIBERS = 0x10
 # A spooled reply the link refuses this many times (it raised, not "not connected") is
 # dropped, so no row can make every flush fail again after a restart.
 MAX_SEND_FAILURES = 3
+# A reply that was in flight when the connection dropped this many times is given up: a
+# broker that drops the client for a message would otherwise get it after every reconnect.
+MAX_DROPS = 3
 _BATCH = 256
+
+
+class Unsendable(Exception):
+    """A reply that can never reach the broker: too large for any packet it takes, or one
+    that dropped the connection MAX_DROPS times."""
 
 
 class Publisher(Protocol):
@@ -65,6 +82,17 @@ class Publisher(Protocol):
         expiry_s: int | None = None,
         user_properties: list[tuple[str, str]] | None = None,
     ) -> int | None: ...
+
+    def payload_room(
+        self,
+        topic: str,
+        *,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+        content_type: str | None = None,
+        expiry_s: int | None = None,
+    ) -> int:
+        """The most payload bytes a message with these headers may carry."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +153,12 @@ class _Flush:
     pass
 
 
-_Work = _Final | _Progress | _Resend | _HandBack | _Settle | _Flush
+@dataclass(frozen=True)
+class _Lost:
+    """The connection dropped: what was in flight will not be acknowledged."""
+
+
+_Work = _Final | _Progress | _Resend | _HandBack | _Settle | _Flush | _Lost
 
 
 class Outbox:
@@ -153,6 +186,9 @@ class Outbox:
         self._acks: dict[int, tuple[Ack, ...]] = {}  # mid of an unjournaled reply -> acks
         self._handoffs: dict[int, tuple[Ack, Callable[[], None]]] = {}  # mid -> (ack, undo)
         self._send_failures: dict[int, int] = {}  # journal row -> times the link raised
+        self._keys: dict[int, str] = {}  # mid of a reply in flight -> its reply key
+        # reply key -> connections that dropped while it was in flight
+        self._drops: LRUCache[str, int] = LRUCache(maxsize=1024)
         self._undurable: list[tuple[Ack, ...]] = []  # acks waiting for a journal sync
         self._idle = threading.Condition()
         self._busy = 0
@@ -252,6 +288,11 @@ class Outbox:
         """paho's thread: hand the acknowledgement over and return at once."""
         self._put(_Settle(mid, reason))
 
+    def on_link_lost(self) -> None:
+        """paho's thread: the connection dropped; what was in flight is sent again (from
+        the journal) after the reconnect, or its job redelivered by the broker."""
+        self._put(_Lost())
+
     def uncommitted(self, key: str) -> bool:
         """A remembered reply with this key was handed over and is not in the journal yet."""
         with self._uncommitted_lock:
@@ -268,11 +309,13 @@ class Outbox:
                 if isinstance(work, _Final):
                     self._send_final(work, rows.get(id(work)), durable)
                 elif isinstance(work, _Progress):
-                    self._publish(work.reply.route.topic, work.reply.encode(),
-                                  work.reply.route.correlation_data, None)  # fmt: skip
+                    self._publish_best_effort(work.reply.route.topic, work.reply.encode(),
+                                              work.reply.route.correlation_data, None)  # fmt: skip
                 elif isinstance(work, _Resend):
                     s = work.stored
-                    self._publish(s.topic, s.payload, work.correlation_data, s.deadline)
+                    self._publish_best_effort(s.topic, s.payload, work.correlation_data, s.deadline)
+                elif isinstance(work, _Lost):
+                    self._lost()
                 elif isinstance(work, _HandBack):
                     self._hand_back(work)
                 elif isinstance(work, _Settle):
@@ -357,7 +400,12 @@ class Outbox:
             else:
                 self._undurable.append(final.acks)
             return
-        mid = self._publish(topic, final.payload, correlation, deadline)
+        try:
+            mid = self._publish(topic, final.payload, correlation, deadline)
+        except Unsendable as exc:
+            self._give_up(None, topic, reply.job_id, str(exc))
+            _ack_all(final.acks)  # it can never go out: never hold the job for it
+            return
         if mid is not None:
             self._acks[mid] = final.acks  # acknowledged on the reply's PUBACK
             return
@@ -387,6 +435,11 @@ class Outbox:
         it must wait for the next connect (and `acks` were not taken)."""
         try:
             mid = self._publish(topic, payload, correlation, deadline, strict=True)
+        except Unsendable as exc:
+            self._give_up(row, topic, job_id, str(exc))
+            if acks:
+                _ack_all(acks)
+            return True
         except Exception:  # the link refused this very message
             failures = self._send_failures.get(row, 0) + 1
             self._send_failures[row] = failures
@@ -415,15 +468,31 @@ class Outbox:
         *,
         strict: bool = False,
     ) -> int | None:
-        """Publish at QoS 1; None when not connected. With `strict`, what the link raises
-        is raised; otherwise it is logged and the message counts as not sent."""
+        """Publish a reply at QoS 1, fitted to the connection's packet limit; None when
+        not connected. Raises Unsendable for a reply that can never go out. With `strict`,
+        what else the link raises is raised; otherwise it is logged and the message counts
+        as not sent."""
+        key = _reply_key(topic, payload)
+        if self._drops.get(key, 0) >= MAX_DROPS:
+            raise Unsendable(f"the connection dropped {MAX_DROPS} times while it was in flight")
         expiry = None
         if deadline is not None:
             expiry = reply_expiry(deadline, self.clock())
+        if not self.link.connected:
+            return None
+        room = self.link.payload_room(
+            topic, qos=1, correlation_data=correlation, content_type=CONTENT_TYPE, expiry_s=expiry
+        )
+        fitted = fit_reply(payload, room)
+        if fitted is None:
+            raise Unsendable(f"even its shortest form is over the broker's limit ({room} bytes)")
+        if fitted is not payload:
+            self.metrics.bump("replies_too_large")
+            log.warning("reply.too_large", topic=topic, bytes=len(payload), room=room)
         try:
-            return self.link.publish(
+            mid = self.link.publish(
                 topic,
-                payload,
+                fitted,
                 qos=1,
                 correlation_data=correlation,
                 content_type=CONTENT_TYPE,
@@ -434,6 +503,45 @@ class Outbox:
                 raise
             log.exception("reply.publish_failed", topic=topic)
             return None
+        if mid is not None:
+            self._keys[mid] = key
+        return mid
+
+    def _publish_best_effort(
+        self, topic: str, payload: bytes, correlation: bytes | None, deadline: float | None
+    ) -> None:
+        """Progress messages and resent replies: nothing waits for them."""
+        try:
+            self._publish(topic, payload, correlation, deadline)
+        except Unsendable as exc:
+            log.warning("reply.not_sent", topic=topic, reason=str(exc))
+
+    def _give_up(self, row: int | None, topic: str, job_id: str | None, why: str) -> None:
+        """A reply that can never go out: counted, and out of the spool (a remembered one
+        stays remembered, so a redelivery of its job is not run again)."""
+        log.error("reply.given_up", job_id=job_id, topic=topic, reason=why, row=row)
+        self.metrics.bump("replies_given_up")
+        if row is not None:
+            self._send_failures.pop(row, None)
+            try:
+                self.journal.mark_delivered([row])
+            except StoreError as exc:
+                log.error("journal.write_failed", error=str(exc), row=row)
+
+    def _lost(self) -> None:
+        """The connection dropped. Nothing in flight will be acknowledged on it: journaled
+        replies are pending again (the flush after the reconnect sends them), the jobs of
+        the others are redelivered by the broker (their acknowledgements were never sent),
+        and a handed-back job stays with the broker too. Each reply in flight counts one
+        drop against it."""
+        for mid in {*self._rows, *self._acks}:
+            key = self._keys.get(mid)
+            if key is not None:
+                self._drops[key] = self._drops.get(key, 0) + 1
+        self._rows.clear()
+        self._acks.clear()
+        self._keys.clear()
+        self._handoffs.clear()
 
     def _flush(self) -> None:
         sent = 0
@@ -491,14 +599,19 @@ class Outbox:
         self._handoffs[mid] = (work.ack, work.undo)
 
     def _settle(self, mid: int, reason: int) -> int | None:
-        """A PUBACK: the journal row it settles, if any."""
+        """A PUBACK: the journal row it settles, if any. A reply the broker refused is
+        given up (counted): sending it again would be refused again."""
         row = self._rows.pop(mid, None)
         handoff = self._handoffs.pop(mid, None)
         acks = self._acks.pop(mid, None)
+        key = self._keys.pop(mid, None)
+        if key is not None:
+            self._drops.pop(key, None)
         if acks is not None:
             _ack_all(acks)
-        if row is not None and reason >= 0x80:
+        if key is not None and reason >= 0x80:
             log.warning("reply.refused_by_broker", reason=hex(reason), row=row)
+            self.metrics.bump("replies_refused")
         if handoff is not None:
             ack, undo = handoff
             if reason >= 0x80 or reason == NO_MATCHING_SUBSCRIBERS:
@@ -513,6 +626,13 @@ def reply_expiry(deadline: float, now: float) -> int:
     """The Message Expiry of a reply: what is left of its job's deadline, in whole seconds,
     at least 1 (0 would mean none) and at most MAX_DEADLINE_S."""
     return int(min(max(1.0, deadline - now), float(MAX_DEADLINE_S)))
+
+
+def _reply_key(topic: str, payload: bytes) -> str:
+    """What tells one reply from another, for counting the drops it caused."""
+    digest = hashlib.blake2b(payload, digest_size=16)
+    digest.update(topic.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def _remembered(final: _Final) -> bool:

@@ -7,7 +7,6 @@ the model.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 import structlog
 
 from edge_agent.adapters.probe import Readings
-from edge_agent.core.protocol import Topics
+from edge_agent.core.protocol import Topics, encode_json
 from edge_agent.core.wire import TELEMETRY_VERSION, Info, Telemetry
 from edge_agent.service.health import Beat, supervised
 
@@ -118,7 +117,7 @@ def build_info(
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    return encode_json(message)
 
 
 class TelemetryLoop:

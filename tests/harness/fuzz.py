@@ -58,7 +58,7 @@ DOCUMENTED = {
     "missing_field", "invalid_field", "unknown_kind", "invalid_labels", "invalid_schema",
     "unsupported_schema", "text_too_long", "invalid_reply_to", "unknown_profile", "overloaded",
     "duplicate_id", "context_too_long", "retained_job", "context_overflow", "inference_error",
-    "job_crashed", "deadline_exceeded", "cancelled",
+    "job_crashed", "deadline_exceeded", "cancelled", "reply_too_large",
 }  # fmt: skip
 CRASH_EVENTS = (
     "thread.died",
