@@ -226,3 +226,17 @@ def test_stop_interrupts_and_the_engine_recovers(smollm2: LlamaEngine) -> None:
         )
     found = smollm2.classify(classify_plan(["a", "b"], None, []), "a", ["a", "b"])
     assert set(found.scores) == {"a", "b"}
+
+
+def test_reset_forgets_every_prefix_and_scores_as_a_new_engine_would(smollm2: LlamaEngine) -> None:
+    labels = ["normal", "warning", "critical"]
+    plan = classify_plan(labels, "Reset check.", [])
+    smollm2.reset()
+    first = smollm2.classify(plan, "Pump P-3 vibration 9.1 mm/s.", labels)
+    for text in ("Door D-1 open.", "Freezer F-2 at -19 C."):
+        smollm2.classify(classify_plan(["a", "b"], "Something else.", []), text, ["a", "b"])
+    smollm2.reset()
+    misses = smollm2.stats["prefix_misses"]
+    again = smollm2.classify(plan, "Pump P-3 vibration 9.1 mm/s.", labels)
+    assert smollm2.stats["prefix_misses"] == misses + 1  # evaluated anew, not restored
+    assert again.scores == first.scores

@@ -53,6 +53,10 @@ class ScriptedEngine:
     def step(self, tasks: Sequence[Task]) -> None:
         raise AssertionError("scripted tasks are done when they begin")
 
+    def reset(self) -> None:
+
+        pass
+
     def drop(self, task: Task) -> None:
         pass
 

@@ -110,6 +110,10 @@ class WedgedEngine:
         for task in tasks:
             task.outcome = task.inner  # type: ignore[assignment]
 
+    def reset(self) -> None:
+
+        pass
+
     def drop(self, task: Task) -> None:
         pass
 

@@ -90,6 +90,10 @@ class FakeEngine:
             else:
                 task.outcome = state["answer"]
 
+    def reset(self) -> None:
+
+        pass
+
     def drop(self, task: Task) -> None:
         if not task.done:
             task.error = Interrupted()

@@ -433,6 +433,17 @@ class LlamaEngine:
         if not task.done:
             task.error = Interrupted()
 
+    def reset(self) -> None:
+        """Clear the KV cache and forget every prefix slot, saved prefix state, prompt
+        shape and calibration (no task may be running). Scores then do not depend on what
+        ran before: cells laid out in another order move them a little (module docstring)."""
+        llama.llama_memory_clear(self._mem, True)
+        for slot in self._slots:
+            slot.key, slot.tokens, slot.building, slot.used = None, [], False, 0
+        self._saved = _StateCache(self.config.prefix_cache_bytes)
+        with self._shape_lock:
+            self._shapes.clear()
+
     def fits(
         self,
         plan: PromptPlan,

@@ -127,6 +127,10 @@ class Engine(Protocol):
     def drop(self, task: Task) -> None:
         """Stop a task (cancelled, expired, put back in the queue) and free its cells."""
 
+    def reset(self) -> None:
+        """Forget every cached prompt prefix and calibration, as a new engine would have
+        none (with no task running): what comes next does not depend on what ran before."""
+
 
 def run_alone(engine: Engine, task: Task, stop: StopCheck) -> object:
     """Drive one task to its end, checking `stop` before every step; its outcome."""

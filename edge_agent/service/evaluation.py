@@ -181,8 +181,10 @@ def evaluate(
     examples: int = 2,
     progress: Progress = lambda _done, _total: None,
 ) -> EvalResult:
-    """Run every row as a job; score it against its expected answer."""
+    """Run every row as a job; score it against its expected answer. The engine starts
+    from a clean state, so the figures do not depend on what it ran before."""
     result = EvalResult(dataset=dataset, model=model, examples=examples)
+    engine.reset()
     runner = JobRunner(engine)
     for index, row in enumerate(rows, start=1):
         score = result.splits[row["_split"]]
