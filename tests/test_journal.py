@@ -86,7 +86,7 @@ def test_dropped_replies_are_counted_by_why(tmp_path: Path) -> None:
 
 def test_dedup_memory_lasts_the_window(tmp_path: Path) -> None:
     clock = Clock()
-    j = Journal(tmp_path / "j.db", 60, 100, clock=clock)
+    j = Journal(tmp_path / "j.db", 60, 100, clock=clock, mono=clock)
     key = job_key("job-1", "edge/replies/s1")
     row = put(j, 1, key=key)
     j.mark_delivered([row])
@@ -156,3 +156,101 @@ def test_the_running_marker_names_the_running_jobs_once(tmp_path: Path) -> None:
 def test_keys_separate_requesters() -> None:
     assert job_key("1", "edge/replies/a") != job_key("1", "edge/replies/b")
     assert IN_FLIGHT != PENDING != DELIVERED
+
+
+# ---- time that jumps, a full disk, a corrupt file (issue 21) -----------------------------
+
+
+def test_a_wall_clock_step_neither_forgets_nor_expires_within_a_boot(tmp_path: Path) -> None:
+    wall, mono = Clock(), Clock()
+    j = Journal(tmp_path / "j.db", 60, 100, clock=wall, mono=mono, boot="b1")
+    key = job_key("job-1", "edge/replies/s1")
+    j.mark_delivered([put(j, 1, key=key)])
+    spooled = put(j, 2, deadline=mono.now + 30)
+    wall.now += 10 * 365 * 86400  # NTP steps the clock of a Pi that booted in the past
+    assert j.lookup(key) is not None  # still remembered: 0 s passed on the monotonic clock
+    (pending,) = j.pending()
+    assert pending.row == spooled and pending.deadline == mono.now + 30
+    mono.now += 61
+    assert j.lookup(key) is None  # the window is counted on the monotonic clock
+
+
+def test_rows_of_an_earlier_boot_are_read_by_the_wall_clock(tmp_path: Path) -> None:
+    wall, mono = Clock(), Clock()
+    j = Journal(tmp_path / "j.db", 60, 100, clock=wall, mono=mono, boot="b1")
+    key = job_key("job-1", "edge/replies/s1")
+    j.mark_delivered([put(j, 1, key=key)])
+    put(j, 2, deadline=mono.now + 30)
+    j.close()
+    wall.now += 20
+    mono.now = 5.0  # a new boot: the monotonic clock started again
+    again = Journal(tmp_path / "j.db", 60, 100, clock=wall, mono=mono, boot="b2")
+    stored = again.lookup(key)
+    assert stored is not None and stored.age == 20
+    (pending,) = again.pending()
+    assert pending.deadline == 5.0 + 10  # 10 s of its 30 left, by the wall clock
+
+
+def full(j: Journal) -> None:
+    """SQLite refuses to grow the file: the same SQLITE_FULL a full disk gives."""
+    assert j._db is not None
+    (pages,) = j._db.execute("PRAGMA page_count").fetchone()
+    j._db.execute(f"PRAGMA max_page_count={pages}")
+
+
+def test_a_full_disk_keeps_replies_in_memory_until_it_takes_them_again(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.db", 60, 100)
+    first = put(j, 0)
+    full(j)
+    rows = [  # more than the pages it has hold
+        j.record(key=f"k{n}", digest="d", job_id=f"j{n}", status="done", topic="r",
+                 payload=b"x" * 3000, correlation=None, deadline=None)
+        for n in range(1, 60)
+    ]  # fmt: skip
+    assert j.problem is not None and "full" in j.problem
+    assert min(rows) < 0  # kept in memory
+    assert [s.job_id for s in j.pending()] == [f"j{n}" for n in range(60)]  # oldest first
+    assert j.lookup("k59") is not None  # the dedup memory answers from memory too
+    j.mark_delivered([rows[0]])
+    assert j.retry() is False  # still full
+    assert j._db is not None
+    j._db.execute("PRAGMA max_page_count=1073741823")  # space returns
+    assert j.retry() is True and j.problem is None
+    assert [s.job_id for s in j.pending()] == ["j0", *[f"j{n}" for n in range(2, 60)]]
+    assert all(s.row > 0 for s in j.pending())
+    j.mark_delivered([rows[1]])  # a row moved to disk is still known by its memory row
+    assert "j2" not in [s.job_id for s in j.pending()]
+    j.close()
+    assert len(Journal(tmp_path / "j.db", 60, 100).pending()) == 58
+    assert first > 0
+
+
+def test_a_journal_that_cannot_be_opened_for_want_of_space_is_kept(tmp_path: Path) -> None:
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")  # its "parent directory" cannot be made: as ENOSPC would
+    j = Journal(blocked / "j.db", 60, 100)
+    assert j.problem is not None
+    assert put(j, 1) < 0 and [s.job_id for s in j.pending()] == ["j1"]
+    assert blocked.read_text() == "x"  # nothing set aside
+
+
+def test_a_corrupt_journal_is_set_aside_with_its_pending_replies_carried_over(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.db"
+    j = Journal(path, 60, 100)
+    for n in range(3):
+        put(j, n)
+    j.note_crash("abc", "job")
+    assert j._db is not None
+    (root,) = j._db.execute("SELECT rootpage FROM sqlite_master WHERE name='crashes'").fetchone()
+    (size,) = j._db.execute("PRAGMA page_size").fetchone()
+    j._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    j.close()
+    with path.open("r+b") as f:  # damage the crash table's page, not the replies'
+        f.seek((root - 1) * size)
+        f.write(b"\xff" * size)
+    again = Journal(path, 60, 100)
+    assert [p.name for p in tmp_path.glob("j.db.unreadable-*")]
+    assert [s.job_id for s in again.pending()] == ["j0", "j1", "j2"]
+    assert again.recovered == 3 and again.problem is None

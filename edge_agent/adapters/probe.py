@@ -271,3 +271,13 @@ def throttled_flags(root: Path = Path("/")) -> dict[str, bool] | None:
 
 def available_ram() -> int:
     return int(psutil.virtual_memory().available)
+
+
+def boot_id() -> str:
+    """This boot's id (Linux: /proc/sys/kernel/random/boot_id), or "" when unknown. The
+    monotonic clock counts from boot: a time kept with its boot can be read again on that
+    clock by a later process of the same boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
