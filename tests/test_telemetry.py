@@ -27,7 +27,7 @@ from edge_agent.adapters.mqtt import Requester
 from edge_agent.adapters.probe import Readings
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import Topics
-from edge_agent.service.telemetry import Identity, build_telemetry, ha_discovery
+from edge_agent.service.telemetry import Identity, TelemetryLoop, build_telemetry, ha_discovery
 from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +153,72 @@ def test_build_telemetry_is_valid_for_a_pi_like_board() -> None:
     }
     body = build_telemetry(Identity("pi-1", 2, "m", "Q4_K_M"), readings, metrics, 1)
     jsonschema.validate(body, SCHEMA)
+
+
+def pi_readings(**changes: Any) -> Readings:
+    values: dict[str, Any] = {
+        "uptime_s": 12.5, "cpu_percent": 0.4, "memory_total_bytes": 8 << 30,
+        "memory_available_bytes": 6 << 30, "swap_used_bytes": 0, "agent_rss_bytes": 300 << 20,
+        "disk_free_bytes": 50 << 30, "soc_temperature_c": 61.2, "throttled": None,
+        "load_1m": 0.4,
+    }  # fmt: skip
+    values.update(changes)
+    return Readings(**values)
+
+
+RATES = (
+    "latency_ms_p50", "latency_ms_p95", "time_to_first_token_ms", "tokens_per_second",
+    "tokens_per_second_avg", "prompt_tokens_per_second", "prompt_tokens_per_second_avg",
+    "last_token_at", "puback_ms_p50", "puback_ms_p99",
+)  # fmt: skip
+SPOOL = (
+    "spool_pending", "remembered", "spool_dropped_full", "spool_dropped_expired",
+    "spool_dropped_unsendable", "poison_jobs",
+)  # fmt: skip
+
+
+def counters(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "jobs": {"done": 0, "failed": 0, "rejected": 0, "expired": 0, "cancelled": 0},
+        "counters": {},
+        **dict.fromkeys(RATES),
+        "latency_window": 0,
+        "spool": dict.fromkeys(SPOOL, 0),
+        "health": {"state": "ok", "reasons": []},
+        "intake_backlog": 0,
+    }
+    base.update(changes)
+    return base
+
+
+def test_telemetry_clamps_a_value_out_of_range_instead_of_failing_its_schema() -> None:
+    """A backward clock step made a PUBACK time negative: every publish failed its own
+    schema, for good, with health `ok` (issue 21). Now the value is clamped and counted."""
+    told: list[list[str]] = []
+    body = build_telemetry(
+        Identity("pi-1", 2, "m", "Q4_K_M"),
+        pi_readings(cpu_percent=130.0, uptime_s=-3.0),
+        counters(puback_ms_p50=-8.9e11),
+        1,
+        on_clamped=told.append,
+    )
+    jsonschema.validate(body, SCHEMA)
+    assert (body["puback_ms_p50"], body["cpu_percent"], body["uptime_s"]) == (0.0, 100.0, 0.0)
+    assert sorted(told[0]) == ["cpu_percent", "puback_ms_p50", "uptime_s"]
+
+
+def test_telemetry_that_keeps_failing_degrades_health() -> None:
+    def refuse(_payload: bytes) -> None:
+        raise ConnectionError("the broker refused it")
+
+    loop = TelemetryLoop(0.01, make=lambda: {"v": 1}, publish=refuse)
+    loop.start()
+    deadline = time.monotonic() + 5
+    while loop.problem() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop.stop()
+    problem = loop.problem()
+    assert problem is not None and "telemetry failing" in problem and "refused" in problem
 
 
 def test_sigkill_leaves_offline_within_one_and_a_half_keepalives(
@@ -410,5 +476,5 @@ def test_the_wire_models_name_what_the_agent_counts_and_reads() -> None:
     assert set(typing.get_args(ThrottleFlag)) == set(THROTTLE_BITS)
     bumped = set()
     for path in (ROOT / "edge_agent").rglob("*.py"):
-        bumped |= set(re.findall(r'\.bump\("([a-z_0-9]+)"\)', path.read_text()))
+        bumped |= set(re.findall(r'\.bump\("([a-z_0-9]+)"[,)]', path.read_text()))
     assert bumped == set(typing.get_args(Counter))

@@ -5,8 +5,11 @@ Each thread (intake, inference, outbox, telemetry, ...) gets a `Beat` and report
 done, `error()` when one item failed (the thread goes on). `supervised()` runs a thread's
 loop and records its death if anything escapes it. `Health.report()` turns the beats into
 `ok`, or `degraded` with the reasons: a thread that died, or one busy with a single item
-for longer than its limit. Degraded stops the systemd watchdog and, outside systemd, ends
-the process with a non-zero status, so whatever supervises it starts it again.
+for longer than its limit. Those are *fatal*: they stop the systemd watchdog and, outside
+systemd, end the process with a non-zero status, so whatever supervises it starts it
+again. Conditions (`watch`) degrade health too, with their reason, but are not fatal: a
+restart would not cure a full disk, a greedy requester or a failing telemetry publish, and
+the agent goes on serving what it can.
 
 No I/O here: the clock is passed in.
 """
@@ -30,6 +33,7 @@ DEGRADED = "degraded"
 class Report:
     state: str  # "ok" | "degraded"
     reasons: tuple[str, ...] = ()
+    fatal: bool = False  # a thread died or stalled: only a restart helps
 
     @property
     def ok(self) -> bool:
@@ -90,8 +94,10 @@ class Health:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._beats: dict[str, Beat] = {}
+        self._checks: dict[str, Callable[[], str | None]] = {}
         self._lock = threading.Lock()
         self._degraded_since: float | None = None
+        self._fatal_since: float | None = None
 
     def beat(self, name: str, stall_after_s: float = 120.0) -> Beat:
         with self._lock:
@@ -100,22 +106,38 @@ class Health:
                 beat = self._beats[name] = Beat(name, stall_after_s, self._clock)
             return beat
 
+    def watch(self, name: str, check: Callable[[], str | None]) -> None:
+        """A condition: `check()` returns why health is degraded now, or None. Not fatal."""
+        with self._lock:
+            self._checks[name] = check
+
     def report(self) -> Report:
         with self._lock:
             beats = list(self._beats.values())
-        reasons = tuple(p for p in (b.problem() for b in beats) if p is not None)
+            checks = list(self._checks.items())
+        fatal = tuple(p for p in (b.problem() for b in beats) if p is not None)
+        conditions: list[str] = []
+        for name, check in checks:
+            try:
+                found = check()
+            except Exception as exc:  # noqa: BLE001 - a check must never break the report
+                found = f"{name}: cannot tell ({exc!r})"
+            if found:
+                conditions.append(found)
+        reasons = (*fatal, *conditions)
         now = self._clock()
+        self._fatal_since = (self._fatal_since or now) if fatal else None
         if not reasons:
             self._degraded_since = None
             return Report(OK)
         if self._degraded_since is None:
             self._degraded_since = now
             log.error("health.degraded", reasons=list(reasons))
-        return Report(DEGRADED, reasons)
+        return Report(DEGRADED, reasons, fatal=bool(fatal))
 
     def degraded_for(self) -> float:
-        """Seconds the last reports have been degraded; 0 when ok."""
-        since = self._degraded_since
+        """Seconds a thread has been dead or stalled (fatal); 0 when none is."""
+        since = self._fatal_since
         return 0.0 if since is None else self._clock() - since
 
     def errors(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from edge_agent.adapters.probe import Readings
 from edge_agent.core.protocol import Topics, encode_json
@@ -21,6 +22,10 @@ from edge_agent.core.wire import TELEMETRY_VERSION, Info, Telemetry
 from edge_agent.service.health import Beat, supervised
 
 log = structlog.get_logger("edge_agent.telemetry")
+
+# Telemetry publishes that fail in a row before health turns degraded (one may fail while
+# the broker is away; three in a row is a telemetry that no dashboard receives).
+FAILURES_TO_DEGRADE = 3
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,11 @@ def build_telemetry(
     inference: dict[str, Any],
     queue_depth: int,
     now: datetime | None = None,
+    on_clamped: Callable[[list[str]], None] = lambda _fields: None,
 ) -> dict[str, Any]:
+    """The telemetry message. It always fits its own schema: a value out of its range (a
+    negative duration after a clock step, a reading a sensor got wrong) is clamped to the
+    range, and `on_clamped` is told which fields were (the agent counts them)."""
     moment = now or datetime.now(UTC)
     message = {
         "v": TELEMETRY_VERSION,
@@ -62,9 +71,35 @@ def build_telemetry(
         "queue_depth": queue_depth,
         **inference,
     }
-    # through the typed model: a message that does not fit docs/telemetry.schema.json
-    # raises here (the telemetry thread logs it) instead of breaking a dashboard
+    # through the typed model: a message that does not fit docs/telemetry.schema.json is
+    # mended here (or raises, and the telemetry thread logs it) instead of breaking a
+    # dashboard
+    try:
+        return Telemetry.model_validate(message).model_dump(mode="json")
+    except ValidationError as exc:
+        fields = clamp(message, exc)
+        if not fields:
+            raise
+    on_clamped(fields)
     return Telemetry.model_validate(message).model_dump(mode="json")
+
+
+def clamp(message: dict[str, Any], error: ValidationError) -> list[str]:
+    """Bring each value the schema's bounds refuse into them, in place; the fields mended
+    (none: some error is not a bound, and the message cannot be mended)."""
+    mended: list[str] = []
+    for problem in error.errors():
+        bound = problem.get("ctx") or {}
+        limit = next((bound[k] for k in ("ge", "gt", "le", "lt") if k in bound), None)
+        loc = [part for part in problem["loc"] if isinstance(part, str)]
+        parent: Any = message
+        for part in loc[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if limit is None or not isinstance(parent, dict) or not loc or loc[-1] not in parent:
+            return []
+        parent[loc[-1]] = limit
+        mended.append(".".join(loc))
+    return mended
 
 
 def status_line(telemetry: dict[str, Any], connected: bool) -> str:
@@ -137,6 +172,8 @@ class TelemetryLoop:
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing: str | None = None  # the last error, while publishes keep failing
+        self._failures = 0  # in a row
 
     def start(self) -> None:
         if self._beat is None:
@@ -147,6 +184,13 @@ class TelemetryLoop:
 
     def publish_now(self) -> None:
         self._kick.set()
+
+    def problem(self) -> str | None:
+        """Why health is degraded by telemetry: FAILURES_TO_DEGRADE publishes in a row
+        failed (the thread lives on and tries every period). None otherwise."""
+        if self._failures >= FAILURES_TO_DEGRADE:
+            return f"telemetry failing ({self._failures} in a row: {self._failing})"
+        return None
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,8 +208,11 @@ class TelemetryLoop:
                 self._beat.busy()
             try:
                 self._publish(encode(self._make()))
-            except Exception:  # a bad reading must not end telemetry
+                self._failures, self._failing = 0, None
+            except Exception as exc:  # a bad reading must not end telemetry
                 log.exception("telemetry.failed")
+                self._failures += 1
+                self._failing = f"{type(exc).__name__}: {exc}"[:200]
                 if self._beat is not None:
                     self._beat.error()
             finally:
