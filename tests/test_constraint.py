@@ -461,3 +461,24 @@ def test_a_span_never_runs_into_trailing_whitespace(text: str) -> None:
     escaped_space = json.dumps(text[len(text.rstrip())])[1:-1].encode()
     assert bound.feed(state, escaped_space) is None  # not into the trailing whitespace
     assert bound.feed(state, b'"}') is not None
+
+
+def test_grounding_work_grows_with_the_copies_of_a_word_and_is_bounded() -> None:
+    """A text that repeats one short word offers every copy as a span's start: each byte
+    of a value looks at all of them. Natural text costs far less (docs/delivery.md)."""
+    schema = {"type": "object", "properties": {"f": {"type": "string"}}, "required": ["f"]}
+    node = compile_schema(schema, SchemaLimits(max_string_chars=2000))
+
+    def work_for(text: str, value: bytes) -> int:
+        bound = JsonConstraint(node).bind(text)
+        state = bound.feed(bound.initial(), b'{"f": "' + value)
+        assert state is not None
+        return bound.work
+
+    repeated = work_for(" ".join(["ab"] * 600), b"ab ab ab ab")
+    natural = work_for("Sensor TS-7 reports humidity 48.5 % in the server room.", b"humidity")
+    assert repeated > 600 * 10 and natural < 50
+    bound = JsonConstraint(node).bind(" ".join(["ab"] * 600))
+    assert not bound.over_budget(0)
+    bound.work = 100_000 + 300 * 20 + 1
+    assert bound.over_budget(20) and not bound.over_budget(21)

@@ -240,3 +240,15 @@ def test_reset_forgets_every_prefix_and_scores_as_a_new_engine_would(smollm2: Ll
     again = smollm2.classify(plan, "Pump P-3 vibration 9.1 mm/s.", labels)
     assert smollm2.stats["prefix_misses"] == misses + 1  # evaluated anew, not restored
     assert again.scores == first.scores
+
+
+def test_an_extraction_whose_grounding_costs_too_much_fails_early(smollm2: LlamaEngine) -> None:
+    fields = {f"f{i}": {"type": "string"} for i in range(25)}
+    schema = {"type": "object", "properties": fields, "required": list(fields)}
+    node = compile_schema(schema, SchemaLimits())
+    text = " ".join(["ab"] * 600)
+    constraint = JsonConstraint(node).bind(text)
+    with pytest.raises(EngineError) as info:
+        smollm2.extract(extract_plan(node, None, []), text, constraint, 512)
+    assert info.value.code == Code.COST_EXCEEDED
+    assert constraint.work < 200_000  # stopped within a step or two of its bound

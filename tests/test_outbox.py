@@ -58,19 +58,19 @@ def reply(job_id: str, status: Status = Status.DONE) -> Reply:
 
 
 class Clock:
-    """Wall-clock time the test moves forward instead of sleeping."""
+    """Monotonic time the test moves forward instead of sleeping."""
 
     def __init__(self) -> None:
         self.offset = 0.0
 
     def __call__(self) -> float:
-        return time.time() + self.offset
+        return time.monotonic() + self.offset
 
 
 def make(tmp_path: Path, clock: Clock | None = None) -> tuple[Outbox, FakeLink, Journal]:
     link = FakeLink()
     clock = clock or Clock()
-    journal = Journal(tmp_path / "j.db", dedup_window_s=60, spool_max=100, clock=clock)
+    journal = Journal(tmp_path / "j.db", dedup_window_s=60, spool_max=100, mono=clock)
     outbox = Outbox(link, journal, Metrics(), clock=clock)
     outbox.start()
     return outbox, link, journal

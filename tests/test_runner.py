@@ -50,7 +50,9 @@ class ScriptedEngine:
         task.outcome = Extraction(self.answer.decode(), Timings(), False, dict(self.confidence))
         return task
 
-    def step(self, tasks: Sequence[Task]) -> None:
+    def step(
+        self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
+    ) -> None:
         raise AssertionError("scripted tasks are done when they begin")
 
     def reset(self) -> None:

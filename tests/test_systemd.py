@@ -104,7 +104,9 @@ class WedgedEngine:
     ) -> Task:
         raise NotImplementedError
 
-    def step(self, tasks: Sequence[Task]) -> None:
+    def step(
+        self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: object = ()
+    ) -> None:
         self.entered.set()
         self.release.wait(30)
         for task in tasks:

@@ -9,12 +9,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from edge_agent.adapters.journal import Journal, Stored
+from edge_agent.adapters.journal import Journal, RunningMarker, Stored
 from edge_agent.adapters.mqtt import Incoming
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, EngineError
+from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.inference import (
     Classification,
     ContextFull,
@@ -74,7 +76,9 @@ class FakeEngine:
             self.started.notify_all()
         return Task({"text": text, "answer": answer, "end": None})
 
-    def step(self, tasks: Sequence[Task]) -> None:
+    def step(
+        self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
+    ) -> None:
         self.steps.append([t.inner["text"] for t in tasks])  # type: ignore[index]
         time.sleep(0.002)
         for task in tasks:
@@ -91,7 +95,6 @@ class FakeEngine:
                 task.outcome = state["answer"]
 
     def reset(self) -> None:
-
         pass
 
     def drop(self, task: Task) -> None:
@@ -167,23 +170,26 @@ class Pipeline:
 
 
 class Clock:
-    """Wall-clock time the test moves forward instead of sleeping."""
+    """Monotonic time the test moves forward instead of sleeping."""
 
     def __init__(self) -> None:
         self.offset = 0.0
 
     def __call__(self) -> float:
-        return time.time() + self.offset
+        return time.monotonic() + self.offset
 
 
 def make(
     engine: FakeEngine,
+    *,
     max_queue: int = 8,
     journal: Journal | None = None,
     handing: Handing | None = None,
     clock: Clock | None = None,
     parallel: int = 1,
     suspects: set[str] | None = None,
+    shapes: ShapeBudget | None = None,
+    marker: RunningMarker | None = None,
 ) -> Pipeline:
     outbox = RecordingOutbox()
     metrics = Metrics()
@@ -197,6 +203,7 @@ def make(
         parallel=parallel,
         suspects=suspects,
         clock=clock or Clock(),
+        marker=marker,
     )
     intake = Intake(
         topics=TOPICS,
@@ -207,6 +214,8 @@ def make(
         model=MODEL,
         journal=journal,
         handing=handing or Handing(enabled=False),
+        shape=worker.runner.shape,
+        shapes=shapes,
     )
     worker.start()
     intake.start()
@@ -231,7 +240,8 @@ def send(p: Pipeline, body: dict[str, Any], kind: str = "classify", **kw: Any) -
         expiry_s=kw.pop("expiry_s", None),
         dup=kw.pop("dup", False),
         user_properties=kw.pop("user_properties", ()),
-        received_at=time.time(),
+        received_at=time.monotonic(),
+        wall_at=time.time(),
     )
     assert not kw, kw
 
@@ -726,7 +736,9 @@ def test_jobs_that_fit_only_one_at_a_time_take_turns_instead_of_preempting_for_e
     decode would fail, and neither job would ever advance)."""
 
     class FitsOne(FakeEngine):
-        def step(self, tasks: Sequence[Task]) -> None:
+        def step(
+            self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
+        ) -> None:
             if len(tasks) > 1:
                 self.steps.append([t.inner["text"] for t in tasks])  # type: ignore[index]
                 raise ContextFull
@@ -750,7 +762,9 @@ def test_a_full_context_puts_the_least_urgent_job_back_in_the_queue() -> None:
     class FullOnce(FakeEngine):
         full = True
 
-        def step(self, tasks: Sequence[Task]) -> None:
+        def step(
+            self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
+        ) -> None:
             if self.full and len(tasks) == 2:
                 self.full = False
                 raise ContextFull
@@ -776,7 +790,7 @@ def test_jobs_that_were_running_when_the_agent_died_run_alone() -> None:
 
     def offer(name: str, digest: str) -> None:
         payload = json.dumps({"id": name, "text": name, "labels": ["a", "b"]}).encode()
-        job = parse_job(Delivery("edge/jobs/classify", payload, time.time()), TOPICS, limits)
+        job = parse_job(Delivery("edge/jobs/classify", payload, time.monotonic()), TOPICS, limits)
         p.worker.offer(job, lambda: p.outbox.acks.append(name), digest=digest)
 
     offer("plain-1", "d1")
@@ -791,3 +805,136 @@ def test_jobs_that_were_running_when_the_agent_died_run_alone() -> None:
     assert engine.seen == ["plain-1", "suspect", "plain-2"]
     assert all(step == ["suspect"] for step in engine.steps if "suspect" in step)
     assert not p.worker.suspects  # ...once, until it is answered
+
+
+# ---- fair shares (issue 21) --------------------------------------------------------------
+
+
+def from_(who: str) -> str:
+    return f"edge/replies/{who}/r"
+
+
+def test_a_requester_keeps_a_slot_free_for_another_that_uses_the_agent() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=4)
+    send(p, {"id": "b-0"}, response_topic=from_("b"))
+    engine.wait_running("b-0")
+    gate.set()
+    p.outbox.wait(1)  # b has used the agent: it counts for fair_window_s
+    gate.clear()
+    for i in range(6):
+        send(p, {"id": f"a-{i}", "priority": 9}, response_topic=from_("a"))
+    engine.wait_running("a-2")
+    time.sleep(0.05)
+    assert "a-3" not in engine.seen  # three of four slots: one stays b's
+    send(p, {"id": "b-1", "priority": 0}, response_topic=from_("b"))
+    engine.wait_running("b-1")  # at once, beside a's three, whatever the priorities
+    gate.set()
+    p.outbox.wait(8)
+    p.stop()
+
+
+def test_a_requester_over_its_share_is_answered_overloaded_while_another_uses_the_agent() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=2, max_queue=6)  # a window of 8: 4 each for two requesters
+    send(p, {"id": "b-0"}, response_topic=from_("b"))
+    engine.wait_running("b-0")
+    for i in range(7):
+        send(p, {"id": f"a-{i}"}, response_topic=from_("a"))
+    refused = p.outbox.wait(3)
+    assert sorted(r.job_id or "" for r in refused) == ["a-4", "a-5", "a-6"]
+    body = refused[0].to_dict()
+    assert body["error"]["code"] == "overloaded" and body["error"]["retry_after_ms"] > 0
+    assert "share" in body["error"]["message"]
+    assert p.worker.metrics.snapshot()["counters"]["fair_share_refused"] == 3
+    gate.set()
+    p.outbox.wait(8)
+    p.stop()
+
+
+def test_a_lone_requester_may_fill_the_agent() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=2, max_queue=6)
+    for i in range(7):
+        send(p, {"id": f"a-{i}"}, response_topic=from_("a"))
+    engine.wait_running("a-1")
+    p.intake.stop()
+    assert p.worker.depth == 7 and p.outbox.replies == []  # nobody else: no share to keep
+    gate.set()
+    p.outbox.wait(7)
+    p.worker.stop()
+
+
+def test_requesters_take_turns_for_one_slot_whatever_their_priorities() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=1)
+    send(p, {"id": "a-0", "priority": 9}, response_topic=from_("a"))
+    engine.wait_running("a-0")
+    for i in range(1, 4):
+        send(p, {"id": f"a-{i}", "priority": 9}, response_topic=from_("a"))
+    send(p, {"id": "b-0", "priority": 1}, response_topic=from_("b"))
+    p.intake.stop()
+    gate.set()
+    p.outbox.wait(5)
+    p.worker.stop()
+    assert engine.seen[:2] == ["a-0", "b-0"]  # b's turn comes next, not after a's backlog
+
+
+def test_health_names_a_requester_that_saturates_the_engine_while_others_wait() -> None:
+    gate = threading.Event()
+    engine = FakeEngine(gate=gate)
+    p = make(engine, parallel=1)
+    assert p.worker.condition() is None
+    send(p, {"id": "a-0"}, response_topic=from_("a"))
+    engine.wait_running("a-0")
+    send(p, {"id": "a-1"}, response_topic=from_("a"))
+    send(p, {"id": "b-0"}, response_topic=from_("b"))
+    p.intake.stop()
+    deadline = time.monotonic() + 5
+    while p.worker.condition() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the scheduler looks between steps
+    gate.set()
+    p.outbox.wait(3)
+    p.worker.stop()
+    why = p.worker.condition()  # held for HOLD_S after it was seen
+    assert why is not None and "saturated" in why and "edge/replies/a" in why
+
+
+def test_new_job_shapes_cost_their_requester_not_everyone() -> None:
+    p = make(FakeEngine(), max_queue=8, shapes=ShapeBudget(per_minute=6, burst=2))
+    for i in range(3):  # every job a label set never seen: a prefix and a calibration each
+        send(p, {"id": f"a-{i}", "labels": [f"x{i}", "y"]}, response_topic=from_("a"))
+    send(p, {"id": "a-known", "labels": ["x0", "y"]}, response_topic=from_("a"))
+    send(p, {"id": "b-new", "labels": ["x9", "y"]}, response_topic=from_("b"))
+    replies = {r.job_id: r.to_dict() for r in p.outbox.wait(5)}
+    p.stop()
+    refused = replies.pop("a-2")
+    assert (refused["status"], refused["error"]["code"]) == ("rejected", "overloaded")
+    assert 9_000 <= refused["error"]["retry_after_ms"] <= 10_001  # a token every 10 s
+    assert {r["status"] for r in replies.values()} == {"done"}
+    assert p.worker.metrics.snapshot()["counters"]["new_shapes_refused"] == 1
+
+
+def test_a_stop_drops_a_job_still_running_after_its_grace_unanswered_and_uncounted(
+    tmp_path: Path,
+) -> None:
+    """A clean stop is not a crash: the job is neither answered nor acknowledged (the
+    broker delivers it again to the next process) and the running marker is cleared, so
+    two stops during a long job cannot make it poison (issue 21)."""
+    gate = threading.Event()  # never opened: the job runs for ever
+    engine = FakeEngine(gate=gate)
+    marker = RunningMarker(tmp_path / "running")
+    p = make(engine, marker=marker)
+    send(p, {"id": "long"})
+    engine.wait_running("long")
+    assert marker.path.exists()
+    p.intake.stop()
+    started = time.monotonic()
+    p.worker.stop(grace=0.2)
+    assert time.monotonic() - started < 3
+    assert p.outbox.replies == [] and p.outbox.acks == []
+    assert not marker.path.exists() and marker.take() == []

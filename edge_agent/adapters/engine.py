@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +40,7 @@ from cachetools import LRUCache
 from edge_agent.adapters.llama_lib import bindings as llama
 from edge_agent.core.constraint import JsonConstraint, State
 from edge_agent.core.errors import Code, EngineError, JobError, ModelLoadError
+from edge_agent.core.fairness import served_after, step_shares
 from edge_agent.core.inference import (
     Classification,
     ContextFull,
@@ -60,6 +61,8 @@ _backend_ready = False
 # llama.cpp logs through this C callback; keep a reference so it is never collected.
 _LOG_CALLBACK: Any = None
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+# Prompt tokens a step takes when tasks of several requesters share it (see `step`).
+SHARED_STEP_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -189,31 +192,6 @@ def _run_of(task: Task) -> _Run:
     return run
 
 
-# A task with at most this many tokens to evaluate (a generating one) always gets them all.
-_SMALL_NEED = 16
-# The least a prompt chunk may be, so a crowded step still moves every prompt on.
-_MIN_CHUNK = 32
-
-
-def _shares(left: Sequence[int], budget: int) -> list[int]:
-    """How many of its pending tokens each task evaluates in this step (a pure rule).
-
-    Tasks that are generating (few tokens) take all of theirs first; the prompt chunks of
-    the others split what is left of `budget` evenly, in the order given (priority), at
-    least _MIN_CHUNK each while the budget lasts. A lone task takes the whole budget."""
-    out = [0] * len(left)
-    for i, n in enumerate(left):
-        if n <= _SMALL_NEED and n <= budget:
-            out[i] = n
-            budget -= n
-    big = [i for i, n in enumerate(left) if out[i] == 0 and n > 0]
-    for k, i in enumerate(big):
-        share = max(_MIN_CHUNK, budget // (len(big) - k))
-        out[i] = min(left[i], share, budget)
-        budget -= out[i]
-    return out
-
-
 def _context_params(config: EngineConfig) -> Any:
     """llama.cpp's context parameters for this configuration."""
     ctx_params = llama.llama_context_default_params()
@@ -293,6 +271,7 @@ class LlamaEngine:
         first_label = slots + config.parallel
         self._free_label_seqs = list(range(first_label, first_label + config.label_sequences))
         self._tick = 0
+        self._served: dict[str, float] = {}  # requester -> tokens evaluated lately
         self._saved = _StateCache(config.prefix_cache_bytes)
         self._shapes: LRUCache[str, _Shape] = LRUCache(maxsize=64)
         # The intake thread tokenizes (the token budget) while the inference thread decodes:
@@ -363,15 +342,25 @@ class LlamaEngine:
         assert isinstance(out, Timings)
         return out
 
-    def step(self, tasks: Sequence[Task]) -> None:
+    def step(
+        self,
+        tasks: Sequence[Task],
+        groups: Sequence[str] | None = None,
+        also_active: Collection[str] = (),
+    ) -> None:
         """Advance every task by one decode that holds all their next tokens.
 
         A generating task adds its next token (and any bytes the schema forces); a task
-        still reading its prompt adds a chunk, its share of `n_batch` (the whole budget
-        when it is alone), so a long prompt cannot hold up the jobs that are generating.
+        still reading its prompt adds a chunk (`fairness.step_shares`: the prompt budget
+        goes to the group, the requester, served least lately; a lone task takes all of
+        `n_batch`), so a long prompt cannot hold up the jobs that are generating, nor
+        another requester's short prompt. `groups` names each task's requester (None: one
+        group); `also_active`, requesters with no task here that use the engine too.
         Raises ContextFull (nothing moved) when the cells run out even after the cached
         prefixes that no job is building are dropped.
         """
+        names = list(groups) if groups is not None else [""] * len(tasks)
+        group_of = {id(task): name for task, name in zip(tasks, names, strict=True)}
         live: list[tuple[Task, _Need]] = []
         for task in tasks:
             run = _run_of(task)
@@ -381,7 +370,21 @@ class LlamaEngine:
                 live.append((task, run.need))
         if not live:
             return
-        plan = _shares([need.left() for _, need in live], self.config.n_batch)
+        # A step takes n_ubatch tokens (a lone task n_batch) while one requester uses the
+        # engine, SHARED_STEP_TOKENS while several do: llama.cpp reads a prompt at about
+        # the same speed in chunks of 32 as of 128 tokens (REFERENCE.md: pp32 346, pp64
+        # 355 tokens/s), so short steps cost little throughput, and another requester's
+        # job waits one short step, not 400 ms of a greedy one's prompts (issue 21).
+        live_groups = [group_of[id(task)] for task, _ in live]
+        wide = self.config.n_batch if len(live) == 1 else self.config.n_ubatch
+        plan = step_shares(
+            [need.left() for _, need in live],
+            live_groups,
+            self._served,
+            wide,
+            min(wide, SHARED_STEP_TOKENS),
+            set(also_active) - set(live_groups),
+        )
         batch = self._batch
         n = 0
         # (task, its need, first entry taken, entries taken, their first batch index)
@@ -413,6 +416,7 @@ class LlamaEngine:
             return
         self.stats["steps"] += 1
         self.stats["step_tokens"] += n
+        self._served = served_after(self._served, live_groups, plan)
         for _, need, start, count, at in taken:
             for j in range(count):
                 if need.outputs[start + j]:
@@ -963,6 +967,13 @@ class LlamaEngine:
                 break
             field = constraint.field_at(state)
             token, next_state = self._choose(constraint, state, logits)
+            if constraint.over_budget(len(out)):
+                raise EngineError(
+                    Code.COST_EXCEEDED,
+                    f"matching the answer to the text cost {constraint.work} steps after "
+                    f"{len(out)} bytes (a text that repeats one word many times?); a job may "
+                    "spend 100000 plus 300 a byte",
+                )
             if field is not None:
                 fields[field] = fields.get(field, 0.0) + self._choice_logprob(
                     constraint, state, logits, token

@@ -90,7 +90,8 @@ class Incoming:
     expiry_s: Any
     dup: bool = False
     user_properties: Any = ()
-    received_at: float = 0.0  # time.time() when paho handed it over
+    received_at: float = 0.0  # time.monotonic() when paho handed it over
+    wall_at: float = 0.0  # time.time() then (an absolute `deadline` is read against it)
 
 
 def tls_context(
@@ -409,7 +410,7 @@ class MqttLink:
         """Hand the raw delivery and its ack handle over; no parsing, nothing that can
         raise before the ack handle exists (a message left unacknowledged would use up
         Receive Maximum)."""
-        received = time.time()
+        received = time.monotonic()
         generation, mid, qos = self._generation, msg.mid, msg.qos
 
         def ack() -> None:
@@ -431,6 +432,7 @@ class MqttLink:
             dup=bool(msg.dup),
             user_properties=getattr(props, "UserProperty", ()),
             received_at=received,
+            wall_at=time.time(),
         )
         self._on_message(incoming, ack)
 
@@ -444,7 +446,7 @@ class MqttLink:
             log.debug("mqtt.stale_ack_skipped", mid=mid)
             return
         self._client.ack(mid, qos)
-        self._on_acked(time.time() - received)
+        self._on_acked(time.monotonic() - received)
 
     # ---- publishing (any thread) ------------------------------------------------------
 

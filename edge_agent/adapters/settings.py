@@ -329,6 +329,46 @@ class JobSettings(_Section):
         "answers are the same bit for bit from run to run; in a batch, a probability can "
         "move by rounding (up to 0.05 measured) with what else runs (docs/performance.md).",
     )
+    stop_grace_s: float = Field(
+        20.0,
+        ge=0,
+        le=600,
+        description="On a stop (SIGTERM), running jobs get this long to finish; then they "
+        "stop unanswered and unacknowledged, and the broker delivers them again after the "
+        "restart. Keep it under the unit's TimeoutStopSec (60 s) less about 15 s for the "
+        "rest of the shutdown, or systemd kills the agent first and the jobs count as a "
+        "crash.",
+    )
+    fair_window_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Fair shares: a requester (who takes a job's replies) counts as using "
+        "the agent while it holds jobs and for this many seconds after its last one. While "
+        "more than one does, each may hold at most its share of mqtt.receive_maximum, run "
+        "at most all slots but one, and free slots go round the requesters "
+        "(docs/delivery.md).",
+    )
+    aging_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="A queued job's priority rises by one for every this many seconds it "
+        "waits, so a lower priority waits a bounded time behind higher ones of the same "
+        "requester (0: no aging).",
+    )
+    new_shapes_per_minute: float = Field(
+        6.0,
+        ge=0,
+        le=6000,
+        description="Prompt shapes (instructions, labels, schema, examples) the agent has "
+        "not seen recently that one requester may bring a minute: each costs a prefix "
+        "evaluation and, for classify, a calibration. Beyond it, `overloaded` with "
+        "retry_after_ms. 0: no limit.",
+    )
+    new_shapes_burst: int = Field(
+        4, ge=1, le=1000, description="New prompt shapes a requester may bring at once."
+    )
     max_payload_bytes: int = Field(
         65536, ge=1024, le=16 * 1024 * 1024, description="Largest job message accepted."
     )

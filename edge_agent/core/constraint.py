@@ -158,12 +158,29 @@ def _initial_sub(seg: Segment) -> Any:
     return ("first", 0)  # arrays: (phase, items so far); Opt: (phase, bytes of null)
 
 
+# The grounding work a job may do (`JsonConstraint.over_budget`): places of its text looked
+# at, in all, and for each byte of answer written.
+WORK_BASE = 100_000
+WORK_PER_BYTE = 300
+
+
 class JsonConstraint:
     """The automaton for one schema; cheap to keep per schema shape."""
 
     def __init__(self, node: ObjectNode | None, segments: tuple[Segment, ...] = ()) -> None:
         self.segments = compile_segments(node) if node is not None else segments
         self._shortest: int | None = None
+        # Places of the job's text looked at while matching grounded spans: the automaton's
+        # only work that grows with the text (a text that repeats one word offers every
+        # copy as a start). Only a bound automaton (`bind`, one per job) counts any.
+        self.work = 0
+
+    def over_budget(self, written: int) -> bool:
+        """Whether matching spans has cost more than a job may after `written` bytes of
+        answer: WORK_BASE, plus WORK_PER_BYTE for each byte written. A long natural text
+        with 25 string fields costs about 56 a byte; a text that repeats one short word 600
+        times costs over 1,000 a byte, and decoded at 2 tokens/s."""
+        return self.work > WORK_BASE + WORK_PER_BYTE * written
 
     @property
     def grounded(self) -> bool:
@@ -222,6 +239,8 @@ class JsonConstraint:
                 if fed is not None:
                     return fed
             else:
+                if isinstance(seg, Span):
+                    self.work += len(seg.starts if sub[2] is None else sub[2])
                 new_sub = _feed(seg, sub, byte)
                 if new_sub is not None:
                     return (*state[:-1], (segs, idx, new_sub))

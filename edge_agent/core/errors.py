@@ -51,6 +51,8 @@ class Code(StrEnum):
     INFERENCE_ERROR = "inference_error"
     JOB_CRASHED = "job_crashed"
     INTERNAL_ERROR = "internal_error"
+    # the job cost more than any job may (docs/delivery.md, "Fair shares")
+    COST_EXCEEDED = "cost_exceeded"
     # the answer was larger than the broker accepts (MQTT 5 Maximum Packet Size)
     REPLY_TOO_LARGE = "reply_too_large"
     # expired / cancelled

@@ -11,7 +11,7 @@ flight; `run_alone` drives one task to its end for callers that want one answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -119,10 +119,17 @@ class Engine(Protocol):
     ) -> Task:
         """A task that writes JSON for `text` the constraint accepts (an `Extraction`)."""
 
-    def step(self, tasks: Sequence[Task]) -> None:
+    def step(
+        self,
+        tasks: Sequence[Task],
+        groups: Sequence[str] | None = None,
+        also_active: Collection[str] = (),
+    ) -> None:
         """Advance every task that is not done by one evaluation, together; a task that
-        ends gets its outcome or its error. Raises ContextFull when the context cannot
-        hold this step's tokens: no task has moved then."""
+        ends gets its outcome or its error. `groups` names each task's requester, whose
+        shares of the step are kept fair (None: one group); `also_active`, requesters that
+        use the engine with no task in this step. Raises ContextFull when the context
+        cannot hold this step's tokens: no task has moved then."""
 
     def drop(self, task: Task) -> None:
         """Stop a task (cancelled, expired, put back in the queue) and free its cells."""

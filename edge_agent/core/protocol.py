@@ -114,6 +114,15 @@ class Topics:
             return None
         return levels[2], levels[3]
 
+    def requester_of(self, reply_topic: str) -> str:
+        """Who takes a job's replies, for fair shares (core/fairness.py): the first three
+        levels of a topic under `<prefix>/replies/<name>/` (the fleet's convention, to which
+        its ACLs confine each sensor), else the whole reply topic."""
+        levels = reply_topic.split("/", 3)
+        if len(levels) >= 3 and levels[0] == self.prefix and levels[1] == "replies":
+            return "/".join(levels[:3])
+        return reply_topic
+
     def of_device(self, device_id: str) -> Topics:
         """The same fleet's topics as another device sees them (for requesters)."""
         return replace(self, device_id=device_id)
@@ -195,7 +204,9 @@ class Delivery:
 
     topic: str
     payload: bytes
-    received_at: float  # time.time() when the agent got it
+    # When the agent got it, on the clock every duration and deadline runs on (the agent:
+    # time.monotonic(), which NTP's steps do not move).
+    received_at: float
     response_topic: str | None = None  # MQTT 5 Response Topic
     correlation_data: bytes | None = None  # MQTT 5 Correlation Data
     expiry_s: int | None = None  # MQTT 5 Message Expiry Interval (remaining, as forwarded)
@@ -204,6 +215,9 @@ class Delivery:
     hops: int = 0  # times agents handed it back to the fleet (user property edge-hops)
     retained: bool = False  # replayed from the broker's retained store at subscribe time
     kind: str | None = None  # the kind its topic names, when the topic was already parsed
+    # The wall clock (time.time()) at receipt, when `received_at` is on another clock: only
+    # an absolute `deadline` is read against it. None: `received_at` is wall-clock time.
+    wall_at: float | None = None
 
 
 class _Wire(BaseModel):
@@ -289,8 +303,8 @@ class Job:
     text: str
     route: ReplyRoute
     priority: int
-    received_at: float
-    deadline: float | None  # time.time() after which the job is answered `expired`
+    received_at: float  # on the delivery's clock (the agent's: monotonic)
+    deadline: float | None  # on the same clock: after it, the job is answered `expired`
     progress: bool
     labels: tuple[str, ...] = ()
     schema: dict[str, Any] | None = None
@@ -301,6 +315,7 @@ class Job:
     ignored: tuple[str, ...] = ()
     label_descriptions: tuple[tuple[str, str], ...] = ()  # (label, description)
     min_confidence: float | None = None  # below it, the answer is marked uncertain
+    requester: str = ""  # who takes its replies (Topics.requester_of), for fair shares
 
 
 def parse_job(
@@ -361,6 +376,7 @@ def parse_job(
         "instructions": instructions,
         "profile": raw.profile,
         "ignored": ignored,
+        "requester": topics.requester_of(route.topic),
         "min_confidence": raw.min_confidence
         if raw.min_confidence is not None
         else (profile.min_confidence if profile else None),
@@ -708,7 +724,10 @@ def _deadline(raw: JobIn, delivery: Delivery) -> float | None:
     if delivery.expiry_s is not None:
         candidates.append(delivery.received_at + max(0, delivery.expiry_s))
     if raw.deadline is not None:
-        candidates.append(parse_deadline(raw.deadline))
+        # An absolute time, read once against the wall clock at receipt and kept as a
+        # duration from then: a clock step later neither expires nor revives the job.
+        wall = delivery.wall_at if delivery.wall_at is not None else delivery.received_at
+        candidates.append(delivery.received_at + (parse_deadline(raw.deadline) - wall))
     if raw.ttl_ms is not None:
         candidates.append(delivery.received_at + raw.ttl_ms / 1000.0)
     if not candidates:

@@ -42,6 +42,11 @@ Counter = Literal[
     "replies_too_large",
     "replies_given_up",
     "replies_refused",
+    "fair_share_refused",
+    "new_shapes_refused",
+    "cost_exceeded",
+    "clock_steps",
+    "telemetry_clamped",
 ]
 
 

@@ -24,12 +24,14 @@ from edge_agent.adapters.mqtt import (
     Subscription,
     tls_context,
 )
-from edge_agent.adapters.probe import BoardFacts, Sampler, board_facts
+from edge_agent.adapters.probe import BoardFacts, Sampler, board_facts, boot_id
 from edge_agent.adapters.settings import Settings
 from edge_agent.adapters.store import load_lock
 from edge_agent.adapters.systemd import Notifier, Watchdog
 from edge_agent.core.catalog import Catalog
+from edge_agent.core.clock import StepWatch
 from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
+from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import (
     KINDS,
@@ -78,6 +80,7 @@ def open_engine(path: Path, settings: Settings, board: BoardFacts) -> LlamaEngin
     from edge_agent.adapters.engine import EngineConfig, LlamaEngine
 
     gen_threads, batch_threads = thread_counts(settings, board.cpu_cores)
+    parallel = parallel_jobs(settings, board.cpu_cores, board.ram_budget_bytes)
     return LlamaEngine(
         path,
         EngineConfig(
@@ -85,7 +88,11 @@ def open_engine(path: Path, settings: Settings, board: BoardFacts) -> LlamaEngin
             n_threads=gen_threads,
             n_threads_batch=batch_threads,
             n_ubatch=settings.model.n_ubatch,
-            parallel=parallel_jobs(settings, board.cpu_cores, board.ram_budget_bytes),
+            parallel=parallel,
+            # A prefix slot per running job: a job whose shape is new builds its prefix
+            # in a slot of its own while the others keep theirs (with one slot, every other
+            # shape's jobs waited for the build: issue 21's new-labels flood).
+            prefix_slots=parallel,
             label_sequences=settings.jobs.max_labels,
             prefix_cache_bytes=settings.model.prefix_cache_mb * 1024 * 1024,
             kv_cache_type=settings.model.kv_cache_type,
@@ -266,8 +273,10 @@ class Agent:
 
     def _progressing(self) -> bool:
         """The watchdog's test: every supervised thread alive and none stalled (an idle
-        inference thread is fine; a running job must decode something now and then)."""
-        return self.health.report().ok
+        inference thread is fine; a running job must decode something now and then).
+        Conditions that degrade health without a dead thread (a full disk, a greedy
+        requester) do not stop it: a restart would not cure them."""
+        return not self.health.report().fatal
 
     def _load(self) -> Loaded[LlamaEngine]:
         s = self.settings
@@ -316,12 +325,7 @@ class Agent:
             model_quant=loaded.ref.quant,
         )
         self._info = self._device_info(loaded, identity)
-
-        def snapshot() -> dict[str, Any]:
-            counters = {**self.metrics.snapshot(), "spool": journal.counts()}
-            counters["health"] = health.report().to_dict()
-            counters["intake_backlog"] = intake.backlog
-            return build_telemetry(identity, sampler.read(), counters, worker.depth)
+        snapshot = self._snapshot(p, sampler, identity)
 
         def tick() -> dict[str, Any]:
             payload = snapshot()
@@ -336,6 +340,7 @@ class Agent:
             beat=health.beat("telemetry", max(stall, 3 * s.telemetry.interval_s)),
         )
         self._telemetry = telemetry
+        health.watch("telemetry", telemetry.problem)
         if s.telemetry.home_assistant:
             self._discovery = self._ha_configs(sampler)
         exporter = self._start_exporter(snapshot, loaded) if s.telemetry.prometheus_port else None
@@ -363,7 +368,11 @@ class Agent:
             if exporter is not None:
                 exporter.close()
             intake.stop()  # what it had not read stays unacknowledged: redelivered later
-            worker.stop(timeout=5.0 if degraded else 30.0)
+            worker.stop(grace=min(5.0, s.jobs.stop_grace_s) if degraded else s.jobs.stop_grace_s)
+            # A stop that ended running jobs is not a crash: they are not counted toward
+            # poison at the next start (the worker clears the marker once it drops them;
+            # this covers a worker stuck in one engine step past its grace).
+            p.marker.clear()
             outbox.drain(timeout=10.0)
             # A degraded stop is a failure: leave `offline` (as the Last Will would) rather
             # than `stopped`, which tells dashboards someone stopped it on purpose.
@@ -374,6 +383,25 @@ class Agent:
             journal.close()
             log.info("agent.stopped", exit_code=code)
         return code
+
+    def _snapshot(
+        self, p: _Pipeline, sampler: Sampler, identity: Identity
+    ) -> Callable[[], dict[str, Any]]:
+        """What makes one telemetry message (the timer's, and /metrics')."""
+
+        def clamped(fields: list[str]) -> None:
+            log.warning("telemetry.clamped", fields=fields)
+            self.metrics.bump("telemetry_clamped", len(fields))
+
+        def snapshot() -> dict[str, Any]:
+            counters = {**self.metrics.snapshot(), "spool": p.journal.counts()}
+            counters["health"] = self.health.report().to_dict()
+            counters["intake_backlog"] = p.intake.backlog
+            return build_telemetry(
+                identity, sampler.read(), counters, p.worker.depth, on_clamped=clamped
+            )
+
+        return snapshot
 
     def _pipeline(self, link_settings: LinkConfig, loaded: Loaded[LlamaEngine]) -> _Pipeline:
         """Journal, outbox, inference, intake and the MQTT link, wired: a message goes
@@ -386,7 +414,9 @@ class Agent:
             dedup_window_s=s.jobs.dedup_window_s,
             spool_max=s.jobs.spool_max,
             synchronous=s.jobs.journal_sync.upper(),
+            boot=boot_id(),
         )
+        health.watch("journal", lambda: journal.problem)
         marker = RunningMarker(s.state_dir / "running")
         suspects = self._count_crash(marker, journal)
         link_holder: list[MqttLink] = []
@@ -404,7 +434,13 @@ class Agent:
             beat=health.beat("inference", stall),
             marker=marker,
             faults=Faults.from_env(),
+            window=link_settings.receive_maximum
+            if s.mqtt.protocol == "5"
+            else loaded.engine.config.parallel + s.jobs.max_queue,
+            fair_window_s=s.jobs.fair_window_s,
+            aging_s=s.jobs.aging_s,
         )
+        health.watch("scheduler", worker.condition)
         intake = Intake(
             topics=self.topics,
             limits=job_limits(s),
@@ -417,6 +453,8 @@ class Agent:
             handing=Handing(s.jobs.handoff, s.jobs.handoff_keep, s.jobs.handoff_max_hops),
             mqtt5=s.mqtt.protocol == "5",
             budget=runner.check_budget,
+            shape=runner.shape,
+            shapes=ShapeBudget(s.jobs.new_shapes_per_minute, s.jobs.new_shapes_burst),
             on_rebirth=self._announce,
             on_ha_online=self._ha_online,
             beat=health.beat("intake", stall),
@@ -432,14 +470,22 @@ class Agent:
         )
         link_holder.append(link)
         self._link = link
-        return _Pipeline(journal, outbox, worker, intake, link)
+        return _Pipeline(journal, outbox, worker, intake, link, marker)
 
     def _watch(self, telemetry: TelemetryLoop) -> int:
         """The main thread: wait for a stop signal, watching health. A change of health is
         published at once (info and telemetry); without a systemd watchdog to do it, a
         degraded agent ends itself after `health.exit_after_s` so it gets restarted."""
         state = "ok"
+        clock = StepWatch(time.time, time.monotonic)
         while not self._stop.wait(1.0):
+            step = clock.check()
+            if step is not None:
+                # Durations and deadlines run on the monotonic clock: nothing expires or
+                # revives; the step is only told (a Pi without a real-time clock gets its
+                # time from NTP after boot).
+                log.warning("clock.stepped", seconds=round(step, 3))
+                self.metrics.bump("clock_steps")
             report = self.health.report()
             if report.state != state:
                 state = report.state
@@ -447,7 +493,7 @@ class Agent:
                 self._announce()
                 telemetry.publish_now()
             if (
-                not report.ok
+                report.fatal
                 and self.notifier.watchdog_s is None
                 and self.health.degraded_for() >= self.settings.health.exit_after_s
             ):
@@ -610,6 +656,7 @@ class _Pipeline:
     worker: Worker
     intake: Intake
     link: MqttLink
+    marker: RunningMarker
 
 
 class _LazyLink:

@@ -34,6 +34,7 @@ from edge_agent.adapters.journal import Journal, Stored, job_key, payload_digest
 from edge_agent.adapters.log import bind_job
 from edge_agent.adapters.mqtt import Ack, Incoming
 from edge_agent.core.errors import Code, JobError
+from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import (
     MAX_DEADLINE_S,
@@ -123,10 +124,12 @@ class Intake:
         handing: Handing = Handing(enabled=False),
         mqtt5: bool = True,
         budget: Callable[[Job], None] = lambda _job: None,
+        shape: Callable[[Job], str] | None = None,
+        shapes: ShapeBudget | None = None,
         on_rebirth: Callable[[], None] = lambda: None,
         on_ha_online: Callable[[], None] = lambda: None,
         beat: Beat | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = topics
         self.limits = limits
@@ -139,6 +142,8 @@ class Intake:
         self.handing = handing
         self.mqtt5 = mqtt5
         self.budget = budget
+        self.shape = shape
+        self.shapes = shapes  # new prompt shapes per requester (only this thread calls it)
         self.on_rebirth = on_rebirth
         self.on_ha_online = on_ha_online
         self.beat = beat
@@ -274,6 +279,7 @@ class Intake:
             topic=incoming.topic,
             payload=incoming.payload,
             received_at=incoming.received_at,
+            wall_at=incoming.wall_at,
             response_topic=_text_or_none(incoming.response_topic),
             correlation_data=_bytes_or_none(incoming.correlation_data),
             expiry_s=_expiry(incoming.expiry_s),
@@ -292,6 +298,12 @@ class Intake:
             self._reject(reply_route(delivery, None, self.topics, self.limits), exc, ack, delivery)
             return
         route = reply_route(delivery, data, self.topics, self.limits)
+        over = self.worker.over_share(self.topics.requester_of(route.topic), route.job_id)
+        if over is not None:  # refused before the job is read whole: the excess costs little
+            self.metrics.bump("fair_share_refused")
+            error = JobError(Code.OVERLOADED, over)
+            self._reject(route, error, ack, delivery, retry_after_ms=self.worker.retry_after_ms())
+            return
         try:
             job = parse_job(
                 delivery, self.topics, self.limits, self.profiles, data=data, route=route
@@ -305,6 +317,8 @@ class Intake:
         digest = payload_digest(delivery.payload)
         if self.journal is not None and self.journal.is_poison(digest):
             self._poison(job, ack)
+            return
+        if self._new_shape_refused(job, route, ack, delivery):
             return
         # Where a job with this id may be: held by the worker, handed to the outbox on its
         # way to the journal (both checked in one step against the worker finishing it),
@@ -322,7 +336,32 @@ class Intake:
             return
         self.worker.offer(job, ack, key, digest)
 
-    def _reject(self, route: ReplyRoute, exc: JobError, ack: Ack, delivery: Delivery) -> None:
+    def _new_shape_refused(self, job: Job, route: ReplyRoute, ack: Ack, delivery: Delivery) -> bool:
+        """A job of a prompt shape not seen recently, from a requester that brought its
+        budget of new shapes already: `overloaded`, with when its budget allows one more."""
+        if self.shapes is None or self.shape is None:
+            return False
+        wait_s = self.shapes.admit(job.requester, self.shape(job), self.clock())
+        if wait_s is None:
+            return False
+        self.metrics.bump("new_shapes_refused")
+        error = JobError(
+            Code.OVERLOADED,
+            f"this requester brought {self.shapes.burst} new job shapes (labels, "
+            f"instructions, schema, examples) lately; this agent takes "
+            f"{self.shapes.per_minute:g} a minute from each (jobs.new_shapes_per_minute)",
+        )
+        self._reject(route, error, ack, delivery, retry_after_ms=int(wait_s * 1000) + 1)
+        return True
+
+    def _reject(
+        self,
+        route: ReplyRoute,
+        exc: JobError,
+        ack: Ack,
+        delivery: Delivery,
+        retry_after_ms: int | None = None,
+    ) -> None:
         log.warning(
             "job.rejected",
             job_id=route.job_id,
@@ -332,7 +371,8 @@ class Intake:
             bytes=len(delivery.payload),
         )
         self.metrics.count("rejected")
-        self.outbox.deliver(rejection(route, self.topics.device_id, exc), ack)
+        reply = rejection(route, self.topics.device_id, exc, retry_after_ms=retry_after_ms)
+        self.outbox.deliver(reply, ack)
 
     def _poison(self, job: Job, ack: Ack) -> None:
         log.error("job.poison", job_id=job.id)

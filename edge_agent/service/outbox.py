@@ -55,6 +55,8 @@ MAX_SEND_FAILURES = 3
 # A reply that was in flight when the connection dropped this many times is given up: a
 # broker that drops the client for a message would otherwise get it after every reconnect.
 MAX_DROPS = 3
+# While the disk refuses the journal, it is tried again this often (seconds).
+JOURNAL_RETRY_S = 5.0
 _BATCH = 256
 
 
@@ -168,13 +170,13 @@ class Outbox:
         journal: Journal,
         metrics: Metrics,
         beat: Beat | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.link = link
         self.journal = journal
         self.metrics = metrics
         self.beat = beat
-        self.clock = clock  # wall-clock seconds, as the jobs' deadlines are
+        self.clock = clock  # monotonic seconds, as the jobs' deadlines are
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Keys of remembered replies handed over but not yet committed: the intake waits
@@ -192,6 +194,7 @@ class Outbox:
         self._undurable: list[tuple[Ack, ...]] = []  # acks waiting for a journal sync
         self._idle = threading.Condition()
         self._busy = 0
+        self._journal_tried = 0.0
 
     # ---- the thread ---------------------------------------------------------------------
 
@@ -211,7 +214,12 @@ class Outbox:
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                wait = JOURNAL_RETRY_S if self.journal.problem is not None else None
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                self._retry_journal()
+                continue
             if item is None:
                 return
             batch: list[_Work] = [item]
@@ -241,6 +249,21 @@ class Outbox:
                     self._idle.notify_all()
             if stop:
                 return
+            if self.journal.problem is not None:
+                self._retry_journal()
+
+    def _retry_journal(self) -> None:
+        """The disk refused the journal: every JOURNAL_RETRY_S, try it again; once it takes
+        what was kept in memory, send what waits (it may have waited on disk all along)."""
+        now = time.monotonic()
+        if now - self._journal_tried < JOURNAL_RETRY_S:
+            return
+        self._journal_tried = now
+        try:
+            if self.journal.retry() and self.link.connected:
+                self._flush()
+        except Exception:  # the retry must never end the outbox
+            log.exception("journal.retry_failed")
 
     def _put(self, work: _Work) -> None:
         with self._idle:

@@ -60,6 +60,14 @@ class JobRunner:
         plan = extract_plan(job.node, job.instructions, job.examples)
         self.engine.fits(plan, job.text, constraint=self._constraint(job))
 
+    def shape(self, job: Job) -> str:
+        """The job's prompt shape (its fixed part: instructions, labels or schema,
+        examples): jobs of one shape share an evaluated prefix and a calibration."""
+        if job.kind == "classify":
+            return _classify_plan(job).key
+        assert job.node is not None
+        return extract_plan(job.node, job.instructions, job.examples).key
+
     def begin(self, job: Job) -> Task:
         """The engine task for a job; the scheduler steps it with others, then `finish`."""
         if job.kind == "classify":

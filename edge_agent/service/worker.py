@@ -1,5 +1,12 @@
 """The job queue and the scheduler: the one inference thread, running up to N jobs at once.
 
+Fair shares (core/fairness.py, docs/delivery.md): while more than one requester uses the
+agent, each may hold only its share of the jobs the broker lets the agent hold (more are
+answered `overloaded`), takes another slot only if one stays free for each other active
+requester that runs nothing, and a free slot goes to the requester running the fewest
+jobs, then the one served longest ago; within a requester, by priority, aged so that a
+lower priority waits a bounded time. A preempted job goes to the back of the queue.
+
 Jobs come from the intake stage (`intake.Intake`, its own thread) through `offer()`, which
 queues them or answers at once (queue full, an id already held). The thread named
 "inference" keeps up to `parallel` jobs in flight: it starts the most urgent queued jobs
@@ -13,9 +20,9 @@ loop goes on; if the thread itself dies, health turns degraded (`health.py`).
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -25,6 +32,15 @@ import structlog
 from edge_agent.adapters.journal import RunningMarker
 from edge_agent.adapters.log import bind_job
 from edge_agent.core.errors import Code, EdgeAgentError, EngineError, JobError
+from edge_agent.core.fairness import (
+    Runner,
+    Waiting,
+    fair_slots,
+    held_share,
+    pick,
+    saturating,
+)
+from edge_agent.core.fairness import victim as fair_victim
 from edge_agent.core.inference import ContextFull, Interrupted, Task
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import (
@@ -46,6 +62,12 @@ log = structlog.get_logger("edge_agent.worker")
 
 # A ticket's task while the scheduler starts it (admitted, engine task not made yet).
 _STARTING = Task()
+# How long health stays degraded after a requester saturated the engine or a job exceeded
+# its cost bound (seconds).
+HOLD_S = 30.0
+# What a stopping worker's thread is given beyond the grace to drop its jobs and end (one
+# engine step).
+ABANDON_S = 5.0
 
 Ack = Callable[[], None]
 
@@ -82,6 +104,14 @@ class Ticket:
     task: Task | None = None  # its engine task while it runs
     started: float = 0.0  # when it started running (clock), for queue_ms
     t0: float = 0.0  # perf_counter at the start
+    queued_at: float = 0.0  # when it joined the queue (clock; again after a preemption)
+
+    def waiting(self) -> Waiting:
+        job = self.job
+        return Waiting(job.requester, job.priority, self.queued_at, job.deadline, self.order)
+
+    def running(self) -> Runner:
+        return Runner(self.job.requester, self.job.priority, self.order)
 
     def sort_key(self) -> tuple[int, float, int]:
         deadline = self.job.deadline if self.job.deadline is not None else float("inf")
@@ -108,7 +138,10 @@ class Worker:
         beat: Beat | None = None,
         marker: RunningMarker | None = None,
         faults: Faults | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        window: int | None = None,
+        fair_window_s: float = 30.0,
+        aging_s: float = 5.0,
     ) -> None:
         self.runner = runner
         self.outbox = outbox
@@ -120,9 +153,19 @@ class Worker:
         self.marker = marker
         self.faults = faults or Faults()
         self.beat: Beat = beat or Health().beat("inference", stall_after_s=60.0)
-        self._heap: list[Ticket] = []
+        self._waiting: list[Ticket] = []  # queued, in no order: `fairness.pick` chooses
         self._by_id: dict[str, Ticket] = {}
         self.parallel = max(1, parallel)
+        # Fair shares: the jobs the broker lets this agent hold at once (Receive Maximum),
+        # how long a requester stays active after its last job, and how fast a queued job's
+        # priority rises.
+        self.window = window or (self.parallel + max_queue)
+        self.fair_window_s = fair_window_s
+        self.aging_s = aging_s
+        self._seen: dict[str, float] = {}  # requester -> its last job's arrival (clock)
+        self._last_started: dict[str, float] = {}  # requester -> its last job's start
+        self._saturated: tuple[str, float] | None = None  # (why, until) for health
+        self._exceeded: tuple[str, float] | None = None
         # Jobs the context holds now: `parallel`, or fewer after a preemption, growing by
         # one as each job ends (the preempted job coming straight back would fill the
         # context again, the whole decode would fail, and no job would ever advance).
@@ -134,6 +177,7 @@ class Worker:
         self._cond = threading.Condition()
         self._order = 0
         self._closing = False
+        self._abandon_at = float("inf")  # past it, a stopping worker drops running jobs
         self._thread: threading.Thread | None = None
         self._marked: list[tuple[str, str]] = []
 
@@ -187,26 +231,89 @@ class Worker:
             if current is not None:
                 self._join(current, job, ack, digest)
                 return
+            now = self.clock()
+            self._note_seen(job.requester, now)
             if self.waiting >= self.max_queue:
-                retry = self._retry_after_ms()
-                overload = JobError(
-                    Code.OVERLOADED, f"queue is full ({self.max_queue} jobs waiting)"
-                )
-                self.metrics.count("rejected")
-                log.warning("job.rejected", job_id=job.id, code="overloaded", depth=self.max_queue)
-                self.outbox.deliver(
-                    rejection(job.route, self.topics.device_id, overload, retry_after_ms=retry),
-                    ack,
-                )
+                self._overloaded(job, ack, f"queue is full ({self.max_queue} jobs waiting)")
+                return
+            over = self._over_share(job.requester, now)
+            if over is not None:
+                self.metrics.bump("fair_share_refused")
+                self._overloaded(job, ack, over)
                 return
             if job.progress:  # before the queue, so `accepted` always precedes `running`
                 self.outbox.notify(self._status(job, Status.ACCEPTED))
             self._order += 1
-            ticket = Ticket(job=job, ack=ack, order=self._order, key=key, digest=digest)
-            heapq.heappush(self._heap, ticket)
+            ticket = Ticket(
+                job=job, ack=ack, order=self._order, key=key, digest=digest, queued_at=now
+            )
+            self._waiting.append(ticket)
             self._by_id[job.id] = ticket
             self._cond.notify()
         log.debug("job.queued", job_id=job.id, kind=job.kind, priority=job.priority)
+
+    def over_share(self, requester: str, job_id: str | None) -> str | None:
+        """Why a new job of `requester` would be refused for its fair share now, or None
+        (also None for a job this agent holds: a redelivery joins it). The intake asks
+        before it reads a job whole, so a greedy requester's excess costs little."""
+        with self._cond:
+            if job_id is not None and job_id in self._by_id:
+                return None
+            now = self.clock()
+            self._note_seen(requester, now)
+            return self._over_share(requester, now)
+
+    def _over_share(self, requester: str, now: float) -> str | None:
+        active = self._active_requesters(now) | {requester}
+        if len(active) < 2:
+            return None
+        held = sum(1 for t in self._by_id.values() if t.job.requester == requester)
+        if held < held_share(self.window, len(active)):
+            return None
+        return (
+            f"this requester holds {held} jobs here, its share while {len(active)} "
+            f"requesters use this agent ({requester})"
+        )
+
+    def _overloaded(self, job: Job, ack: Ack, why: str) -> None:
+        """Refuse a job for want of room (under self._cond): `overloaded`, with when to
+        try again."""
+        error = JobError(Code.OVERLOADED, why)
+        self.metrics.count("rejected")
+        log.warning("job.rejected", job_id=job.id, code="overloaded", reason=error.message)
+        reply = rejection(
+            job.route, self.topics.device_id, error, retry_after_ms=self.retry_after_ms()
+        )
+        self.outbox.deliver(reply, ack)
+
+    def _note_seen(self, requester: str, now: float) -> None:
+        """A job of `requester` arrived (under self._cond); requesters long gone are
+        forgotten, so the table stays small whatever the topics."""
+        self._seen[requester] = now
+        if len(self._seen) > 256:
+            horizon = now - self.fair_window_s
+            for name in [r for r, at in self._seen.items() if at < horizon]:
+                del self._seen[name]
+                self._last_started.pop(name, None)
+            while len(self._seen) > 4096:  # all recent: keep the newest
+                oldest = min(self._seen, key=self._seen.__getitem__)
+                del self._seen[oldest]
+                self._last_started.pop(oldest, None)
+
+    def _active_requesters(self, now: float) -> set[str]:
+        """Requesters holding jobs here, or whose last job came within fair_window_s."""
+        active = {t.job.requester for t in self._by_id.values()}
+        horizon = now - self.fair_window_s
+        active.update(r for r, at in self._seen.items() if at >= horizon)
+        return active
+
+    def condition(self) -> str | None:
+        """Why health is degraded by the scheduler now, if it is: one requester saturating
+        the engine while others wait, or a job that exceeded its cost bound (each shown
+        for HOLD_S after it was last seen)."""
+        now = self.clock()
+        found = [s[0] for s in (self._saturated, self._exceeded) if s is not None and now < s[1]]
+        return "; ".join(found) or None
 
     def cancel(self, job_id: str, reply_topic: str) -> bool:
         """Cancel a queued or running job; True if this agent had it. The cancel must name
@@ -250,7 +357,7 @@ class Worker:
         with self._cond:
             return bool(self._active), self.waiting
 
-    def _retry_after_ms(self) -> int:
+    def retry_after_ms(self) -> int:
         """When a refused job could find room: the jobs ahead of it, `parallel` at a time,
         at the recent median latency each."""
         p50 = self.metrics.snapshot()["latency_ms_p50"] or 1000.0
@@ -263,13 +370,17 @@ class Worker:
         self._thread = supervised(self.beat, self._loop)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs; let the running ones finish (up to `timeout`)."""
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop taking jobs; let the running ones finish for up to `grace` seconds, then
+        stop them, unanswered and unacknowledged: the broker delivers them again after the
+        restart and they run then. A clean stop is not a crash: the running marker is
+        cleared, so they do not count toward poison (delivery.md)."""
         with self._cond:
             self._closing = True
+            self._abandon_at = self.clock() + grace
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(grace + ABANDON_S)
 
     def _admit(self) -> list[Ticket] | None:
         """Take the queued jobs that can start now (most urgent first) while a slot is
@@ -278,29 +389,68 @@ class Worker:
             while True:
                 if self._closing and not self._active:
                     return None
-                while self._heap and self._heap[0].cancelled:
-                    heapq.heappop(self._heap)
+                self._waiting = [t for t in self._waiting if not t.cancelled]
                 taken: list[Ticket] = []
-                while not self._closing and self._heap and len(self._active) < self._room:
-                    head = self._heap[0]
+                while not self._closing and self._waiting and len(self._active) < self._room:
+                    head = self._next_job()
+                    if head is None:
+                        break  # every queued job's requester runs its share already
                     alone = head.digest is not None and head.digest in self.suspects
                     if self._active and (alone or self._runs_alone()):
                         break  # a suspect runs alone: it waits for an empty scheduler
-                    heapq.heappop(self._heap)
-                    if head.cancelled:
-                        continue
+                    self._waiting.remove(head)
                     head.started = self.clock()
                     head.t0 = time.perf_counter()
                     head.task = _STARTING
+                    self._last_started[head.job.requester] = head.started
                     self._active.append(head)
                     taken.append(head)
                     if alone:
                         break
+                self._note_saturation()
                 if self._active:
                     self._active.sort()
                     self.beat.busy()
                     return taken
                 self._cond.wait()
+
+    def _next_job(self) -> Ticket | None:
+        """The queued job a free slot goes to (under self._cond), by the fair-share rules;
+        notes a requester that saturates the engine while others wait (for health)."""
+        now = self.clock()
+        running = Counter(t.job.requester for t in self._active)
+        chosen = pick(
+            [t.waiting() for t in self._waiting], running, self._last_started,
+            self._room - len(self._active), self._active_requesters(now), now, self.aging_s,
+        )  # fmt: skip
+        return None if chosen is None else self._waiting[chosen]
+
+    def _note_saturation(self) -> None:
+        """One requester running all it may while others' jobs wait: the engine is
+        saturated by it (under self._cond); health says so for HOLD_S."""
+        if not self._waiting or not self._active:
+            return
+        now = self.clock()
+        active = self._active_requesters(now)
+        if len(active) < 2:
+            return
+        running = Counter(t.job.requester for t in self._active)
+        waiting = Counter(t.job.requester for t in self._waiting)
+        greedy = saturating(running, waiting, fair_slots(self.parallel, len(active)))
+        if greedy is not None:
+            requester, runs, others = greedy
+            self._saturated = (
+                f"engine saturated by one requester ({requester[:80]}: {runs} of "
+                f"{self.parallel} slots, {others} jobs of others waiting)",
+                now + HOLD_S,
+            )
+
+    def _others_active(self, running: list[Ticket]) -> set[str]:
+        """Requesters using the agent with no job in this step (they may send one any
+        moment: the engine keeps its steps short for them)."""
+        with self._cond:
+            active = self._active_requesters(self.clock())
+        return active - {t.job.requester for t in running}
 
     def _runs_alone(self) -> bool:
         return any(t.digest is not None and t.digest in self.suspects for t in self._active)
@@ -322,7 +472,11 @@ class Worker:
                 self.beat.idle()
                 continue
             try:
-                engine.step([t.task for t in running if t.task is not None])
+                engine.step(
+                    [t.task for t in running if t.task is not None],
+                    [t.job.requester for t in running if t.task is not None],
+                    self._others_active(running),
+                )
             except ContextFull:
                 self._make_room(running)
             except Exception:  # a step that fails outright fails the jobs in it
@@ -378,8 +532,12 @@ class Worker:
                 self.marker.clear()
 
     def _stop_interrupted(self) -> None:
-        """Cancelled and expired jobs stop here, between steps; the others go on."""
+        """Cancelled and expired jobs stop here, between steps; the others go on. Past a
+        stop's grace, every running job stops."""
         now = self.clock()
+        if self._closing and now >= self._abandon_at:
+            self._abandon()
+            return
         for ticket in list(self._active):
             if ticket.task is None or ticket.task is _STARTING:
                 continue
@@ -396,10 +554,25 @@ class Worker:
             self.metrics.count(str(status))
             self._end(ticket, self._status(ticket.job, status, code, f"{reason} while running"))
 
+    def _abandon(self) -> None:
+        """The stop's grace is over: running jobs end here, with no reply and no
+        acknowledgement (the broker delivers them again to the next process)."""
+        with self._cond:
+            left, self._active = self._active, []
+            for ticket in left:
+                self._by_id.pop(ticket.job.id, None)
+        for ticket in left:
+            if ticket.task is not None and ticket.task is not _STARTING:
+                self.runner.engine.drop(ticket.task)
+            ticket.task = None
+            log.warning("job.interrupted", job_id=ticket.job.id, reason="shutdown")
+
     def _make_room(self, running: list[Ticket]) -> None:
-        """The context is full: the least urgent running job goes back to the queue (it
-        starts again from its prompt later); a job alone that cannot fit fails."""
-        victim = max(running)  # the last in priority order
+        """The context is full: a running job goes back to the queue, at its back (it
+        starts again from its prompt later): from the requester running the most, its
+        least urgent. A job alone that cannot fit fails."""
+        counts = Counter(t.job.requester for t in running)
+        victim = running[fair_victim([t.running() for t in running], counts)]
         if len(running) == 1:
             log.warning("job.failed", job_id=victim.job.id, code="context_overflow")
             self.metrics.count("failed")
@@ -417,7 +590,10 @@ class Worker:
             self._active.remove(victim)
             self._room = len(self._active)
             victim.task = None
-            heapq.heappush(self._heap, victim)
+            self._order += 1  # it yields its place: to the back of the queue
+            victim.order = self._order
+            victim.queued_at = self.clock()
+            self._waiting.append(victim)
 
     def _end(self, ticket: Ticket, reply: Reply) -> None:
         with self._cond:
@@ -475,6 +651,12 @@ class Worker:
         except EdgeAgentError as exc:
             code = exc.code if isinstance(exc, EngineError) else Code.INFERENCE_ERROR
             log.warning("job.failed", job_id=job.id, code=str(code), reason=str(exc))
+            if code == Code.COST_EXCEEDED:
+                self.metrics.bump("cost_exceeded")
+                self._exceeded = (
+                    f"a job exceeded its cost bound ({job.requester[:80]}: {exc})",
+                    self.clock() + HOLD_S,
+                )
             self.metrics.count("failed")
             return self._status(job, Status.FAILED, code, str(exc))
         total_ms = (time.perf_counter() - t0) * 1000.0 + queue_ms

@@ -1,0 +1,116 @@
+"""No requester starves another: issue 21's starving shapes, against a real Mosquitto and the
+agent (real model, 4 jobs at once) as a subprocess.
+
+A careful sensor sends one classify job at a time; its quiet p95 is measured first, then
+again beside a greedy requester that keeps many jobs outstanding. On 9190a94 the sensor's
+jobs waited 45 s behind slow extractions, were never answered behind a priority-9 flood,
+and took 3.4 s (p50) behind jobs that each brought new labels. Now its p95 stays within
+3x its quiet one. bench/fairness.py runs the long version.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from edge_agent.adapters.broker import LocalBroker
+from tests.harness.fairness import (
+    Flood,
+    Latencies,
+    Prober,
+    Shape,
+    busy_classify,
+    new_labels,
+    slow_extract,
+    wait_idle,
+)
+from tests.harness.process import AgentProcess, start_agent_process
+
+pytestmark = pytest.mark.model
+
+PROBES = 20
+
+
+@pytest.fixture(scope="module")
+def agent(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    running = start_agent_process(
+        broker.url,
+        f"st{uuid.uuid4().hex[:8]}",
+        tmp_path_factory.mktemp("agent"),
+        env={"EDGE_AGENT_JOBS__PARALLEL": "4"},
+    )
+    yield running
+    running.kill()
+
+
+@pytest.fixture(scope="module")
+def prober(broker: LocalBroker, agent: AgentProcess) -> Iterator[Prober]:
+    probe = Prober(broker.port, agent.prefix, agent.device_id)
+    probe.run(3)  # warm: the shape's prefix and calibration
+    yield probe
+    probe.close()
+
+
+@pytest.fixture(scope="module")
+def quiet(prober: Prober) -> Latencies:
+    figures = prober.run(PROBES)
+    print(f"\nquiet: {figures.line()}")
+    return figures
+
+
+def beside(
+    broker: LocalBroker, agent: AgentProcess, prober: Prober, shape: Shape, outstanding: int,
+    priority: int = 5,
+) -> tuple[Latencies, Flood]:  # fmt: skip
+    # each reproduction alone: the last flood's jobs are answered first
+    assert wait_idle(broker.port, agent.prefix, agent.device_id)
+    with Flood(
+        broker.port, agent.prefix, agent.device_id, shape, outstanding, priority=priority
+    ) as flood:
+        loaded = prober.run(PROBES, timeout=60)
+    return loaded, flood
+
+
+def check(name: str, quiet: Latencies, loaded: Latencies, flood: Flood) -> None:
+    print(f"\n{name}: {loaded.line()}; the flood got {dict(flood.statuses)} {dict(flood.codes)}")
+    assert loaded.statuses == {"done": PROBES}
+    assert loaded.p95 <= 3 * quiet.p95, (loaded.line(), quiet.line())
+
+
+def test_slow_extractions_of_one_requester_do_not_hold_up_another(
+    broker: LocalBroker, agent: AgentProcess, prober: Prober, quiet: Latencies
+) -> None:
+    loaded, flood = beside(broker, agent, prober, slow_extract, outstanding=4)
+    check("beside 4 slow extractions", quiet, loaded, flood)
+
+
+def test_slow_extractions_end_failed_with_cost_exceeded(
+    broker: LocalBroker, agent: AgentProcess
+) -> None:
+    with Flood(broker.port, agent.prefix, agent.device_id, slow_extract, 2) as flood:
+        flood.wait_for(2, timeout=120)
+    assert flood.codes["cost_exceeded"] >= 2, (flood.statuses, flood.codes)
+
+
+def test_a_priority_9_flood_cannot_take_every_slot(
+    broker: LocalBroker, agent: AgentProcess, prober: Prober, quiet: Latencies
+) -> None:
+    loaded, flood = beside(broker, agent, prober, busy_classify, outstanding=14, priority=9)
+    check("beside 14 outstanding priority-9 jobs", quiet, loaded, flood)
+    assert flood.codes["overloaded"] > 0  # its excess, with retry_after_ms
+    degraded = [
+        " ".join(e.get("reasons") or [])
+        for e in agent.log_events()
+        if e.get("event") == "health.changed" and e.get("state") == "degraded"
+    ]
+    assert any("saturated by one requester" in why for why in degraded), degraded
+
+
+def test_new_label_sets_cost_their_requester_not_everyone(
+    broker: LocalBroker, agent: AgentProcess, prober: Prober, quiet: Latencies
+) -> None:
+    loaded, flood = beside(broker, agent, prober, new_labels, outstanding=4)
+    check("beside 4 outstanding jobs of new label sets", quiet, loaded, flood)
+    assert flood.codes["overloaded"] > 0
