@@ -8,7 +8,8 @@ Each scenario starts its own Mosquitto and agents (the bundled model), streams j
 sensor that retries late jobs with the same id, injects the fault (a broker SIGKILL, an
 agent SIGKILL, a black-holed network, a slowed member of a shared subscription, a state
 directory on a FUSE filesystem whose fsync takes a second, an inference thread that dies
-through the test-only fault hook), and counts: jobs sent,
+through the test-only fault hook, clean stops during a long job, a state directory on a
+full tmpfs, a wall clock stepped forward and back), and counts: jobs sent,
 replies received, jobs lost (no reply although the deadline had not passed), jobs executed
 twice (ran to completion more than once, over every agent's log), duplicate replies the
 sensor saw, and the time from the end of the fault to the first reply after it.
@@ -34,7 +35,7 @@ def main() -> int:
         "--only",
         metavar="NAMES",
         help="comma-separated scenarios: broker, crash, hole, slow-off, slow-on, fsync-0, "
-        "fsync-1, dies",
+        "fsync-1, dies, stops, disk, clock",
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-chaos-"))
@@ -65,6 +66,9 @@ def main() -> int:
         ("fsync-0", lambda: scenarios.slow_fsync(work / "fsync-0", jobs=16 * n, fsync_ms=0)),
         ("fsync-1", lambda: scenarios.slow_fsync(work / "fsync-1", jobs=16 * n, fsync_ms=1000)),
         ("dies", lambda: scenarios.inference_dies(work / "dies", jobs=4 * n)),
+        ("stops", lambda: scenarios.clean_stops(work / "stops", stops=2 * n)),
+        ("disk", lambda: scenarios.disk_full(work / "disk", spooled=6 * n, jobs=4 * n)),
+        ("clock", lambda: scenarios.clock_jumps(work / "clock", jobs=6 * n)),
     ]
     if args.only:
         wanted = set(args.only.split(","))

@@ -16,7 +16,7 @@ import pytest
 
 from edge_agent.adapters.broker import LocalBroker
 from tests.conftest import NotifySocket
-from tests.harness import fuzz, scenarios, slowfs
+from tests.harness import fuzz, scenarios, slowfs, tmpfs
 from tests.harness.process import (
     HEADER,
     Figures,
@@ -146,3 +146,45 @@ def test_outside_systemd_a_degraded_agent_exits_70_and_a_restart_answers_everyth
     check(fig)
     assert fig.extra["exit_code"] == 70
     assert fig.extra["degraded"]["state"] == "degraded"
+
+
+def test_two_clean_stops_during_a_long_job_leave_it_answered_done(tmp_path: Path) -> None:
+    """A stop that ends a running job is not a crash (issue 21): on 9190a94 two stops, each
+    killed after its timeout as systemd would, made the job poison (`job_crashed`)."""
+    fig = scenarios.clean_stops(tmp_path, stops=2, grace_s=1.0, kill_after_s=15.0)
+    check(fig)
+    assert fig.extra["codes"] == [0, 0]  # both ended by themselves, in the grace
+    assert fig.extra["outcome"] == ("done", None)
+    assert fig.extra["died"] == 0
+
+
+@pytest.mark.skipif(tmpfs.why_unavailable() is not None, reason=str(tmpfs.why_unavailable()))
+def test_a_full_disk_keeps_the_journal_and_delivers_its_replies_when_space_returns(
+    tmp_path: Path,
+) -> None:
+    """On 9190a94 the full disk's "disk I/O error" set the healthy journal aside as
+    unreadable, and the agent could not start until space returned; its spooled replies
+    were never delivered."""
+    fig = scenarios.disk_full(tmp_path, spooled=6, jobs=4)
+    check(fig)
+    assert fig.extra["aside"] == []
+    assert fig.extra["full_health"][0] == "degraded"
+    assert "journal cannot be written" in " ".join(fig.extra["full_health"][1])
+    assert fig.extra["answered"]
+    assert (fig.extra["delivered"], fig.extra["early"]) == (6, 0)
+
+
+def test_a_clock_stepped_forward_and_back_expires_nothing_and_runs_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    """On 9190a94 a forward step expired every queued job with a ttl_ms at once and a retry
+    ran an answered job again (dedup by wall-clock age)."""
+    fig = scenarios.clock_jumps(tmp_path, jobs=6)
+    check(fig)
+    assert fig.extra["statuses"] == {
+        "done": 13
+    }  # 1 + 6 + 6 jobs, the retry answered from the journal
+    assert fig.extra["runs_first"] == 1
+    assert fig.extra["queue_ms_max"] < 60_000
+    assert fig.extra["telemetry_after"] >= 2 and set(fig.extra["health"]) == {"ok"}
+    assert fig.extra["clock_steps"] == 2

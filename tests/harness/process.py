@@ -100,10 +100,18 @@ def start_agent_process(
     timeout: float = 60,
     log_level: str = "debug",
     cwd: Path | None = None,
+    log_dir: Path | None = None,
 ) -> AgentProcess:
+    """`log_dir`: where its log goes (default: its state directory; another one when the
+    state directory is a disk a test fills)."""
     device = device_id or f"dev-{uuid.uuid4().hex[:6]}"
+    if cwd is None and os.environ.get("EDGE_AGENT_TREE"):
+        # another checkout's agent (bench figures "before" a change): `python -m edge_agent`
+        # finds that tree's package first when it runs there
+        cwd = Path(os.environ["EDGE_AGENT_TREE"])
     state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / f"agent-{device}-{int(time.time() * 1000)}.log"
+    (log_dir or state_dir).mkdir(parents=True, exist_ok=True)
+    log_path = (log_dir or state_dir) / f"agent-{device}-{int(time.time() * 1000)}.log"
     full_env = {
         **os.environ,
         "EDGE_AGENT_MQTT__TOPIC_PREFIX": prefix,

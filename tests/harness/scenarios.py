@@ -9,12 +9,14 @@ bench/chaos.py runs them large and prints the table that README.md shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +390,269 @@ def inference_dies(workdir: Path, jobs: int = 6, exit_after_s: float = 2.0) -> F
         fig.extra.update(exit_code=code, degraded=degraded[0] if degraded else None)
         return fig
     finally:
+        sensor.close()
+        agent.kill()
+        broker.close()
+
+
+# ---- issue 21: clean stops, a full disk, a clock that jumps ---------------------------
+
+
+def long_extract_job(job_id: str) -> dict[str, Any]:
+    """An extraction that takes seconds: eight free strings of 200-256 characters."""
+    fields = {
+        f"part{i}": {"type": "string", "minLength": 200, "maxLength": 256, "x-grounded": False}
+        for i in range(8)
+    }
+    return {
+        "id": job_id,
+        "kind": "extract",
+        "text": "Tell the whole story of pump P-3, part by part.",
+        "schema": {"type": "object", "properties": fields, "required": list(fields)},
+    }
+
+
+def _starts(agent: AgentProcess, job_id: str) -> int:
+    return sum(
+        1
+        for e in agent.log_events()
+        if e.get("event") == "job.started" and e.get("job_id") == job_id
+    )
+
+
+def _events(agent: AgentProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in agent.log_events() if e.get("event") == name]
+
+
+def clean_stops(
+    workdir: Path, stops: int = 2, grace_s: float | None = 1.0, kill_after_s: float = 15.0
+) -> Figures:
+    """SIGTERM `stops` times while a long job runs, each followed by a SIGKILL after
+    `kill_after_s` if the agent is still up (as systemd's TimeoutStopSec), and a restart.
+    A clean stop is not a crash: the job must still be answered `done` in the end, never
+    `job_crashed`."""
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    broker = LocalBroker(workdir=workdir / "broker").start()
+    env = dict(FAST)
+    if grace_s is not None:  # (None: an agent older than the setting)
+        env["EDGE_AGENT_JOBS__STOP_GRACE_S"] = str(grace_s)
+    agent = start_agent_process(broker.url, prefix, workdir / "agent", env=env)
+    sensor = Sensor("127.0.0.1", broker.port, prefix, retry_after_s=120)
+    long_id = "s-long"
+    try:
+        device = f"{prefix}/devices/{agent.device_id}/jobs"
+        sensor.send(long_extract_job(long_id), topic=f"{device}/extract")
+        for i in range(3):
+            sensor.send(classify_job(i, "s"), topic=f"{device}/classify")
+        codes: list[int | None] = []
+        for n in range(1, stops + 1):
+            deadline = time.monotonic() + 90
+            while _starts(agent, long_id) < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # well inside the job
+            agent.proc.send_signal(signal.SIGTERM)
+            try:
+                codes.append(agent.proc.wait(kill_after_s))
+            except Exception:
+                agent.kill()
+                codes.append(None)
+            agent.restart()
+        sensor.wait_all(120, retry=False)
+        answer = (sensor.sent[long_id].replies or [{}])[0]
+        outcome = answer.get("status"), (answer.get("error") or {}).get("code")
+        died = len(_events(agent, "agent.died_while_running"))
+        fig = figures(
+            f"{stops} clean stops during a long job",
+            sensor,
+            [agent],
+            None,
+            f"exit codes {codes} (None: killed); the long job answered {outcome[0]}"
+            f"{' / ' + str(outcome[1]) if outcome[1] else ''}; counted as deaths {died}",
+        )
+        fig.extra.update(codes=codes, outcome=outcome, died=died)
+        return fig
+    finally:
+        sensor.close()
+        agent.kill()
+        broker.close()
+
+
+class _Listener:
+    """Collects the replies on a topic (those the Sensor did not send the jobs of, too)."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.ids: list[str] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_message = self._on
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *_a: ready.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(topic, qos=1)
+        ready.wait(10)
+
+    def _on(self, _c: Any, _u: Any, msg: Any) -> None:
+        with contextlib.suppress(ValueError, AttributeError), self._lock:
+            self.ids.append(str(json.loads(msg.payload).get("id")))
+
+    def wait_for(self, wanted: set[str], timeout: float) -> set[str]:
+        """Which of `wanted` came within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                got = wanted & set(self.ids)
+            if got == wanted:
+                return got
+            time.sleep(0.1)
+        with self._lock:
+            return wanted & set(self.ids)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _health(agent: AgentProcess, port: int) -> tuple[str, list[str]]:
+    health = _telemetry(agent, port).get("health") or {}
+    return str(health.get("state")), list(health.get("reasons") or [])
+
+
+def disk_full(workdir: Path, spooled: int = 6, jobs: int = 4, size_kib: int = 4096) -> Figures:
+    """The state directory on a small tmpfs. At start it is full, and its journal holds
+    `spooled` replies a previous run could not deliver: the agent keeps the journal (not
+    set aside as unreadable), reports `degraded`, answers jobs, and delivers the spooled
+    replies once space returns. Then the disk fills again while it runs."""
+    from edge_agent.adapters.journal import Entry, Journal
+    from tests.harness.tmpfs import Tmpfs
+
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    broker = LocalBroker(workdir=workdir / "broker").start()
+    disk = Tmpfs(workdir / "disk", size_kib=size_kib).__enter__()
+    sensor = Sensor("127.0.0.1", broker.port, prefix, retry_after_s=60)
+    listener = _Listener(broker.port, sensor.reply_topic)
+    agent: AgentProcess | None = None
+    try:
+        state = disk.path / "state"
+        state.mkdir()
+        left = Journal(state / "journal.db", dedup_window_s=3600, spool_max=100)
+        ids = {f"spooled-{i}" for i in range(spooled)}
+        left.record_many(
+            [
+                Entry(None, None, job_id, "done", sensor.reply_topic,
+                      json.dumps({"v": 1, "id": job_id, "status": "done"}).encode(), None, None)
+                for job_id in sorted(ids)
+            ]
+        )  # fmt: skip
+        left.close()
+        disk.fill()
+        agent = start_agent_process(broker.url, prefix, state, env=FAST, log_dir=workdir / "logs")
+        full_health = _health(agent, broker.port)
+        for i in range(jobs):
+            sensor.send(classify_job(i, "full"))
+        answered_full = sensor.wait_all(60, retry=False)
+        early = listener.wait_for(ids, 2)  # nothing can come before space returns
+        disk.free()
+        freed_at = time.time()
+        delivered = listener.wait_for(ids, 30)
+        took = time.time() - freed_at
+        aside = sorted(p.name for p in state.glob("journal.db.unreadable-*"))
+        disk.fill()  # and full again while it runs
+        for i in range(jobs):
+            sensor.send(classify_job(i, "again"))
+        answered_again = sensor.wait_all(60, retry=False)
+        again_health = _health(agent, broker.port)
+        disk.free()
+        fig = figures(
+            "disk full at start, then while running",
+            sensor,
+            [agent],
+            None,
+            f"journal set aside {len(aside)}; health while full {full_health[0]}; jobs "
+            f"answered while full {answered_full and answered_again}; spooled replies "
+            f"delivered {len(delivered)} of {spooled} ({len(early)} before space returned), "
+            f"{took:.1f} s after",
+        )
+        fig.extra.update(
+            aside=aside, full_health=full_health, again_health=again_health,
+            delivered=len(delivered), early=len(early),
+            answered=answered_full and answered_again,
+        )  # fmt: skip
+        return fig
+    finally:
+        listener.close()
+        sensor.close()
+        if agent is not None:
+            agent.kill()
+        broker.close()
+        disk.__exit__(None, None, None)
+
+
+def clock_jumps(workdir: Path, jobs: int = 6, forward_s: float = 2 * 86400) -> Figures:
+    """The agent's wall clock steps forward by `forward_s` (more than the dedup window)
+    while jobs with a `ttl_ms` wait, and then back by twice that, as NTP steps a Pi that
+    booted without a real-time clock (tests/harness/clockstep.c). Nothing may expire in
+    bulk, no `queue_ms` may jump, a retry of a job already answered must not run it again,
+    and telemetry must keep flowing."""
+    from tests.harness.clockstep import ClockStep
+
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    broker = LocalBroker(workdir=workdir / "broker").start()
+    clock = ClockStep(workdir / "clock-offset")
+    agent = start_agent_process(broker.url, prefix, workdir / "agent", env={**FAST, **clock.env()})
+    sensor = Sensor("127.0.0.1", broker.port, prefix, retry_after_s=120)
+    telemetry: list[tuple[float, dict[str, Any]]] = []
+    watcher = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    watcher.on_message = lambda _c, _u, msg: telemetry.append(
+        (time.monotonic(), json.loads(msg.payload))
+    )
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.loop_start()
+    watcher.subscribe(f"{prefix}/devices/{agent.device_id}/telemetry", qos=0)
+    try:
+        device = f"{prefix}/devices/{agent.device_id}/jobs"
+        first = classify_job(0, "t")
+        sensor.send(first, topic=f"{device}/classify")
+        sensor.wait_all(60, retry=False)
+        for i in range(1, jobs + 1):  # a queue, each with a minute to live
+            sensor.send({**classify_job(i, "t"), "ttl_ms": 60_000}, topic=f"{device}/classify")
+        clock.step(forward_s)
+        sensor.wait_all(90, retry=False)
+        sensor.send(first, topic=f"{device}/classify")  # a retry of a job answered before
+        time.sleep(2.0)
+        clock.step(-2 * forward_s)
+        stepped_back = time.monotonic()
+        for i in range(jobs + 1, 2 * jobs + 1):
+            sensor.send({**classify_job(i, "t"), "ttl_ms": 60_000}, topic=f"{device}/classify")
+        sensor.wait_all(90, retry=False)
+        time.sleep(3.5)
+        after = [m for at, m in telemetry if at > stepped_back]
+        statuses = Counter(r.get("status") for s in sensor.sent.values() for r in s.replies)
+        queue_ms = [
+            float((r.get("timings") or {}).get("queue_ms") or 0.0)
+            for s in sensor.sent.values()
+            for r in s.replies
+        ]
+        runs_first = completions([agent]).get(first["id"], 0)
+        steps = (after[-1].get("counters") or {}).get("clock_steps", 0) if after else 0
+        fig = figures(
+            f"clock stepped +{forward_s / 3600:g} h, then -{2 * forward_s / 3600:g} h",
+            sensor,
+            [agent],
+            None,
+            f"replies {dict(statuses)}; queue_ms max {max(queue_ms):.0f}; the retried job "
+            f"ran {runs_first} time(s); telemetry after the backward step {len(after)}; "
+            f"clock steps counted {steps}",
+        )
+        fig.extra.update(
+            statuses=dict(statuses), queue_ms_max=max(queue_ms), runs_first=runs_first,
+            telemetry_after=len(after), clock_steps=steps,
+            health=[(m.get("health") or {}).get("state") for m in after],
+        )  # fmt: skip
+        return fig
+    finally:
+        watcher.disconnect()
+        watcher.loop_stop()
         sensor.close()
         agent.kill()
         broker.close()
