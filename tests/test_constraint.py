@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.core.constraint import JsonConstraint, State, _Grounds
-from edge_agent.core.errors import Code, JobError
+from edge_agent.core.constraint import WORK_PER_TOKEN, JsonConstraint, State, _Grounds
+from edge_agent.core.errors import Code, EngineError, JobError
 from edge_agent.core.schema import SchemaLimits, compile_schema
 
 LIMITS = SchemaLimits(max_string_chars=12, max_items=4)
@@ -479,6 +479,15 @@ def test_grounding_work_grows_with_the_copies_of_a_word_and_is_bounded() -> None
     natural = work_for("Sensor TS-7 reports humidity 48.5 % in the server room.", b"humidity")
     assert repeated > 600 * 10 and natural < 50
     bound = JsonConstraint(node).bind(" ".join(["ab"] * 600))
-    assert not bound.over_budget(0)
-    bound.work = 100_000 + 300 * 20 + 1
-    assert bound.over_budget(20) and not bound.over_budget(21)
+    state = bound.feed(bound.initial(), b'{"f": "')
+    assert state is not None
+    bound.limit_work(written=7)  # the next token may cost WORK_PER_TOKEN at most
+
+    def search() -> None:  # over many tokens, each a few bytes
+        for _ in range(100):
+            bound.feed(state, b"ab ab")
+
+    with pytest.raises(EngineError) as info:
+        search()
+    assert info.value.code == Code.COST_EXCEEDED
+    assert bound.work <= WORK_PER_TOKEN + 600  # stopped within one step of the cap

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_twenty_mixed_jobs_over_mqtt5_and_mqtt311_are_all_answered(
     assert mosquitto_pub, "mosquitto_pub (Debian package mosquitto-clients) is needed"
     port = client.port
     jobs = mixed_jobs(20)
-    for i, job in enumerate(jobs):
+
+    def publish(i: int, job: dict[str, Any]) -> None:
         topic = f"{e2e_prefix}/jobs/{job['kind']}"
         if i < 10:  # an MQTT 5 sensor: Response Topic and Correlation Data
             client.publish(
@@ -113,29 +115,26 @@ def test_twenty_mixed_jobs_over_mqtt5_and_mqtt311_are_all_answered(
                 response_topic=f"{e2e_prefix}/replies/v5",
                 correlation_data=job["id"].encode(),
             )
-        else:  # an MQTT 3.1.1 sensor: reply_to and correlation_id in the payload
-            body = {**job, "reply_to": f"{e2e_prefix}/replies/v311", "correlation_id": f"corr-{i}"}
-            subprocess.run(
-                [
-                    mosquitto_pub,
-                    "-V",
-                    "311",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-q",
-                    "1",
-                    "-t",
-                    topic,
-                    "-m",
-                    json.dumps(body),
-                ],
-                check=True,
-                timeout=10,
-            )
+            return
+        # an MQTT 3.1.1 sensor: reply_to and correlation_id in the payload
+        body = {**job, "reply_to": f"{e2e_prefix}/replies/v311", "correlation_id": f"corr-{i}"}
+        subprocess.run(
+            [mosquitto_pub, "-V", "311", "-h", "127.0.0.1", "-p", str(port), "-q", "1",
+             "-t", topic, "-m", json.dumps(body)],
+            check=True,
+            timeout=10,
+        )  # fmt: skip
+
+    for i, job in enumerate(jobs):
+        publish(i, job)
     for i, job in enumerate(jobs):
         reply = reply_for(client, job["id"], timeout=120)
+        for _ in range(5):  # two sensors bursting at once: each may be told to retry
+            if (reply.get("error") or {}).get("code") != "overloaded":
+                break
+            time.sleep(reply["error"]["retry_after_ms"] / 1000)
+            publish(i, job)
+            reply = reply_for(client, job["id"], timeout=120)
         check_done(job, reply)
         if i < 10:
             assert reply["_topic"] == f"{e2e_prefix}/replies/v5"
@@ -344,7 +343,7 @@ def test_message_expiry_is_the_deadline(
         },
     }
     late = {"id": f"late-{uuid.uuid4().hex[:6]}", "text": "Door open.", "labels": ["a", "b"]}
-    blockers = [{**blocker, "id": f"{blocker['id']}-{i}"} for i in range(slots)]
+    blockers = [{**blocker, "id": f"{blocker['id']}-{i}"} for i in range(slots + 1)]
     for job in blockers:
         client.publish(
             f"{e2e_prefix}/devices/{agent.device_id}/jobs/extract",
@@ -352,16 +351,22 @@ def test_message_expiry_is_the_deadline(
             response_topic=f"{e2e_prefix}/replies/e",
         )
     # Only once the blockers run: queued side by side, the late job's earlier deadline
-    # would put it first (earliest deadline first), and it would be answered in time.
-    for job in blockers:
+    # would put it first (earliest deadline first), and it would be answered in time. One
+    # blocker more than slots, so one waits whatever runs: all slots, or all but one while
+    # other requesters of this module's tests count as using the agent (fair shares keep
+    # a slot free for them, docs/delivery.md), which the late job, of the blockers'
+    # requester, cannot take either.
+    ids = {job["id"] for job in blockers}
+    for _ in range(slots - 1):
         running = client.wait_for(
-            lambda m, job=job: (
-                json.loads(m.payload).get("id") == job["id"]
+            lambda m: (
+                json.loads(m.payload).get("id") in ids
                 and json.loads(m.payload).get("status") == "running"
             ),
             60,
         )
         assert running is not None, "a blocker never started"
+    time.sleep(1.0)  # the scheduler starts what it will between two steps
     client.publish(
         f"{e2e_prefix}/devices/{agent.device_id}/jobs/classify",
         json.dumps(late).encode(),

@@ -96,8 +96,9 @@ def test_a_step_belongs_to_the_requester_served_least_others_add_only_a_token() 
 
 def test_a_step_is_narrow_while_another_requester_may_send_any_moment() -> None:
     wide = step_shares([600], ["a"], {"a": 900.0}, wide=512, narrow=32)
-    narrow = step_shares([600], ["a"], {"a": 900.0}, wide=512, narrow=32, also_active={"b"})
-    newcomer = step_shares([600], ["a"], {}, wide=512, narrow=32, also_active={"b"})
+    narrow = step_shares([600], ["a"], {"a": 900.0, "b": 30.0}, 512, 32, also_active={"b"})
+    # a flood that has just come is served less than a sensor that sends steadily: narrow
+    newcomer = step_shares([600], ["a"], {"b": 300.0}, 512, 32, also_active={"b"})
     assert (wide, narrow, newcomer) == ([512], [32], [32])
 
 
@@ -143,3 +144,14 @@ def test_a_newcomer_starts_even_with_the_lightest_requester_not_ahead_of_it() ->
         owners.append("new" if shares[0] > 1 else "light")
         served = served_after(served, ["new", "light"], shares)
     assert owners.count("light") >= 1 and owners[:2] != ["new", "new"]
+
+
+def test_after_a_preemption_only_a_requester_running_nothing_may_start() -> None:
+    queue = [wait("a", 9, order=1), wait("b", 1, order=2)]
+    assert pick(queue, {"a": 2}, {}, 0, {"a", "b"}, 0.0, 5.0) == 1
+    assert pick([wait("a")], {"a": 2}, {}, 0, {"a"}, 0.0, 5.0) is None
+
+
+def test_a_short_job_is_read_in_one_step_even_while_others_use_the_engine() -> None:
+    shares = step_shares([26], ["b"], {"a": 900.0}, wide=128, narrow=16, also_active={"a"})
+    assert shares == [26]

@@ -857,14 +857,13 @@ def test_a_requester_over_its_share_is_answered_overloaded_while_another_uses_th
 def test_a_lone_requester_may_fill_the_agent() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    p = make(engine, parallel=2, max_queue=6)
-    for i in range(7):
+    p = make(engine, parallel=2, max_queue=10)  # a window of 12: a share of two would be 6
+    for i in range(8):
         send(p, {"id": f"a-{i}"}, response_topic=from_("a"))
-    engine.wait_running("a-1")
     p.intake.stop()
-    assert p.worker.depth == 7 and p.outbox.replies == []  # nobody else: no share to keep
+    assert p.worker.depth == 8 and p.outbox.replies == []  # nobody else: no share to keep
     gate.set()
-    p.outbox.wait(7)
+    p.outbox.wait(8)
     p.worker.stop()
 
 

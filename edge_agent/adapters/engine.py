@@ -62,7 +62,7 @@ _backend_ready = False
 _LOG_CALLBACK: Any = None
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 # Prompt tokens a step takes when tasks of several requesters share it (see `step`).
-SHARED_STEP_TOKENS = 32
+SHARED_STEP_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -371,10 +371,11 @@ class LlamaEngine:
         if not live:
             return
         # A step takes n_ubatch tokens (a lone task n_batch) while one requester uses the
-        # engine, SHARED_STEP_TOKENS while several do: llama.cpp reads a prompt at about
-        # the same speed in chunks of 32 as of 128 tokens (REFERENCE.md: pp32 346, pp64
-        # 355 tokens/s), so short steps cost little throughput, and another requester's
-        # job waits one short step, not 400 ms of a greedy one's prompts (issue 21).
+        # engine; while several do, a short job's prompt whole, a long one
+        # SHARED_STEP_TOKENS at a time: llama.cpp reads a prompt at about the same speed
+        # in chunks of 16 as of 128 tokens (REFERENCE.md: pp16 334, pp64 355 tokens/s), so
+        # short steps cost little throughput, and another requester's job waits one short
+        # step, not 400-700 ms of a greedy one's prompts (issue 21).
         live_groups = [group_of[id(task)] for task, _ in live]
         wide = self.config.n_batch if len(live) == 1 else self.config.n_ubatch
         plan = step_shares(
@@ -966,14 +967,8 @@ class LlamaEngine:
                 out += self._finish(constraint, state)
                 break
             field = constraint.field_at(state)
+            constraint.limit_work(len(out))  # a step past it raises cost_exceeded
             token, next_state = self._choose(constraint, state, logits)
-            if constraint.over_budget(len(out)):
-                raise EngineError(
-                    Code.COST_EXCEEDED,
-                    f"matching the answer to the text cost {constraint.work} steps after "
-                    f"{len(out)} bytes (a text that repeats one word many times?); a job may "
-                    "spend 100000 plus 300 a byte",
-                )
             if field is not None:
                 fields[field] = fields.get(field, 0.0) + self._choice_logprob(
                     constraint, state, logits, token

@@ -6,10 +6,11 @@ three levels of a reply topic under `<prefix>/replies/<name>/` (the fleet's conv
 which its ACLs confine each sensor to), else the whole reply topic. A requester is
 *active* while it holds jobs on the agent and for `jobs.fair_window_s` after its last one.
 
-    held share   with n active requesters, each may hold (queued and running) at most
-                 max(1, window // n) of the jobs the broker lets the agent hold at once
-                 (Receive Maximum); more are answered `overloaded`, so one requester's
-                 backlog cannot fill the agent and keep another's jobs waiting at the broker.
+    held share   with n requesters holding jobs (or holding one a second ago), each may
+                 hold (queued and running) at most max(1, window // n) of the jobs the
+                 broker lets the agent hold at once (Receive Maximum); more are answered
+                 `overloaded`, so one requester's backlog cannot fill the agent and keep
+                 another's jobs waiting at the broker.
     slots        a requester that runs jobs may start another only if a slot then stays free
                  for each other active requester that runs none: their next job starts at
                  once instead of waiting for a greedy one's to end.
@@ -71,11 +72,17 @@ def pick(
 ) -> int | None:
     """The index of the queued job that takes one of `free` slots, or None when no queued
     job may: a requester that runs jobs already may take another only if a slot then stays
-    free for each other active requester that runs none (it may send a job any moment)."""
+    free for each other active requester that runs none (it may send a job any moment).
+    With `free` 0 or less (the context is short after a preemption, but a slot is there),
+    only a requester that runs nothing may start one: the preempted job cannot come
+    straight back, and a light requester is not kept waiting by a greedy one's long
+    prompts."""
     best: tuple[int, float, float, float, int] | None = None
     chosen: int | None = None
     for i, w in enumerate(waiting):
         runs = running.get(w.requester, 0)
+        if runs and free <= 0:
+            continue
         if runs:
             idle = sum(1 for r in active if r != w.requester and not running.get(r, 0))
             if free - 1 < idle:
@@ -131,6 +138,9 @@ MIN_CHUNK = 32
 # What another requester's task may add to a step that is not its turn: the next token it
 # is generating (and a byte or two the schema forces).
 TINY_NEED = 3
+# A requester whose pending tokens are at most this many (a sensor's short classify job:
+# 20-30) has them read in one step even while others use the engine.
+SHORT_JOB = 32
 # How fast a requester's served tokens are forgotten: kept x DECAY at every step.
 SERVED_DECAY = 0.9
 
@@ -152,20 +162,25 @@ def step_shares(
     requesters' tasks add only a next token they are generating (TINY_NEED): that costs the
     step almost nothing and keeps them moving.
 
-    The budget is `wide` while one requester uses the engine, and `narrow` while several
-    do (`also_active`: those with no task in this step), so that another requester's next
-    job, which may come any moment, waits one short step. So a requester with one short
-    job has it read in a short step of its own instead of beside a greedy one's prompts;
-    one that keeps the engine busy is served more and waits its turn, and served counts
-    decay, so every requester gets steps."""
+    The budget is `wide` while one requester uses the engine. While several do
+    (`also_active`: those with no task in this step), the owner takes all it needs when
+    that is a short job's worth (SHORT_JOB tokens), else `narrow`: another requester's
+    next job, which may come any moment, waits one short step, not a long prompt's. So a
+    requester with one short job has it read in a step of its own instead of beside a
+    greedy one's prompts; one that keeps the engine busy is served more and waits its
+    turn, and served counts decay, so every requester gets steps."""
     out = [0] * len(left)
     pending = [i for i, n in enumerate(left) if n > 0]
     if not pending:
         return out
     floor = min(served.values(), default=0.0)  # a newcomer starts even with the lightest
     owner = min((served.get(groups[i], floor), groups[i]) for i in pending)[1]
-    budget = narrow if len({*groups, *also_active}) > 1 else wide
     mine = [i for i in pending if groups[i] == owner]
+    need = sum(left[i] for i in mine)
+    if len({*groups, *also_active}) == 1:
+        budget = wide
+    else:  # a short job's prompt in one step; long ones a short step at a time
+        budget = min(need, wide) if need <= SHORT_JOB else narrow
     for i in pending:
         if groups[i] != owner and left[i] <= TINY_NEED:
             out[i] = left[i]

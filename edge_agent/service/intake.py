@@ -302,7 +302,8 @@ class Intake:
         if over is not None:  # refused before the job is read whole: the excess costs little
             self.metrics.bump("fair_share_refused")
             error = JobError(Code.OVERLOADED, over)
-            self._reject(route, error, ack, delivery, retry_after_ms=self.worker.retry_after_ms())
+            retry = self.worker.share_retry_after_ms()
+            self._reject(route, error, ack, delivery, retry_after_ms=retry)
             return
         try:
             job = parse_job(

@@ -68,6 +68,11 @@ HOLD_S = 30.0
 # What a stopping worker's thread is given beyond the grace to drop its jobs and end (one
 # engine step).
 ABANDON_S = 5.0
+# For held shares, a requester counts while it holds jobs and this long after its last one
+# came or ended (slots are kept for it much longer: fair_window_s).
+SHARE_MEMORY_S = 1.0
+# The least retry_after_ms of a job refused for its requester's share.
+SHARE_RETRY_MS = 1000
 
 Ack = Callable[[], None]
 
@@ -162,13 +167,15 @@ class Worker:
         self.window = window or (self.parallel + max_queue)
         self.fair_window_s = fair_window_s
         self.aging_s = aging_s
-        self._seen: dict[str, float] = {}  # requester -> its last job's arrival (clock)
+        # requester -> the last arrival or end of one of its jobs (clock)
+        self._seen: dict[str, float] = {}
         self._last_started: dict[str, float] = {}  # requester -> its last job's start
         self._saturated: tuple[str, float] | None = None  # (why, until) for health
         self._exceeded: tuple[str, float] | None = None
         # Jobs the context holds now: `parallel`, or fewer after a preemption, growing by
         # one as each job ends (the preempted job coming straight back would fill the
         # context again, the whole decode would fail, and no job would ever advance).
+        # Beyond it only a requester that runs nothing may start a job (`fairness.pick`).
         self._room = self.parallel
         # Digests of jobs that were running together when the last process died: each runs
         # alone, so a job that crashes the agent again is known for sure (RunningMarker).
@@ -239,7 +246,7 @@ class Worker:
             over = self._over_share(job.requester, now)
             if over is not None:
                 self.metrics.bump("fair_share_refused")
-                self._overloaded(job, ack, over)
+                self._overloaded(job, ack, over, self.share_retry_after_ms())
                 return
             if job.progress:  # before the queue, so `accepted` always precedes `running`
                 self.outbox.notify(self._status(job, Status.ACCEPTED))
@@ -264,7 +271,10 @@ class Worker:
             return self._over_share(requester, now)
 
     def _over_share(self, requester: str, now: float) -> str | None:
-        active = self._active_requesters(now) | {requester}
+        # Only requesters that hold jobs, or held one a moment ago (a sensor sending one
+        # job after the other), count here: refusing a job for a share kept for someone
+        # who is done would turn two sensors' bursts into `overloaded` answers.
+        active = self._active_requesters(now, SHARE_MEMORY_S) | {requester}
         if len(active) < 2:
             return None
         held = sum(1 for t in self._by_id.values() if t.job.requester == requester)
@@ -275,15 +285,14 @@ class Worker:
             f"requesters use this agent ({requester})"
         )
 
-    def _overloaded(self, job: Job, ack: Ack, why: str) -> None:
+    def _overloaded(self, job: Job, ack: Ack, why: str, retry_after_ms: int | None = None) -> None:
         """Refuse a job for want of room (under self._cond): `overloaded`, with when to
         try again."""
         error = JobError(Code.OVERLOADED, why)
         self.metrics.count("rejected")
         log.warning("job.rejected", job_id=job.id, code="overloaded", reason=error.message)
-        reply = rejection(
-            job.route, self.topics.device_id, error, retry_after_ms=self.retry_after_ms()
-        )
+        retry = retry_after_ms if retry_after_ms is not None else self.retry_after_ms()
+        reply = rejection(job.route, self.topics.device_id, error, retry_after_ms=retry)
         self.outbox.deliver(reply, ack)
 
     def _note_seen(self, requester: str, now: float) -> None:
@@ -300,10 +309,11 @@ class Worker:
                 del self._seen[oldest]
                 self._last_started.pop(oldest, None)
 
-    def _active_requesters(self, now: float) -> set[str]:
-        """Requesters holding jobs here, or whose last job came within fair_window_s."""
+    def _active_requesters(self, now: float, memory_s: float | None = None) -> set[str]:
+        """Requesters holding jobs here, or whose last job came or ended within
+        `memory_s` (default fair_window_s)."""
         active = {t.job.requester for t in self._by_id.values()}
-        horizon = now - self.fair_window_s
+        horizon = now - (self.fair_window_s if memory_s is None else memory_s)
         active.update(r for r, at in self._seen.items() if at >= horizon)
         return active
 
@@ -357,6 +367,12 @@ class Worker:
         with self._cond:
             return bool(self._active), self.waiting
 
+    def share_retry_after_ms(self) -> int:
+        """When a requester refused for its share may try again: once one of its jobs could
+        have ended, and not sooner than SHARE_RETRY_MS (a greedy requester that retries at
+        once spends the others' time on refusals)."""
+        return max(SHARE_RETRY_MS, self.retry_after_ms())
+
     def retry_after_ms(self) -> int:
         """When a refused job could find room: the jobs ahead of it, `parallel` at a time,
         at the recent median latency each."""
@@ -391,7 +407,7 @@ class Worker:
                     return None
                 self._waiting = [t for t in self._waiting if not t.cancelled]
                 taken: list[Ticket] = []
-                while not self._closing and self._waiting and len(self._active) < self._room:
+                while not self._closing and self._waiting and len(self._active) < self.parallel:
                     head = self._next_job()
                     if head is None:
                         break  # every queued job's requester runs its share already
@@ -713,6 +729,7 @@ class Worker:
         for route, rider_ack in ticket.riders:
             self.outbox.deliver(replace(reply, route=route), rider_ack)
         self._by_id.pop(ticket.job.id, None)
+        self._note_seen(ticket.job.requester, self.clock())
 
     def _status(
         self, job: Job, status: Status, code: Code | None = None, message: str | None = None
