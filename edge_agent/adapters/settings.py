@@ -122,7 +122,9 @@ class MqttSettings(_Section):
         le=65535,
         description="Jobs the broker may have in flight to this agent at once (MQTT 5 "
         "Receive Maximum). Jobs are acknowledged only when answered, so this caps what an "
-        "agent can hoard from the fleet's shared subscription. Unset: 2 x jobs.parallel, "
+        "agent can hoard from the fleet's shared subscription (Mosquitto 2.0.11 keeps to "
+        "it only until the first acknowledgements, then to its own max_inflight_messages: "
+        "docs/delivery.md). Unset: 2 x jobs.parallel, "
         "a batch running and the next one waiting (with less, slots stand empty while "
         "acknowledgements make the round trip: bench/throughput.py), at most "
         "jobs.parallel + jobs.max_queue.",
