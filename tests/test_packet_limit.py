@@ -75,6 +75,18 @@ def classify(job_id: str, **extra: Any) -> dict[str, Any]:
     return {"id": job_id, "text": "Door D-4 closed.", "labels": ["ok", "alarm"], **extra}
 
 
+def still_answers(client: Requester, agent: AgentProcess, connects_before: int) -> None:
+    """An ordinary job is answered, and the broker never dropped the agent."""
+    job_id = f"ok-{uuid.uuid4().hex[:6]}"
+    client.publish(
+        f"{agent.prefix}/devices/{agent.device_id}/jobs/classify",
+        json.dumps(classify(job_id)).encode(),
+        response_topic=f"{agent.prefix}/replies/me",
+    )
+    assert reply_for(client, job_id, timeout=30)["status"] == "done"
+    assert connects(agent) == connects_before, "the broker dropped the agent"
+
+
 def test_deploy_broker_states_its_packet_limit(fleet: list[AgentProcess]) -> None:
     """The agent reads Maximum Packet Size from CONNACK and logs the limit it keeps to."""
     connected = [e for e in fleet[0].log_events() if e.get("event") == "mqtt.connected"]
@@ -99,14 +111,7 @@ def test_a_job_whose_echoed_fields_would_make_an_oversize_reply_is_answered(
     # echoed input is bounded: a handful of names, each cut short
     assert 0 < len(reply["ignored"]) <= 16
     assert all(len(name) <= 64 for name in reply["ignored"])
-    job_id = f"ok-{uuid.uuid4().hex[:6]}"
-    client.publish(
-        f"{agent.prefix}/devices/{agent.device_id}/jobs/classify",
-        json.dumps(classify(job_id)).encode(),
-        response_topic=f"{agent.prefix}/replies/me",
-    )
-    assert reply_for(client, job_id, timeout=30)["status"] == "done"
-    assert connects(agent) == before, "the broker dropped the agent"
+    still_answers(client, agent, before)
 
 
 def test_a_rejection_quoting_a_huge_key_fits_the_broker(
@@ -124,14 +129,7 @@ def test_a_rejection_quoting_a_huge_key_fits_the_broker(
     assert reply["status"] == "rejected"
     assert reply["error"]["code"] == "invalid_labels"
     assert len(reply["error"]["message"]) <= 400
-    job_id = f"ok-{uuid.uuid4().hex[:6]}"
-    client.publish(
-        f"{agent.prefix}/devices/{agent.device_id}/jobs/classify",
-        json.dumps(classify(job_id)).encode(),
-        response_topic=f"{agent.prefix}/replies/me",
-    )
-    assert reply_for(client, job_id, timeout=30)["status"] == "done"
-    assert connects(agent) == before, "the broker dropped the agent"
+    still_answers(client, agent, before)
 
 
 def test_the_fleet_keeps_answering_after_oversize_jobs_on_the_fleet_topic(

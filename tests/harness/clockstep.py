@@ -13,14 +13,12 @@ compiler is all it needs).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
+from tests.harness.native import compiled
+
 SOURCE = Path(__file__).with_name("clockstep.c")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-agent" / "clockstep"
 
 
 def why_unavailable() -> str | None:
@@ -31,18 +29,7 @@ def why_unavailable() -> str | None:
 
 def build() -> Path:
     """Compile clockstep.c once per source version; the library's path."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    library = CACHE / f"clockstep-{digest}.so"
-    if library.exists():
-        return library
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = library.with_suffix(".tmp")
-    subprocess.run(
-        ["cc", "-O2", "-Wall", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE), "-ldl"],
-        check=True,
-    )
-    tmp.replace(library)
-    return library
+    return compiled(SOURCE, "clockstep.so", ["-shared", "-fPIC", "-ldl"])
 
 
 class ClockStep:

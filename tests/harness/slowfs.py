@@ -13,7 +13,6 @@ set-up installs them). The binary is built once into a cache outside the reposit
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,8 +20,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.harness.native import compiled
+
 SOURCE = Path(__file__).with_name("slowfs.c")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-agent" / "slowfs"
 
 
 class SlowFsUnavailable(RuntimeError):
@@ -43,18 +43,10 @@ def why_unavailable() -> str | None:
 
 def build() -> Path:
     """Compile slowfs.c once per source version; the binary's path."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    binary = CACHE / f"slowfs-{digest}"
-    if binary.exists():
-        return binary
-    CACHE.mkdir(parents=True, exist_ok=True)
     flags = subprocess.run(
         ["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True, check=True
     ).stdout.split()
-    tmp = binary.with_suffix(".tmp")
-    subprocess.run(["cc", "-O2", "-Wall", "-o", str(tmp), str(SOURCE), *flags], check=True)
-    tmp.replace(binary)
-    return binary
+    return compiled(SOURCE, "slowfs", flags)
 
 
 class SlowFs:
