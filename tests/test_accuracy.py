@@ -15,7 +15,8 @@ import pytest
 from edge_agent.adapters.engine import LlamaEngine
 from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
 from edge_agent.core.schema import schema_for_fields
-from edge_agent.service.evaluation import above, evaluate, load_rows
+from edge_agent.service.evaluation import above, evaluate
+from edge_agent.service.rows import load_rows
 from edge_agent.service.runner import JobRunner
 from tests.conftest import EVAL_DIR, eval_rows
 

@@ -38,12 +38,14 @@ import numpy.typing as npt
 from cachetools import LRUCache
 
 from edge_agent.adapters.llama_lib import bindings as llama
+from edge_agent.adapters.tap import LayerTap
 from edge_agent.core.constraint import JsonConstraint, State
 from edge_agent.core.errors import Code, EngineError, JobError, ModelLoadError
 from edge_agent.core.fairness import served_after, step_shares
 from edge_agent.core.inference import (
     Classification,
     ContextFull,
+    Embedding,
     Extraction,
     Interrupted,
     StopCheck,
@@ -80,6 +82,8 @@ class EngineConfig:
     # Content-free texts whose label scores measure a prompt's bias (classify); empty: no
     # calibration. The four of Zhao et al. 2021 ("" is sent as one space).
     calibration_texts: tuple[str, ...] = ("N/A", " ", "[MASK]", "none")
+    # The layer tap's context (learned profiles' jobs: prefix and text), at most n_ctx.
+    tap_ctx: int = 1024
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,8 @@ class LlamaEngine:
         self._mem = llama.llama_get_memory(ctx)
         self._batch = llama.llama_batch_init(config.n_batch, 0, 1)
         self._n_vocab = int(llama.llama_vocab_n_tokens(self._vocab))
+        self._tap: LayerTap | None = None  # made when a learned profile first reads layers
+        self._tap_reading = False
         self._n_ctx = int(llama.llama_n_ctx(ctx))
         template = llama.llama_model_chat_template(model, None)
         self._template: bytes | None = template or None
@@ -308,6 +314,28 @@ class LlamaEngine:
         run = _Run()
         run.gen = self._extract(run, plan, text, constraint, max_tokens)
         return Task(run)
+
+    def begin_embed(self, plan: PromptPlan, text: str, layers: Collection[int]) -> Task:
+        """A task that reads the prompt of `plan` around `text` as a job would, and gives
+        the outputs of `layers` where its answer would begin (an `Embedding`): what a
+        profile's learned head reads. It runs on the layer tap's own context (tap.py),
+        a chunk per step, its prefix kept there."""
+        run = _Run()
+        run.gen = self._embed(run, plan, text, tuple(layers))
+        return Task(run)
+
+    def embed(
+        self, plan: PromptPlan, text: str, layers: Collection[int], stop: StopCheck = lambda: False
+    ) -> Embedding:
+        """One embedding, alone (learning from rows, tools)."""
+        out = run_alone(self, self.begin_embed(plan, text, layers), stop)
+        assert isinstance(out, Embedding)
+        return out
+
+    @property
+    def tap_bytes(self) -> int:
+        """Memory of the layer tap's context (0 until a learned profile reads layers)."""
+        return self._tap.nbytes if self._tap is not None else 0
 
     def classify(
         self,
@@ -418,6 +446,11 @@ class LlamaEngine:
         self.stats["steps"] += 1
         self.stats["step_tokens"] += n
         self._served = served_after(self._served, live_groups, plan)
+        self._collect(taken)
+
+    def _collect(self, taken: list[tuple[Task, _Need, int, int, int]]) -> None:
+        """After a decode: each task's logits rows, and the tasks whose needs are met go
+        on."""
         for _, need, start, count, at in taken:
             for j in range(count):
                 if need.outputs[start + j]:
@@ -448,6 +481,9 @@ class LlamaEngine:
         self._saved = _StateCache(self.config.prefix_cache_bytes)
         with self._shape_lock:
             self._shapes.clear()
+        tap, self._tap = self._tap, None
+        if tap is not None:
+            tap.close()
 
     def fits(
         self,
@@ -455,11 +491,13 @@ class LlamaEngine:
         text: str,
         labels: Sequence[str] | None = None,
         constraint: JsonConstraint | None = None,
+        embed: bool = False,
     ) -> int:
         """The context cells a job needs (its prompt, and the label continuations or the
         shortest answer its schema allows); raises JobError `context_too_long` when that
-        is more than the context holds. Safe to call from another thread than the one that
-        runs jobs: it only tokenizes."""
+        is more than the context holds (`embed`: the layer tap's, for a learned profile's
+        job). Safe to call from another thread than the one that runs jobs: it only
+        tokenizes."""
         shape = self._shape(plan)
         prompt = len(shape.prefix_tokens) + len(self._job_tokens(shape, text))
         answer = 0
@@ -469,13 +507,20 @@ class LlamaEngine:
         if constraint is not None:
             answer = constraint.shortest_length()  # bytes: at least as many as its tokens
         need = prompt + answer + 8
-        if need > self._n_ctx:
+        holds = min(self._n_ctx, self.config.tap_ctx) if embed else self._n_ctx
+        if need > holds:
             raise JobError(
                 Code.CONTEXT_TOO_LONG,
                 f"the job needs {need} tokens of context ({prompt} of prompt, {answer} for "
-                f"the answer); this agent's context holds {self._n_ctx} (model.n_ctx)",
+                f"the answer); this agent's context holds {holds} "
+                f"({'the layer tap of learned profiles' if embed else 'model.n_ctx'})",
             )
         return need
+
+    def tokens(self, text: str) -> list[int]:
+        """`text`'s tokens, as the model reads a job's text (thread-safe: it only reads the
+        vocabulary)."""
+        return self._tokenize(text, special=False)
 
     def job_tokens(self, plan: PromptPlan, text: str) -> tuple[list[int], list[int]]:
         """(prefix tokens, the job's own tokens) for a job: what the engine evaluates."""
@@ -499,6 +544,9 @@ class LlamaEngine:
         return [list(t) for t in tokens], self._turn_end if with_end else None
 
     def close(self) -> None:
+        tap, self._tap = getattr(self, "_tap", None), None
+        if tap is not None:
+            tap.close()
         if getattr(self, "_batch", None) is not None:
             llama.llama_batch_free(self._batch)
             self._batch = None
@@ -710,6 +758,39 @@ class LlamaEngine:
             truncated=truncated,
             confidence={f: math.exp(lp) for f, lp in logps.items()},
         )
+
+    def _embed(
+        self, run: _Run, plan: PromptPlan, text: str, layers: tuple[int, ...]
+    ) -> _Gen[Embedding]:
+        timings = Timings()
+        shape = self._shape(plan)
+        own = self._job_tokens(shape, text)
+        tap = self._layer_tap()
+        while self._tap_reading:  # the tap holds one sequence: one read at a time
+            yield _WAIT
+        self._tap_reading = True
+        start = time.perf_counter()
+        reading = tap.read(shape.prefix_tokens, own, layers)
+        try:
+            while True:
+                next(reading)
+                yield _WAIT  # a chunk per step: other jobs' steps run between
+        except StopIteration as end:
+            got = end.value
+        finally:
+            reading.close()
+            self._tap_reading = False
+        timings.prompt_ms = (time.perf_counter() - start) * 1000.0
+        timings.prompt_tokens = len(own)
+        timings.cached_tokens = len(shape.prefix_tokens)
+        return Embedding(layers=got, timings=timings)
+
+    def _layer_tap(self) -> LayerTap:
+        if self._tap is None:
+            self._tap = LayerTap(
+                self._model, min(self._n_ctx, self.config.tap_ctx), self.config.n_threads_batch
+            )
+        return self._tap
 
     def _free(self, run: _Run, plan: PromptPlan, text: str, n_tokens: int) -> _Gen[Timings]:
         timings = Timings()

@@ -371,6 +371,14 @@ class JobSettings(_Section):
     new_shapes_burst: int = Field(
         4, ge=1, le=1000, description="New prompt shapes a requester may bring at once."
     )
+    max_learned_rows: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        description="Most labeled rows one profile may learn from (profiles.<name>.rows): "
+        "the memory of what it learned and the rows it keeps grows with them (reported in "
+        "the device info).",
+    )
     max_payload_bytes: int = Field(
         65536, ge=1024, le=16 * 1024 * 1024, description="Largest job message accepted."
     )
@@ -499,6 +507,20 @@ class ProfileSettings(_Section):
     )
     min_confidence: float | None = Field(
         None, ge=0, le=1, description="As jobs.min_confidence, for this profile's jobs."
+    )
+    rows: Path | None = Field(
+        None,
+        description="A file of labeled rows to learn from (the format `edge-agent eval` "
+        "reads: docs/profiles.md). The agent learns from them when it loads: for classify, "
+        "a head over the model's state where the answer begins, its labels the rows'; for "
+        "extract, the rows most like a job become its examples. It reports cross-validated "
+        "accuracy before it serves.",
+    )
+    rows_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The rows file's sha256: a file that differs is a configuration error "
+        "(the Ansible role pins it like a model).",
     )
 
 

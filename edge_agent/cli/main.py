@@ -223,6 +223,20 @@ def _add_bench_and_eval(sub: Any) -> None:
         metavar="P",
         help="report the accuracy of answers at or above this confidence (default 0.7)",
     )
+    ev.add_argument(
+        "--learn",
+        action="store_true",
+        help="compare, side by side on the same held-out folds, zero-shot scoring, fixed "
+        "examples (--examples from the other folds) and learning from the other folds' rows "
+        "(as a profile with `rows` does), for every shape (label set or schema) of each "
+        "dataset (docs/profiles.md)",
+    )
+    ev.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="as --learn, with the instructions and label descriptions of the configured "
+        "profile NAME; its rows must be of its kind (and labels)",
+    )
     ev.add_argument("--state-dir", type=Path, metavar="DIR", help="[state_dir]")
     ev.add_argument("--json", action="store_true", help="print a JSON list")
     ev.set_defaults(func=cmd_eval)
@@ -829,13 +843,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from edge_agent.cli.console import step_progress, table
-    from edge_agent.service.evaluation import above, evaluate, load_rows, reliability
+    from edge_agent.service.evaluation import above, evaluate, reliability
+    from edge_agent.service.rows import load_rows
 
     settings = settings_from(args)
     datasets = [
         (path, load_rows(path)[: args.limit] if args.limit else load_rows(path))
         for path in args.datasets
     ]
+    if args.learn or args.profile:
+        return _eval_learning(args, settings, datasets)
     results = []
     for wanted in args.model or [None]:
         loaded, _board = _open_model(settings, wanted)
@@ -907,6 +924,78 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bins,
         title="reliability over the test rows (classify answers and extracted fields)",
     )
+    return EX_OK
+
+
+def _eval_learning(
+    args: argparse.Namespace, settings: Settings, datasets: list[tuple[Path, Any]]
+) -> int:
+    """`eval --learn` / `--profile`: zero-shot, fixed examples and learned, side by side."""
+    from edge_agent.cli.console import step_progress, table
+    from edge_agent.service.app import configured_profiles
+    from edge_agent.service.comparison import METHODS, compare
+
+    profile = None
+    if args.profile:
+        profiles = configured_profiles(settings)
+        if args.profile not in profiles:
+            raise ConfigError(
+                f"--profile {args.profile}: no such profile in the configuration "
+                f"(profiles: {', '.join(sorted(profiles)) or 'none'})"
+            )
+        profile = profiles[args.profile]
+        for path, rows in datasets:
+            for row in rows:
+                if row["_kind"] != profile.kind:
+                    raise ConfigError(
+                        f"{path}:{row['_line']}: a {row['_kind']} row; profile "
+                        f"{args.profile} is {profile.kind}"
+                    )
+                if profile.labels and sorted(row["labels"]) != sorted(profile.labels):
+                    raise ConfigError(
+                        f"{path}:{row['_line']}: its labels are not profile "
+                        f"{args.profile}'s ({', '.join(profile.labels)})"
+                    )
+    results = []
+    for wanted in args.model or [None]:
+        loaded, _board = _open_model(settings, wanted)
+        try:
+            for path, rows in datasets:
+                with step_progress(f"eval {loaded.ref.name} {path.name}") as progress:
+                    results += compare(
+                        loaded.engine, loaded.engine.tokens, loaded.engine.facts.n_layer,
+                        rows, path.name, loaded.ref.name,
+                        profile=profile, examples=args.examples, progress=progress,
+                    )  # fmt: skip
+        finally:
+            loaded.engine.close()
+    threshold = args.min_confidence
+    if args.json:
+        print(json.dumps([r.to_dict(threshold) for r in results], indent=2))
+        return EX_OK
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    lines: list[tuple[object, ...]] = []
+    for r in results:
+        for name in METHODS:
+            m = r.methods[name]
+            n, right = m.sure(threshold)
+            d = m.to_dict(threshold)
+            lines.append((
+                r.model, r.dataset, r.shape if len(r.shape) <= 32 else r.shape[:31] + "…",
+                r.rows, name, pct(m.accuracy), f"{pct(right)} of {n}",
+                d["latency_ms_p50"], d["latency_ms_p95"],
+            ))  # fmt: skip
+    table(
+        ("model", "dataset", "shape", "rows", "method", "accuracy",
+         f">= {threshold:g} right", "ms p50", "ms p95"),
+        lines,
+        title=f"every row held out once ({results[0].folds if results else 5}-fold, "
+        f"stratified); examples: {args.examples} per label or job from the other folds; "
+        "'accuracy' is per field for extract sets",
+    )  # fmt: skip
     return EX_OK
 
 

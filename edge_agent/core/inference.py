@@ -11,7 +11,7 @@ flight; `run_alone` drives one task to its end for callers that want one answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +79,15 @@ class Extraction:
     confidence: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Embedding:
+    """A job's prompt read up to where its answer would begin: the outputs of the layers
+    asked for there (what a learned head reads), a vector of floats per layer."""
+
+    layers: Mapping[int, Sequence[float]]
+    timings: Timings
+
+
 class Task:
     """One job's work inside an engine. `inner` is the engine's own state; the task is
     done when it has an outcome or an error."""
@@ -87,14 +96,14 @@ class Task:
 
     def __init__(self, inner: object = None) -> None:
         self.inner = inner
-        self.outcome: Classification | Extraction | Timings | None = None
+        self.outcome: Classification | Extraction | Embedding | Timings | None = None
         self.error: BaseException | None = None
 
     @property
     def done(self) -> bool:
         return self.outcome is not None or self.error is not None
 
-    def result(self) -> Classification | Extraction | Timings:
+    def result(self) -> Classification | Extraction | Embedding | Timings:
         if self.error is not None:
             raise self.error
         assert self.outcome is not None, "task not done"
@@ -108,8 +117,10 @@ class Engine(Protocol):
         text: str,
         labels: Sequence[str] | None = None,
         constraint: JsonConstraint | None = None,
+        embed: bool = False,
     ) -> int:
-        """Context cells the job needs; raises JobError `context_too_long` if too many."""
+        """Context cells the job needs; raises JobError `context_too_long` if too many
+        (`embed`: for a learned profile's job, read by the layer tap)."""
 
     def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
         """A task that scores every label as the answer to `text` (a `Classification`)."""
@@ -118,6 +129,10 @@ class Engine(Protocol):
         self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
     ) -> Task:
         """A task that writes JSON for `text` the constraint accepts (an `Extraction`)."""
+
+    def begin_embed(self, plan: PromptPlan, text: str, layers: Collection[int]) -> Task:
+        """A task that reads the job's prompt and gives the outputs of `layers` where the
+        answer would begin (an `Embedding`)."""
 
     def step(
         self,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,6 +45,13 @@ from edge_agent.core.wire import WIRE_VERSION, Info
 from edge_agent.service.faults import Faults
 from edge_agent.service.health import Health
 from edge_agent.service.intake import Handing, Intake
+from edge_agent.service.learning import (
+    Learned,
+    ProfileRows,
+    learn,
+    read_profile_rows,
+    with_rows,
+)
 from edge_agent.service.loader import Loaded, import_engine, load_model
 from edge_agent.service.outbox import Outbox
 from edge_agent.service.runner import JobRunner
@@ -144,13 +151,11 @@ def job_limits(settings: Settings) -> JobLimits:
     )
 
 
-def job_profiles(settings: Settings) -> dict[str, Profile]:
-    """The configured profiles, checked: one that could never make a valid job is a
-    configuration error (exit 78), not a stream of rejected jobs."""
-    limits = job_limits(settings)
-    out: dict[str, Profile] = {}
-    for name, p in settings.profiles.items():
-        profile = Profile(
+def configured_profiles(settings: Settings) -> dict[str, Profile]:
+    """The profiles as configured, unchecked (a profile with rows gets its labels or
+    schema from them: `job_profiles`)."""
+    return {
+        name: Profile(
             kind=p.kind,
             instructions=p.instructions,
             labels=p.labels,
@@ -159,11 +164,26 @@ def job_profiles(settings: Settings) -> dict[str, Profile]:
             label_descriptions=tuple(p.label_descriptions.items()),
             min_confidence=p.min_confidence,
         )
+        for name, p in settings.profiles.items()
+    }
+
+
+def job_profiles(
+    settings: Settings, rows: Mapping[str, ProfileRows] | None = None
+) -> dict[str, Profile]:
+    """The configured profiles, checked: one that could never make a valid job is a
+    configuration error (exit 78), not a stream of rejected jobs. A profile with a rows
+    file takes its labels or schema from the rows (`rows`: read already, else read here)."""
+    limits = job_limits(settings)
+    configured = configured_profiles(settings)
+    if rows is None:
+        rows = read_profile_rows(settings, configured)
+    out = with_rows(configured, rows)
+    for name, profile in out.items():
         try:
             check_profile(name, profile, limits)
         except JobError as exc:
             raise ConfigError(f"profiles.{name}: {exc.message}") from exc
-        out[name] = profile
     return out
 
 
@@ -250,6 +270,8 @@ class Agent:
         self._discovery: list[tuple[str, dict[str, Any]]] = []
         self._telemetry: TelemetryLoop | None = None
         self.health = Health()
+        self.rows: dict[str, ProfileRows] = {}
+        self.learned: dict[str, Learned] = {}
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
@@ -261,6 +283,9 @@ class Agent:
         parallel = parallel_jobs(s, board.cpu_cores, board.ram_budget_bytes)
         link_settings = link_config(s, will_topic=self.topics.status(), parallel=parallel)
         check_connection_settings(link_settings)  # before minutes of model loading
+        # profiles' rows files too: a row that does not parse is exit 78, not a late surprise
+        self.rows = read_profile_rows(s, configured_profiles(s))
+        job_profiles(s, self.rows)
         # systemd arms the watchdog when the process starts: ping through the model load too
         # (TimeoutStartSec= bounds that), then only while jobs make progress.
         watchdog = Watchdog(notifier, self._progressing)
@@ -270,6 +295,11 @@ class Agent:
         finally:
             watchdog.stop()
             notifier.close()
+
+    def _learning_progress(self, profile: str, done: int, total: int) -> None:
+        """systemctl status shows how far learning a profile's rows is (every 10th row)."""
+        if done == total or done % 10 == 0:
+            self.notifier.status(f"learning profile {profile}'s rows: {done} of {total}")
 
     def _progressing(self) -> bool:
         """The watchdog's test: every supervised thread alive and none stalled (an idle
@@ -294,6 +324,18 @@ class Agent:
         loaded = load_model(s, catalog, board, lambda path: open_engine(path, s, board))
         engine = loaded.engine
         self.model = loaded
+        if self.rows:
+            self.notifier.status("learning from the profiles' rows")
+            self.learned = learn(
+                self.rows,
+                job_profiles(s, self.rows),
+                engine,
+                engine.tokens,
+                engine.facts.n_layer,
+                loaded.sha256,
+                s.state_dir / "learned",
+                progress=self._learning_progress,
+            )
         log.info(
             "model.loaded",
             name=loaded.ref.name,
@@ -421,7 +463,12 @@ class Agent:
         suspects = self._count_crash(marker, journal)
         link_holder: list[MqttLink] = []
         outbox = Outbox(_LazyLink(link_holder), journal, self.metrics, health.beat("outbox", stall))
-        runner = JobRunner(loaded.engine, min_confidence=s.jobs.min_confidence)
+        runner = JobRunner(
+            loaded.engine,
+            min_confidence=s.jobs.min_confidence,
+            learned=self.learned,
+            tokens=loaded.engine.tokens,
+        )
         worker = Worker(
             runner,
             outbox,
@@ -449,7 +496,7 @@ class Agent:
             metrics=self.metrics,
             model=loaded.ref,
             journal=journal,
-            profiles=job_profiles(s),
+            profiles=job_profiles(s, self.rows),
             handing=Handing(s.jobs.handoff, s.jobs.handoff_keep, s.jobs.handoff_max_hops),
             mqtt5=s.mqtt.protocol == "5",
             budget=runner.check_budget,
@@ -635,6 +682,8 @@ class Agent:
             },
             "max_queue": s.jobs.max_queue,
             "parallel": loaded.engine.config.parallel,
+            # what each profile learned from its rows, and how good it is (docs/profiles.md)
+            "profiles": {name: got.report.to_dict() for name, got in self.learned.items()},
         }
         model = loaded.report()
         model["context"] = loaded.engine.facts.n_ctx

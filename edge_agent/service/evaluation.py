@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from edge_agent.core.errors import ConfigError, JobError
@@ -33,47 +32,13 @@ from edge_agent.core.inference import Engine
 from edge_agent.core.metrics import percentile
 from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
 from edge_agent.core.schema import problems, schema_for_fields
+from edge_agent.service.rows import TEST, TUNE
 from edge_agent.service.runner import JobRunner
 
 Progress = Callable[[int, int], None]
-TUNE, TEST = "tune", "test"
 BINS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)
 _TOPICS = Topics("eval", "eval", "eval")
 _LIMITS = JobLimits(max_prompt_chars=1_000_000, max_text_chars=1_000_000)
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{path}:{number}: not JSON: {exc}") from exc
-        if not isinstance(row, dict) or "text" not in row:
-            raise ConfigError(f"{path}:{number}: a row needs at least `text`")
-        if "labels" in row and "label" in row:
-            row["_kind"] = "classify"
-        elif "expected" in row and ("fields" in row or "schema" in row):
-            row["_kind"] = "extract"
-        else:
-            raise ConfigError(
-                f"{path}:{number}: neither a classify row (labels, label) nor an extract row "
-                "(fields or schema, expected)"
-            )
-        split = row.get("split")
-        if split not in (None, TUNE, TEST):
-            raise ConfigError(f'{path}:{number}: split must be "{TUNE}" or "{TEST}"')
-        row["_split"] = split or (TUNE if len(rows) % 3 == 0 else TEST)
-        rows.append(row)
-    if not rows:
-        raise ConfigError(f"{path}: no rows")
-    return rows
 
 
 @dataclass

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, EngineError
 from edge_agent.core.inference import (
     Classification,
+    Embedding,
     Engine,
     Extraction,
     StopCheck,
@@ -22,9 +24,12 @@ from edge_agent.core.inference import (
     Timings,
     run_alone,
 )
-from edge_agent.core.prompt import PromptPlan, classify_plan, extract_plan
+from edge_agent.core.prompt import Example, PromptPlan, classify_plan, extract_plan
 from edge_agent.core.protocol import Job
 from edge_agent.core.schema import ObjectNode, problems
+
+if TYPE_CHECKING:
+    from edge_agent.service.learning import Learned
 
 MAX_NEW_TOKENS = 512
 _SCORE_DIGITS = 4
@@ -38,51 +43,95 @@ class Outcome:
 
 class JobRunner:
     """Runs jobs on one engine. `min_confidence`: the agent's default threshold below which
-    an answer is marked uncertain (a job's own wins); None: none."""
+    an answer is marked uncertain (a job's own wins); None: none. `learned`: what profiles
+    learned from their rows (service/learning.py), and `tokens` the model's tokenizer (an
+    extract profile picks the rows most like a job's text as its examples)."""
 
     def __init__(
         self,
         engine: Engine,
         max_new_tokens: int = MAX_NEW_TOKENS,
         min_confidence: float | None = None,
+        learned: Mapping[str, Learned] | None = None,
+        tokens: Callable[[str], list[int]] | None = None,
     ) -> None:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.min_confidence = min_confidence
+        self.learned = dict(learned or {})
+        self.tokens = tokens
 
     def check_budget(self, job: Job) -> None:
         """Raise JobError `context_too_long` if the job cannot fit the engine's context;
         called by the intake, before the job is queued."""
+        head = self._head(job)
+        if head is not None:
+            assert head.plan is not None
+            self.engine.fits(head.plan, job.text, embed=True)
+            return
         if job.kind == "classify":
             self.engine.fits(_classify_plan(job), job.text, labels=job.labels)
             return
         assert job.node is not None
-        plan = extract_plan(job.node, job.instructions, job.examples)
+        plan = extract_plan(job.node, job.instructions, self._examples(job))
         self.engine.fits(plan, job.text, constraint=self._constraint(job))
 
     def shape(self, job: Job) -> str:
         """The job's prompt shape (its fixed part: instructions, labels or schema,
         examples): jobs of one shape share an evaluated prefix and a calibration."""
+        head = self._head(job)
+        if head is not None:
+            assert head.plan is not None
+            return head.plan.key
         if job.kind == "classify":
             return _classify_plan(job).key
         assert job.node is not None
-        return extract_plan(job.node, job.instructions, job.examples).key
+        return extract_plan(job.node, job.instructions, self._examples(job)).key
 
     def begin(self, job: Job) -> Task:
         """The engine task for a job; the scheduler steps it with others, then `finish`."""
+        head = self._head(job)
+        if head is not None:  # a learned classify profile: one pass, then its head
+            assert head.plan is not None
+            assert head.head is not None
+            return self.engine.begin_embed(head.plan, job.text, (head.head.layer,))
         if job.kind == "classify":
             return self.engine.begin_classify(_classify_plan(job), job.text, job.labels)
         assert job.node is not None
-        plan = extract_plan(job.node, job.instructions, job.examples)
+        return self.begin_extract_with(
+            job.node, job.text, job.instructions, self._examples(job), self._constraint(job)
+        )
+
+    def begin_extract_with(
+        self,
+        node: ObjectNode,
+        text: str,
+        instructions: str | None,
+        examples: Sequence[Example],
+        constraint: JsonConstraint | None = None,
+    ) -> Task:
+        """An extraction of `text` by `node`'s schema with these examples."""
+        plan = extract_plan(node, instructions, examples)
         # Grounded values (the default) come from this job's text: bind the schema's
         # automaton to it.
-        constraint = self._constraint(job).bind(job.text)
-        return self.engine.begin_extract(plan, job.text, constraint, self.max_new_tokens)
+        bound = (constraint or _constraint_for(node)).bind(text)
+        return self.engine.begin_extract(plan, text, bound, self.max_new_tokens)
 
     def finish(self, job: Job, task: Task) -> Outcome:
         """The reply's result from a finished task (raises the task's error)."""
         found = task.result()
         threshold = job.min_confidence if job.min_confidence is not None else self.min_confidence
+        if isinstance(found, Embedding):
+            head = self._head(job)
+            assert head is not None
+            assert head.head is not None
+            raw, scores = head.head.predict(found.layers[head.head.layer])
+            found = Classification(
+                label=max(scores, key=scores.__getitem__),
+                scores=scores,
+                timings=found.timings,
+                raw_scores=raw,
+            )
         if isinstance(found, Classification):
             confidence = found.scores[found.label]
             result: dict[str, Any] = {
@@ -97,20 +146,44 @@ class JobRunner:
             return Outcome(result, found.timings)
         assert isinstance(found, Extraction)
         assert job.node is not None
+        extracted = self.extraction_result(job.node, found)
+        if threshold is not None:
+            extracted["uncertain"] = sorted(f for f, p in found.confidence.items() if p < threshold)
+        return Outcome(extracted, found.timings)
+
+    def extraction_result(self, node: ObjectNode, found: object) -> dict[str, Any]:
+        """An extraction's `data` (checked against the schema) and `confidence`."""
+        assert isinstance(found, Extraction)
         try:
             data = json.loads(found.text)
         except ValueError as exc:  # the constraint makes this unreachable; say so loudly
             raise EngineError(Code.INTERNAL_ERROR, f"decoder produced invalid JSON: {exc}") from exc
-        broken = problems(data, job.node)
+        broken = problems(data, node)
         if broken:  # the constraint makes this unreachable; never send invalid data
             raise EngineError(Code.INTERNAL_ERROR, f"extraction does not validate: {broken[0]}")
-        sure = _rounded(found.confidence)
-        extracted: dict[str, Any] = {"data": data, "confidence": sure}
-        if threshold is not None:
-            extracted["uncertain"] = sorted(f for f, p in found.confidence.items() if p < threshold)
+        extracted: dict[str, Any] = {"data": data, "confidence": _rounded(found.confidence)}
         if found.truncated:
             extracted["truncated"] = True
-        return Outcome(extracted, found.timings)
+        return extracted
+
+    def _head(self, job: Job) -> Learned | None:
+        """A classify profile's learned head, when the job takes the profile's shape as it
+        is (a job that brings its own labels, instructions or examples is scored)."""
+        learned = self.learned.get(job.profile or "")
+        if learned is None or learned.head is None or job.kind != "classify":
+            return None
+        assert learned.plan is not None
+        return learned if _classify_plan(job).key == learned.plan.key else None
+
+    def _examples(self, job: Job) -> tuple[Example, ...]:
+        """An extract job's examples: its own, or for an extract profile that learned from
+        rows (and a job that brings none), the rows most like its text."""
+        learned = self.learned.get(job.profile or "")
+        if job.examples or learned is None or learned.kind != "extract" or self.tokens is None:
+            return job.examples
+        if job.schema != learned.schema:
+            return job.examples
+        return learned.nearest_examples(self.tokens(job.text))
 
     def run(self, job: Job, stop: StopCheck) -> Outcome:
         """One job alone, to its end (evaluation, tools)."""
