@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 
 from edge_agent.adapters.broker import LocalBroker
+from edge_agent.service.rows import file_sha256
+from tests.conftest import eval_rows
 from tests.harness.process import AgentProcess, wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +76,20 @@ class Deployment:
         return self.root / "opt" / "edge-agent"
 
     @property
+    def rows(self) -> Path:
+        """A profile's labeled rows on the controller: two OpenSSH lines a label."""
+        path = self.cache / "ssh-rows.jsonl"
+        if not path.exists():
+            seen: dict[str, int] = {}
+            picked = []
+            for row in eval_rows("loghub_openssh_classify.jsonl"):
+                if seen.get(row["label"], 0) < 2:
+                    seen[row["label"]] = seen.get(row["label"], 0) + 1
+                    picked.append(row)
+            path.write_text("".join(json.dumps(r) + "\n" for r in picked))
+        return path
+
+    @property
     def config_file(self) -> Path:
         return self.root / "etc" / "edge-agent" / "config.toml"
 
@@ -98,6 +114,10 @@ class Deployment:
             "edge_agent_config_extra": {
                 "telemetry": {"discovery_prefix": f"{self.topic_prefix}-ha", "interval_s": 1},
                 "model": {"n_threads": 2},
+                "profiles": {"ssh": {"kind": "classify"}},
+            },
+            "edge_agent_profile_rows": {
+                "ssh": {"src": str(self.rows), "sha256": file_sha256(self.rows)}
             },
             "edge_agent_gate_enabled": False,
             "edge_agent_gate_timeout_s": 60,
@@ -207,6 +227,12 @@ def test_first_run_installs_a_release_beside_nothing(deployment: Deployment) -> 
     assert f'name = "{MODEL}"' in config
     assert f'reply_topic_prefixes = ["{deployment.topic_prefix}/replies/"]' in config
 
+    # the profile's rows: installed under their hash and named in config.toml with the pin
+    sha = file_sha256(deployment.rows)
+    installed = deployment.root / "etc" / "edge-agent" / "profiles" / f"ssh-{sha[:16]}.jsonl"
+    assert installed.read_bytes() == deployment.rows.read_bytes()
+    assert f'rows = "{installed}"' in config and f'rows_sha256 = "{sha}"' in config, config
+
     creds = deployment.root / "etc" / "edge-agent" / "credentials"
     assert creds.stat().st_mode & 0o777 == 0o700
     for name in ("mqtt__password", "tls_key"):
@@ -246,8 +272,23 @@ def test_rollback_by_hand_refuses_when_there_is_nothing_to_go_back_to(
 
 
 @pytest.mark.timeout(900)
+def test_rows_that_are_not_the_pinned_ones_stop_the_run_before_anything_changes(
+    deployment: Deployment,
+) -> None:
+    before, config = deployment.link("current"), deployment.config_file.read_text()
+    wrong = {"ssh": {"src": str(deployment.rows), "sha256": "0" * 64}}
+    run = deployment.play(edge_agent_profile_rows=wrong)
+    assert run.rc != 0
+    message = " ".join(run.output.split())
+    assert f"has sha256 {file_sha256(deployment.rows)}, not the pinned {'0' * 64}" in message
+    assert deployment.link("current") == before and deployment.config_file.read_text() == config
+
+
+@pytest.mark.timeout(900)
 def test_gate_passes_when_the_installed_agent_answers(deployment: Deployment) -> None:
-    deployment.start_agent()
+    agent = deployment.start_agent()
+    learned = [e for e in agent.log_events() if e.get("event") == "profile.learned"]
+    assert [e["profile"] for e in learned] == ["ssh"], "the installed agent learned its rows"
     before = deployment.link("current")
     run = deployment.play(edge_agent_gate_enabled=True)
     assert run.rc == 0, tail(run)
