@@ -17,6 +17,9 @@ Same model (the bundled SmolLM2-135M-Instruct Q4_1), same threads (2), same mach
    llama-cpp-python's LlamaGrammar.from_json_schema for reference.
 3. agent overhead (MQTT round trip minus engine time), resident memory minus the model
    file, idle CPU.
+4. a profile that learned from rows (docs/profiles.md) against label scoring of the same
+   texts, p50 and p95, on both bundled models, and the memory of what was learned
+   (`--learned-only` runs just this part).
 
 llama-bench and llama-server are built from the llama.cpp vendored in the installed
 llama-cpp-python's sdist (bench/llamacpp_tools.py).
@@ -463,13 +466,114 @@ def latency(
             "naive": p50(naive_ms), **{k: p50(v) for k, v in out.items()}}  # fmt: skip
 
 
+def learned_vs_scoring(jobs: int) -> list[dict[str, Any]]:
+    """Per model: learn the OpenSSH classify rows of four folds as a profile would; then each
+    held-out row (and more, up to `jobs`) as a job of that profile (the tap and the head)
+    and as a zero-shot job with the same labels (label scoring), interleaved row by row so
+    drift moves both alike. Engine time, in-process (the MQTT path adds the same few ms to
+    both)."""
+    import shutil
+
+    from edge_agent.core.learning import folds_for
+    from edge_agent.core.protocol import Delivery, JobLimits, Profile, Topics, parse_job
+    from edge_agent.service.learning import ProfileRows, learn
+    from edge_agent.service.rows import file_sha256, load_rows
+    from edge_agent.service.runner import JobRunner
+
+    path = ROOT / "tests" / "data" / "eval" / "loghub_openssh_classify.jsonl"
+    all_rows = load_rows(path)
+    folds = folds_for([r["label"] for r in all_rows])
+    train = tuple(r for r, f in zip(all_rows, folds, strict=True) if f != 0)
+    held = [r for r, f in zip(all_rows, folds, strict=True) if f == 0]
+    labels = tuple(all_rows[0]["labels"])
+    rows = {"ssh": ProfileRows("ssh", path, file_sha256(path), "classify", train, labels)}
+    profiles = {"ssh": Profile(kind="classify", labels=labels)}
+    lock = load_lock(ROOT / "edge_agent" / "data" / "models.lock")
+    out = []
+    for name in ("smollm2-135m-instruct-q4_1", "gemma-3-270m-q4_k_m"):
+        entry = lock.get(name)
+        assert entry is not None
+        model = locate(entry, Path.home() / ".cache" / "edge-agent-test-models")
+        engine = LlamaEngine(model, EngineConfig(n_threads=THREADS, n_threads_batch=THREADS))
+        cache = Path(tempfile.mkdtemp(prefix="edge-learned-"))
+        t0 = time.perf_counter()
+        learned = learn(rows, profiles, engine, engine.tokens, engine.facts.n_layer, name, cache)
+        learn_s = time.perf_counter() - t0
+        runner = JobRunner(engine, learned=learned, tokens=engine.tokens)
+
+        def job(body: dict[str, Any]) -> Any:
+            body = {"id": "b", "kind": "classify", **body}
+            delivery = Delivery("t/jobs/classify", json.dumps(body).encode(), time.time())
+            return parse_job(delivery, Topics("t", "t", "t"), JobLimits(), profiles)
+
+        texts = [r["text"] for r in (held * (1 + jobs // max(1, len(held))))[: max(jobs, 1)]]
+        ms: dict[str, list[float]] = {"learned": [], "scoring": []}
+        right = {"learned": 0, "scoring": 0}
+        truth = {r["text"]: r["label"] for r in held}
+        for text in texts[:3]:  # warm both paths (their prefixes, the tap's context)
+            runner.run(job({"profile": "ssh", "text": text}), lambda: False)
+            runner.run(job({"text": text, "labels": list(labels)}), lambda: False)
+        for text in texts:
+            for path_name, body in (
+                ("learned", {"profile": "ssh", "text": text}),
+                ("scoring", {"text": text, "labels": list(labels)}),
+            ):
+                t1 = time.perf_counter()
+                result = runner.run(job(body), lambda: False).result
+                ms[path_name].append((time.perf_counter() - t1) * 1000)
+                right[path_name] += result["label"] == truth[text]
+        report = learned["ssh"].report
+        out.append(
+            {
+                "model": name,
+                "rows": len(train),
+                "held": len(texts),
+                "learn_s": learn_s,
+                **{f"{k}_p50": float(percentile(v, 50) or 0) for k, v in ms.items()},
+                **{f"{k}_p95": float(percentile(v, 95) or 0) for k, v in ms.items()},
+                **{f"{k}_right": right[k] / len(texts) for k in right},
+                "head_bytes": report.bytes,
+                "tap_bytes": engine.tap_bytes,
+                "layer": report.extra.get("layer"),
+            }
+        )
+        engine.close()
+        shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def print_learned(jobs: int) -> None:
+    print(
+        "\n| model | rows learned | jobs | learned p50 / p95 | label scoring p50 / p95 "
+        "| learned / scoring p50 | right: learned / scoring | learning took | head | tap context |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for r in learned_vs_scoring(jobs):
+        print(
+            f"| {r['model']} | {r['rows']} | {r['held']} "
+            f"| {r['learned_p50']:.1f} / {r['learned_p95']:.1f} ms "
+            f"| {r['scoring_p50']:.1f} / {r['scoring_p95']:.1f} ms "
+            f"| {r['learned_p50'] / r['scoring_p50']:.2f} "
+            f"| {r['learned_right']:.1%} / {r['scoring_right']:.1%} | {r['learn_s']:.1f} s "
+            f"| {r['head_bytes'] / 1024:.0f} KiB (layer {r['layer']}) "
+            f"| {r['tap_bytes'] / 2**20:.1f} MiB |",
+            flush=True,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--learned-only", action="store_true", help="only part 4: learned profile vs scoring"
+    )
     args = parser.parse_args()
+    if args.learned_only:
+        print_learned(args.jobs)
+        return 0
     tools = ensure_tools()
     model = bundled_model()
     data = rows(args.jobs)
@@ -508,6 +612,7 @@ def main() -> int:
     print(
         f"\nagent resident memory minus the model file: {rss:.0f} MiB; idle CPU: {idle:.2f}% of one core"
     )
+    print_learned(args.jobs)
     return 0
 
 
