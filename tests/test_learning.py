@@ -244,24 +244,30 @@ def drain(reading: Any) -> Any:
 
 
 @pytest.mark.model
-def test_the_tap_reads_the_same_with_its_prefix_kept_as_fresh(smollm2: Any) -> None:
+def test_the_tap_reads_the_same_with_prefixes_kept_as_fresh(smollm2: Any) -> None:
+    """Jobs of two learned profiles alternate: each profile's prefix stays evaluated in a
+    sequence of its own, and a read that reuses it gives what a fresh context gives."""
     from edge_agent.adapters.tap import LayerTap
 
-    plan = classify_plan(("ok", "bad"), None, ())
-    shape = smollm2._shape(plan)
-    first, second = (smollm2._job_tokens(shape, t) for t in ("disk full on /var", "fan ok"))
+    shapes = [smollm2._shape(classify_plan(labels, None, ())) for labels in (("ok", "bad"), ("up", "down", "gone"))]  # fmt: skip
+    texts = ("disk full on /var", "fan ok", "link to gw-2 lost")
     kept = LayerTap(smollm2._model, 512, 2)
-    fresh = LayerTap(smollm2._model, 512, 2)
     try:
-        drain(kept.read(shape.prefix_tokens, first, (7, 29)))
-        got = drain(kept.read(shape.prefix_tokens, second, (7, 29)))
-        want = drain(fresh.read(shape.prefix_tokens, second, (7, 29)))
+        reads = []
+        for shape, text in [(shapes[0], texts[0]), (shapes[1], texts[1]), (shapes[0], texts[2]), (shapes[1], texts[0])]:  # fmt: skip
+            reads.append(drain(kept.read(shape.prefix_tokens, smollm2._job_tokens(shape, text), (7, 29))))  # fmt: skip
+        assert len(kept._prefixes) == 2  # both prefixes kept
+        for i, (shape, text) in enumerate([(shapes[0], texts[2]), (shapes[1], texts[0])], start=2):
+            fresh = LayerTap(smollm2._model, 512, 2)
+            try:
+                want = drain(fresh.read(shape.prefix_tokens, smollm2._job_tokens(shape, text), (7, 29)))  # fmt: skip
+            finally:
+                fresh.close()
+            for layer in (7, 29):
+                assert np.allclose(reads[i][layer], want[layer], atol=1e-3), (i, layer)
+        assert not np.allclose(reads[2][7], reads[2][29])  # two layers, two readings
     finally:
         kept.close()
-        fresh.close()
-    for layer in (7, 29):
-        assert np.allclose(got[layer], want[layer], atol=1e-3), layer
-    assert not np.allclose(got[7], got[29])  # two layers, two readings
 
 
 @pytest.mark.model

@@ -11,8 +11,11 @@ are the layers' outputs), and cancels the rest of the graph once the deepest lay
 for is computed, so reading layer 22 skips the last 8 layers and the output head.
 
 It keeps its own llama.cpp context over the engine's model (weights are shared; its KV
-cache and compute buffer are its own: `nbytes`), one sequence, and the prompt prefix of
-the last read kept evaluated, so a profile's jobs evaluate only their own tokens. The
+cache and compute buffer are its own: `nbytes`): sequence 0 reads, and up to PREFIXES
+other sequences keep the prompt prefixes of the last profiles read evaluated (least
+recently used out first), so a profile's jobs evaluate only their own tokens even when
+jobs of several learned profiles alternate. A read shares a kept prefix's cells
+(`seq_cp` on a unified KV cache is bookkeeping, not a copy). The
 callback runs in the thread that decodes, only for this context's decodes: the engine's
 jobs never pay for it.
 """
@@ -36,6 +39,12 @@ _GGML_TYPE_F32 = 0
 _LAYER = b"l_out-"
 # Tokens a read decodes at once: a step of other jobs runs between chunks.
 CHUNK = 64
+# Prompt prefixes kept evaluated (one per learned profile read lately).
+PREFIXES = 4
+
+
+class _Aborted(Exception):
+    """llama_decode returned 2: llama.cpp dropped that chunk's cells."""
 
 
 def _ggml() -> Any:
@@ -83,7 +92,8 @@ class LayerTap:
         params.n_ctx = n_ctx
         params.n_batch = CHUNK
         params.n_ubatch = CHUNK
-        params.n_seq_max = 1
+        params.n_seq_max = 1 + PREFIXES
+        params.kv_unified = True  # kept prefixes share their cells with reads
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.swa_full = True  # the prefix is trimmed back to after each read
@@ -98,9 +108,8 @@ class LayerTap:
         self._mem = llama.llama_get_memory(ctx)
         self._batch = llama.llama_batch_init(CHUNK, 0, 1)
         self.n_ctx = int(llama.llama_n_ctx(ctx))
-        # the prefix kept evaluated, and the deepest layer its cells were computed to
-        self._kept: list[int] = []
-        self._kept_depth = -1
+        # kept prefixes: their tokens -> (sequence, deepest layer computed), oldest first
+        self._prefixes: dict[tuple[int, ...], tuple[int, int]] = {}
         n_head = max(1, int(llama.llama_model_n_head(model)))
         n_head_kv = int(llama.llama_model_n_head_kv(model))
         # its KV cache (f16 keys and values) and one chunk's compute buffer, roughly
@@ -128,14 +137,17 @@ class LayerTap:
             )
         tokens = list(prefix) + list(own)
         for attempt in (1, 2):
-            got = yield from self._read_once(tokens, len(prefix), layers, deepest)
+            try:
+                got = yield from self._read_once(tokens, len(prefix), layers, deepest)
+            except _Aborted:
+                got = dict.fromkeys(layers)
             missing = [n for n, v in got.items() if v is None]
             if not missing:
                 return {n: v for n, v in got.items() if v is not None}
             # Seen twice in a test run on a loaded machine (Gemma-3-270M, never reproduced
             # quietly): a decode that showed some layers only. Read once more from nothing
             # before giving up on the job.
-            self._kept, self._kept_depth = [], -1
+            self._forget(tuple(prefix))
             if attempt == 2:
                 raise EngineError(
                     Code.INFERENCE_ERROR,
@@ -147,36 +159,61 @@ class LayerTap:
     def _read_once(
         self, tokens: list[int], n_prefix: int, layers: Collection[int], deepest: int
     ) -> Generator[None, object, dict[int, Vector | None]]:
-        prefix, total = tokens[:n_prefix], len(tokens)
-        # cells of the kept prefix that this read shares (computed deep enough)
+        key, total = tuple(tokens[:n_prefix]), len(tokens)
+        kept = self._prefixes.pop(key, None)
+        if kept is not None and kept[1] < deepest:  # computed too shallow for this read
+            llama.llama_memory_seq_rm(self._mem, kept[0], -1, -1)
+            kept = None
+        llama.llama_memory_seq_rm(self._mem, 0, -1, -1)
         start = 0
-        if self._kept_depth >= deepest:
-            while start < min(len(self._kept), n_prefix) and self._kept[start] == prefix[start]:
-                start += 1
-        llama.llama_memory_seq_rm(self._mem, 0, start, -1)
-        self._kept, self._kept_depth = self._kept[:start], self._kept_depth if start else -1
+        if kept is not None:
+            self._prefixes[key] = kept  # now the most recently used
+            llama.llama_memory_seq_cp(self._mem, kept[0], 0, -1, -1)
+            start = n_prefix
+        self._make_room(total - start, keep=key)
         self._stop_after = deepest
         try:
             pos = start
             while pos < total:
-                # chunks end where the prefix does, so the whole prefix is kept
+                # chunks end where the prefix does, so the whole prefix can be kept
                 end = min(total, pos + CHUNK, n_prefix if pos < n_prefix else total)
                 last = end == total
                 self._want = dict.fromkeys(layers) if last else {}
                 self._shown = []
                 self._decode(tokens[pos:end], pos)
                 pos = end
-                if pos <= n_prefix:
-                    self._kept, self._kept_depth = tokens[:pos], deepest
+                if pos == n_prefix and kept is None and n_prefix:
+                    self._keep(key, deepest)
                 if not last:
                     yield None
             return dict(self._want)
         finally:
             self._want = {}
-            # keep the prefix only: the next read starts from it
-            keep = min(len(self._kept), n_prefix)
-            llama.llama_memory_seq_rm(self._mem, 0, keep, -1)
-            self._kept = self._kept[:keep]
+            llama.llama_memory_seq_rm(self._mem, 0, -1, -1)  # kept prefixes stay
+
+    def _keep(self, key: tuple[int, ...], depth: int) -> None:
+        """Keep sequence 0's cells (the prefix just read) in a sequence of their own."""
+        used = {seq for seq, _ in self._prefixes.values()}
+        free = [seq for seq in range(1, PREFIXES + 1) if seq not in used]
+        if not free:  # the least recently used prefix goes
+            oldest = next(iter(self._prefixes))
+            seq, _ = self._prefixes.pop(oldest)
+            llama.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            free = [seq]
+        llama.llama_memory_seq_cp(self._mem, 0, free[0], -1, -1)
+        self._prefixes[key] = (free[0], depth)
+
+    def _make_room(self, tokens: int, keep: tuple[int, ...]) -> None:
+        """Drop kept prefixes (oldest first, `keep` last) until `tokens` more cells fit."""
+        while self._prefixes and sum(len(k) for k in self._prefixes) + tokens + 1 > self.n_ctx:
+            victims = [k for k in self._prefixes if k != keep] or [keep]
+            seq, _ = self._prefixes.pop(victims[0])
+            llama.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    def _forget(self, key: tuple[int, ...]) -> None:
+        kept = self._prefixes.pop(key, None)
+        if kept is not None:
+            llama.llama_memory_seq_rm(self._mem, kept[0], -1, -1)
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -196,7 +233,9 @@ class LayerTap:
             batch.logits[i] = i == len(tokens) - 1
         batch.n_tokens = len(tokens)
         rc = llama.llama_decode(self._ctx, batch)
-        if rc not in (0, 2):  # 2: the graph was cancelled after the deepest layer: wanted
+        if rc == 2:  # aborted: llama.cpp removed this chunk's cells (read.retries once)
+            raise _Aborted
+        if rc != 0:
             raise EngineError(Code.INFERENCE_ERROR, f"llama_decode returned {rc} (layer tap)")
 
     def _on_tensor(self, tensor: int, ask: bool, _user: object) -> bool:
