@@ -108,6 +108,7 @@ class _Shape:
     prefix_tokens: list[int]
     suffix_parts: list[tuple[str, bool]]  # (text, is_template) after the job's text
     label_lead: str = ""  # put before each label: " " when the prompt ends mid-line
+    keep: bool = True  # its prefix's state may be saved for later jobs (PromptPlan.once)
     label_tokens: LRUCache[tuple[str, ...], tuple[list[list[int]], bool]] = field(
         default_factory=lambda: LRUCache(maxsize=32)
     )
@@ -188,6 +189,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     building: bool = False
     used: int = 0
+    keep: bool = True  # save its state when it takes another prefix
 
 
 def _run_of(task: Task) -> _Run:
@@ -580,7 +582,9 @@ class LlamaEngine:
         # A label follows the answer prefix as a word would: after a space unless the prompt
         # ends a line (chat templates end with "assistant\n").
         lead = " " if tail_text and not tail_text[-1].isspace() else ""
-        shape = _Shape(prefix_tokens=prefix, suffix_parts=suffix, label_lead=lead)
+        shape = _Shape(
+            prefix_tokens=prefix, suffix_parts=suffix, label_lead=lead, keep=not plan.once
+        )
         with self._shape_lock:
             self._shapes[key] = shape
         return shape
@@ -687,7 +691,7 @@ class LlamaEngine:
         yield from self._take_sequence(run)
         try:
             start = time.perf_counter()
-            yield from self._attach_prefix(run, shape.prefix_tokens, timings)
+            yield from self._attach_prefix(run, shape.prefix_tokens, timings, shape.keep)
             bias = yield from self._label_bias(run, shape, labels)
             logits = yield from self._own_tokens(run, shape, text, timings)
             timings.prompt_ms = (time.perf_counter() - start) * 1000.0
@@ -815,7 +819,7 @@ class LlamaEngine:
     ) -> _Gen[npt.NDArray[np.float32]]:
         """The shape's prefix, then the job's own tokens; the last position's logits."""
         start = time.perf_counter()
-        yield from self._attach_prefix(run, shape.prefix_tokens, timings)
+        yield from self._attach_prefix(run, shape.prefix_tokens, timings, shape.keep)
         logits = yield from self._own_tokens(run, shape, text, timings)
         timings.prompt_ms = (time.perf_counter() - start) * 1000.0
         return logits
@@ -835,7 +839,9 @@ class LlamaEngine:
         self._free_seqs.append(run.seq)
         run.seq = -1
 
-    def _attach_prefix(self, run: _Run, prefix: list[int], timings: Timings) -> _Gen[None]:
+    def _attach_prefix(
+        self, run: _Run, prefix: list[int], timings: Timings, keep: bool = True
+    ) -> _Gen[None]:
         """Give the job's sequence the shape's prefix: shared cells of a prefix slot (a
         sequence that holds one prompt prefix for every job of that shape), evaluated
         once, restored from a saved state, or built from the longest common start of
@@ -862,6 +868,7 @@ class LlamaEngine:
         common = _common_prefix(victim.tokens, prefix) if saved is None else 0
         llama.llama_memory_seq_rm(self._mem, victim.seq, common, -1)
         victim.key, victim.tokens, victim.building = key, list(prefix), True
+        victim.keep = keep
         try:
             if saved is not None:
                 buf = (ctypes.c_uint8 * len(saved)).from_buffer_copy(saved)
@@ -895,7 +902,7 @@ class LlamaEngine:
 
     def _save_slot(self, slot: _Slot) -> None:
         """Keep a slot's prefix state before the slot takes another one."""
-        if not slot.tokens or slot.key is None or slot.key in self._saved:
+        if not slot.tokens or slot.key is None or not slot.keep or slot.key in self._saved:
             return
         if self._saved.capacity <= 0:
             return

@@ -58,6 +58,9 @@ class PromptPlan:
     lead: str = ""
     tail: str = ""
     answer_prefix: str = ""
+    # A plan made for one job (an extract profile's nearest rows as its examples): the
+    # engine keeps no saved state of its prefix, which no other job would restore.
+    once: bool = False
 
     @property
     def key(self) -> str:

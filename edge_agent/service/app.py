@@ -684,6 +684,8 @@ class Agent:
             "parallel": loaded.engine.config.parallel,
             # what each profile learned from its rows, and how good it is (docs/profiles.md)
             "profiles": {name: got.report.to_dict() for name, got in self.learned.items()},
+            # the layer tap's own context, which learned classify profiles read through
+            "profiles_tap_bytes": int(getattr(loaded.engine, "tap_bytes", 0)),
         }
         model = loaded.report()
         model["context"] = loaded.engine.facts.n_ctx

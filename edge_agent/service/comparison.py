@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.core.errors import JobError
-from edge_agent.core.inference import Engine
+from edge_agent.core.inference import Engine, run_alone
 from edge_agent.core.learning import SURE, bag, candidate_layers, folds_for, nearest, same_value
 from edge_agent.core.metrics import percentile
-from edge_agent.core.prompt import canonical_json
+from edge_agent.core.prompt import Example, canonical_json
 from edge_agent.core.protocol import Delivery, JobLimits, Profile, Topics, parse_job
 from edge_agent.service.learning import NEAREST, calibrated_head, embed_all, plan_of
 from edge_agent.service.rows import schema_of
@@ -252,7 +252,7 @@ def _extract(
             body: dict[str, Any] = {"kind": "extract", "schema": schema}
             if instructions:
                 body["instructions"] = instructions
-            _answer(runner, row, body, shots, score)
+            _answer(runner, row, body, shots, score, once=name == "learned")
             progress(f"{name} {dataset}", done, total)
     return result
 
@@ -263,16 +263,26 @@ def _answer(
     body: dict[str, Any],
     shots: list[dict[str, Any]],
     score: MethodScore,
+    once: bool = False,
 ) -> None:
-    """Run the row as a job with these examples; score its answer."""
+    """Run the row as a job with these examples; score its answer. `once`: examples chosen
+    for this job alone, run as a learned extract profile's job is (PromptPlan.once)."""
     full = {"id": "eval", "text": row["text"], **body}
-    if shots:
+    if shots and not once:
         full["examples"] = shots
     delivery = Delivery(f"eval/jobs/{body['kind']}", json.dumps(full).encode(), time.time())
     start = time.perf_counter()
     try:
         job = parse_job(delivery, _TOPICS, _LIMITS)
-        found = runner.run(job, lambda: False).result
+        if once:
+            assert job.node is not None
+            shown = tuple(Example(s["text"], canonical_json(s["answer"])) for s in shots)
+            task = runner.begin_extract_with(job.node, job.text, job.instructions, shown, once=True)
+            found = runner.extraction_result(
+                job.node, run_alone(runner.engine, task, lambda: False)
+            )
+        else:
+            found = runner.run(job, lambda: False).result
     except JobError:
         found = None
     score.latencies_ms.append((time.perf_counter() - start) * 1000)

@@ -378,7 +378,9 @@ def _learn_extract(
     for n, i in enumerate(check):
         picked = nearest(bags[i], bags, NEAREST, skip=i)
         shots = tuple(examples[j] for j in reversed(picked))
-        task = runner.begin_extract_with(node, r.rows[i]["text"], profile.instructions, shots)
+        task = runner.begin_extract_with(
+            node, r.rows[i]["text"], profile.instructions, shots, once=True
+        )
         try:
             found = run_alone(engine, task, lambda: False)
         except JobError:

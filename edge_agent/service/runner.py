@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.core.constraint import JsonConstraint
@@ -86,6 +86,8 @@ class JobRunner:
         if job.kind == "classify":
             return _classify_plan(job).key
         assert job.node is not None
+        if self._learned_extract(job) is not None:  # one shape per profile, whatever its rows
+            return f"learned:{job.profile}"
         return extract_plan(job.node, job.instructions, self._examples(job)).key
 
     def begin(self, job: Job) -> Task:
@@ -99,7 +101,12 @@ class JobRunner:
             return self.engine.begin_classify(_classify_plan(job), job.text, job.labels)
         assert job.node is not None
         return self.begin_extract_with(
-            job.node, job.text, job.instructions, self._examples(job), self._constraint(job)
+            job.node,
+            job.text,
+            job.instructions,
+            self._examples(job),
+            self._constraint(job),
+            once=self._learned_extract(job) is not None,
         )
 
     def begin_extract_with(
@@ -109,9 +116,11 @@ class JobRunner:
         instructions: str | None,
         examples: Sequence[Example],
         constraint: JsonConstraint | None = None,
+        once: bool = False,
     ) -> Task:
-        """An extraction of `text` by `node`'s schema with these examples."""
-        plan = extract_plan(node, instructions, examples)
+        """An extraction of `text` by `node`'s schema with these examples (`once`: chosen
+        for this job alone, PromptPlan.once)."""
+        plan = replace(extract_plan(node, instructions, examples), once=once)
         # Grounded values (the default) come from this job's text: bind the schema's
         # automaton to it.
         bound = (constraint or _constraint_for(node)).bind(text)
@@ -175,13 +184,19 @@ class JobRunner:
         assert learned.plan is not None
         return learned if _classify_plan(job).key == learned.plan.key else None
 
-    def _examples(self, job: Job) -> tuple[Example, ...]:
-        """An extract job's examples: its own, or for an extract profile that learned from
-        rows (and a job that brings none), the rows most like its text."""
+    def _learned_extract(self, job: Job) -> Learned | None:
+        """An extract profile that learned from rows, when the job takes its shape as it is
+        (a job that brings its own examples or another schema keeps to them)."""
         learned = self.learned.get(job.profile or "")
         if job.examples or learned is None or learned.kind != "extract" or self.tokens is None:
-            return job.examples
-        if job.schema != learned.schema:
+            return None
+        return learned if job.schema == learned.schema else None
+
+    def _examples(self, job: Job) -> tuple[Example, ...]:
+        """An extract job's examples: its own, or for an extract profile that learned from
+        rows, the rows most like its text."""
+        learned = self._learned_extract(job)
+        if learned is None or self.tokens is None:
             return job.examples
         return learned.nearest_examples(self.tokens(job.text))
 
