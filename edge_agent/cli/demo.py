@@ -289,7 +289,7 @@ def _show_learning(log: Path) -> None:
             learned.append(event)
     if not learned:
         return
-    _say("learned from labeled rows (each row held out once, 5-fold; docs/profiles.md):")
+    _say("learned from labeled rows (each row answered by what was learned without it):")
     _say(f"  {'profile':<10} {'kind':<9} {'rows':>5} {'right':>7} {'sure ≥0.7 right':>16} {'s':>6}")
     for e in learned:
         acc, sure, count = e.get("cv_accuracy"), e.get("sure_right"), e.get("sure_answers")
