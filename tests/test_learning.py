@@ -223,6 +223,12 @@ def test_a_rows_file_with_a_bad_line_stops_the_agent_with_exit_78(tmp_path: Path
     )  # fmt: skip
     assert result.returncode == 78, result.stderr
     assert f"{path}:3" in result.stderr, result.stderr
+    # `edge-agent config` (what the Ansible role validates a staged config.toml with) too
+    checked = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "config", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 78 and f"{path}:3" in checked.stderr, checked.stderr
 
 
 # --- on the real model --------------------------------------------------------------------

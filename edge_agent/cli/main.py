@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser(
         "config",
         help="print the effective settings (secrets masked)",
-        description="Load settings exactly as `run` would and print them as JSON.",
+        description="Load settings exactly as `run` would and print them as JSON. The "
+        "profiles are checked as `run` checks them, their rows files too (docs/profiles.md): "
+        "a bad one exits 78 naming the field, or the file and the line.",
     )
     _common(config)
     config.add_argument("--device-id", metavar="ID")
@@ -379,7 +381,12 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from edge_agent.service.app import job_profiles
+
     settings = settings_from(args)
+    # the profiles as `run` checks them, their rows files too (the Ansible role validates
+    # a staged config.toml with this command, before it goes live)
+    job_profiles(settings)
     data = settings.model_dump(mode="json")
     if data["mqtt"].get("password"):
         data["mqtt"]["password"] = "**********"  # noqa: S105 - the mask, not a password
