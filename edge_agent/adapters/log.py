@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +29,52 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 # syslog priorities, as sd-daemon(3) prefixes them
-PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+PRIORITY = {
+    "debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3, "critical": 2, "exception": 3,
+}  # fmt: skip
+# The last lines the agent logged, kept for the `logs` operation (docs/operations.md).
+TAIL_LINES = 5000
+TAIL_LINE_CHARS = 4096
+# Values of these keys never reach a line: whatever logs them by mistake.
+SECRET_KEYS = frozenset(
+    {"password", "passwd", "secret", "authorization", "credentials", "api_key", "private_key"}
+)
+MASK = "**********"
+
+
+class Tail:
+    """The last TAIL_LINES rendered lines, with when each was logged (any thread)."""
+
+    def __init__(self, size: int = TAIL_LINES) -> None:
+        self._lines: deque[tuple[float, str]] = deque(maxlen=size)
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, text: str) -> None:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, MASK)
+        if len(text) > TAIL_LINE_CHARS:
+            text = text[: TAIL_LINE_CHARS - 1] + "…"
+        self._lines.append((time.time(), text))
+
+    def redact(self, secret: str) -> None:
+        """Never keep `secret` in a line (the MQTT password; credentials' contents)."""
+        if len(secret) >= 4:
+            with self._lock:
+                self._secrets = {*self._secrets, secret}
+
+    def last(self, lines: int, since_s: float | None = None) -> list[str]:
+        """The newest `lines` lines, oldest first; only the last `since_s` seconds'."""
+        snapshot = list(self._lines)
+        if since_s is not None:
+            horizon = time.time() - since_s
+            snapshot = [item for item in snapshot if item[0] >= horizon]
+        return [text for _, text in snapshot[-lines:]] if lines > 0 else []
+
+
+TAIL = Tail()
+_configured: dict[str, Any] = {"level": "info"}
 
 
 def configure(
@@ -42,12 +90,16 @@ def configure(
         if console
         else structlog.processors.JSONRenderer()
     )
+    renderer = _Kept(renderer, TAIL, as_json=None if not console else _JSON)
     if writes_to_journal(out, os.environ if env is None else env):
         renderer = _JournalPriority(renderer)
+    _configured["level"] = level
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            _notice,
+            _mask_secrets,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
@@ -57,6 +109,53 @@ def configure(
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+def set_level(level: str) -> None:
+    """Change the level of every logger now (the `log-level` operation)."""
+    if level not in _LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    _configured["level"] = level
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]))
+
+
+def level() -> str:
+    return str(_configured["level"])
+
+
+def _notice(_logger: Any, _name: str, event_dict: Any) -> Any:
+    """`notice=True` marks an audit line (an operation and its outcome): level `notice`,
+    syslog priority 5. Logged through `warning`, so no log level hides it."""
+    if event_dict.pop("notice", False):
+        event_dict["level"] = "notice"
+    return event_dict
+
+
+def _mask_secrets(_logger: Any, _name: str, event_dict: Any) -> Any:
+    for key in SECRET_KEYS.intersection(event_dict):
+        event_dict[key] = MASK
+    return event_dict
+
+
+_JSON = structlog.processors.JSONRenderer()
+
+
+class _Kept:
+    """Wraps the renderer: each line is also kept in the tail, as JSON (a terminal's
+    colored line is rendered once more for it)."""
+
+    def __init__(self, renderer: Any, tail: Tail, as_json: Any = None) -> None:
+        self._renderer = renderer
+        self._tail = tail
+        self._as_json = as_json
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> str:
+        kept = None
+        if self._as_json is not None:
+            kept = self._as_json(logger, method_name, dict(event_dict))
+        text = str(self._renderer(logger, method_name, event_dict))
+        self._tail.add(text if kept is None else str(kept))
+        return text
 
 
 def writes_to_journal(stream: Any, env: Mapping[str, str]) -> bool:

@@ -365,21 +365,7 @@ class MqttLink:
         dropped = client.drop_out_messages()
         subs = list(self._subscriptions())
         if subs:
-            if self.v5:
-                # Retain handling 2: the broker sends no retained message at subscribe time.
-                # A job or cancel published with retain would otherwise come back on every
-                # reconnect.
-                client.subscribe(
-                    [
-                        (
-                            s.topic,
-                            SubscribeOptions(qos=s.qos, retainHandling=0 if s.retained else 2),
-                        )
-                        for s in subs
-                    ]
-                )
-            else:
-                client.subscribe([(s.topic, s.qos) for s in subs])
+            self._send_subscribe(client, subs)
         self._connected.set()
         log.info(
             "mqtt.connected",
@@ -514,12 +500,35 @@ class MqttLink:
             room -= 1
         return room
 
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        if self.connected:
-            if self.v5:
-                self._client.subscribe([(topic, SubscribeOptions(qos=qos))])
-            else:
-                self._client.subscribe(topic, qos)
+    def subscribe(self, subs: Sequence[Subscription]) -> bool:
+        """Subscribe now (the subscriptions callable must list them too, for the next
+        connect); False when not connected."""
+        if not self.connected or not subs:
+            return False
+        return self._send_subscribe(self._client, subs)
+
+    def unsubscribe(self, topics: Sequence[str]) -> bool:
+        """Unsubscribe now (the subscriptions callable must leave them out too); False when
+        not connected (the next connect does not subscribe them)."""
+        if not self.connected or not topics:
+            return False
+        result, _mid = self._client.unsubscribe(list(topics))
+        return bool(result == MQTTErrorCode.MQTT_ERR_SUCCESS)
+
+    def _send_subscribe(self, client: paho.Client, subs: Sequence[Subscription]) -> bool:
+        if self.v5:
+            # Retain handling 2: the broker sends no retained message at subscribe time.
+            # A job or cancel published with retain would otherwise come back on every
+            # reconnect.
+            result, _mid = client.subscribe(
+                [
+                    (s.topic, SubscribeOptions(qos=s.qos, retainHandling=0 if s.retained else 2))
+                    for s in subs
+                ]
+            )
+        else:
+            result, _mid = client.subscribe([(s.topic, s.qos) for s in subs])
+        return bool(result == MQTTErrorCode.MQTT_ERR_SUCCESS)
 
 
 def _packed(props: Properties | None, v5: bool) -> bytes | None:

@@ -46,6 +46,8 @@ class Code(StrEnum):
     DUPLICATE_ID = "duplicate_id"
     CONTEXT_TOO_LONG = "context_too_long"
     RETAINED_JOB = "retained_job"
+    # the device is drained for maintenance (operation `drain`): send it to the fleet
+    DRAINING = "draining"
     # failed: the job ran and could not finish
     CONTEXT_OVERFLOW = "context_overflow"
     INFERENCE_ERROR = "inference_error"

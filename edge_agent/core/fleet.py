@@ -47,6 +47,9 @@ class DeviceView:
         status = self.status
         if status == "online" and health not in (None, "ok"):
             status = f"online, {health}"  # up, but a thread died or stalled
+        mode = t.get("mode")
+        if status is not None and status.startswith("online") and mode in ("draining", "drained"):
+            status = f"{status}, {mode}"  # out of the fleet's queue (operation drain)
         return {
             "device": self.device,
             "status": status,

@@ -55,9 +55,10 @@ class TopicMatch:
     """What an incoming topic is for: a job of some kind (fleet or device), a control
     message, or something the agent never subscribed to."""
 
-    role: Literal["job", "cancel", "rebirth", "ha_status", "unknown"]
+    role: Literal["job", "cancel", "rebirth", "ha_status", "operation", "unknown"]
     kind: str | None = None  # for jobs: the kind the topic names (maybe not one we know)
     fleet: bool = False  # for jobs and cancels: the fleet topic, not this device's
+    requester: str | None = None  # for operations: the operator, the topic's last level
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,19 @@ class Topics:
 
     def device_rebirth(self) -> str:
         return f"{self.prefix}/devices/{self.device_id}/cmd/rebirth"
+
+    def operate(self, operator: str = "+") -> str:
+        """Where an operator sends this device operations (docs/operations.md); the last
+        level is the operator's name, which the fleet's acl confines it to."""
+        return f"{self.prefix}/devices/{self.device_id}/operate/{operator}"
+
+    def operation(self, op_id: str) -> str:
+        """The retained state of one operation."""
+        return f"{self.prefix}/devices/{self.device_id}/operations/{op_id}"
+
+    def operation_logs(self, op_id: str) -> str:
+        """The chunks a `logs` operation publishes."""
+        return f"{self.operation(op_id)}/logs"
 
     def all_devices(self, leaf: str) -> str:
         """Wildcard over every device's `leaf` topic (for the fleet view)."""
@@ -150,6 +164,9 @@ class Topics:
             return TopicMatch("rebirth")
         if topic == self.ha_status():
             return TopicMatch("ha_status")
+        levels = topic.split("/")
+        if len(levels) == 5 and "/".join(levels[:4]) + "/" == self.operate(""):
+            return TopicMatch("operation", requester=levels[4])
         kind = self.kind_of(topic)
         if kind is not None:
             return TopicMatch("job", kind=kind, fleet=topic.startswith(f"{self.prefix}/jobs/"))

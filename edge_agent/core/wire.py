@@ -218,6 +218,11 @@ class Telemetry(_Message):
     spool: Spool
     health: HealthReport
     intake_backlog: NonNegative
+    mode: Literal["serving", "draining", "drained"] = Field(
+        "serving",
+        description="draining/drained: taken out of the fleet's shared queue by an operator "
+        "(operation drain, docs/operations.md)",
+    )
 
 
 # ---- device info -----------------------------------------------------------------------

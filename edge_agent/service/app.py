@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from edge_agent import __version__
+from edge_agent.adapters import log as logs
 from edge_agent.adapters.journal import POISON_AFTER_CRASHES, Journal, RunningMarker
+from edge_agent.adapters.ledger import Ledger
 from edge_agent.adapters.mqtt import (
     LinkConfig,
     MqttLink,
@@ -33,6 +35,7 @@ from edge_agent.core.clock import StepWatch
 from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
 from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.metrics import Metrics
+from edge_agent.core.operations import NOT_BUILT, Mode, Op
 from edge_agent.core.protocol import (
     KINDS,
     JobLimits,
@@ -53,6 +56,7 @@ from edge_agent.service.learning import (
     with_rows,
 )
 from edge_agent.service.loader import Loaded, import_engine, load_model
+from edge_agent.service.operations import Operations
 from edge_agent.service.outbox import Outbox
 from edge_agent.service.runner import JobRunner
 from edge_agent.service.telemetry import (
@@ -272,8 +276,15 @@ class Agent:
         self.health = Health()
         self.rows: dict[str, ProfileRows] = {}
         self.learned: dict[str, Learned] = {}
+        self.operations: Operations | None = None
+        self._exit_code = 0  # what the process exits with once stopped (0: asked to stop)
 
     def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def exit_with(self, code: int) -> None:
+        """Stop, and exit with `code` (operation restart: 75, which systemd restarts)."""
+        self._exit_code = code
         self._stop.set()
 
     def run(self) -> int:
@@ -282,6 +293,8 @@ class Agent:
         board = self.board = board_facts()
         parallel = parallel_jobs(s, board.cpu_cores, board.ram_budget_bytes)
         link_settings = link_config(s, will_topic=self.topics.status(), parallel=parallel)
+        if link_settings.password:
+            logs.TAIL.redact(link_settings.password)  # the `logs` operation never sends it
         check_connection_settings(link_settings)  # before minutes of model loading
         # profiles' rows files too: a row that does not parse is exit 78, not a late surprise
         self.rows = read_profile_rows(s, configured_profiles(s))
@@ -358,7 +371,7 @@ class Agent:
         health = self.health
         stall = s.health.stall_after_s
         p = self._pipeline(link_settings, loaded)
-        journal, outbox, worker, intake, link = p.journal, p.outbox, p.worker, p.intake, p.link
+        outbox, worker, intake, link = p.outbox, p.worker, p.intake, p.link
         sampler = Sampler(s.model_dir)
         identity = Identity(
             device=s.device_id,
@@ -389,6 +402,7 @@ class Agent:
         outbox.start()
         worker.start()
         intake.start()
+        p.operations.start()
         notifier.status(f"model {loaded.ref.name} loaded; connecting to {s.mqtt.broker}")
         link.start()
         telemetry.start()
@@ -403,28 +417,38 @@ class Agent:
         try:
             code = self._watch(telemetry)
         finally:
-            degraded = code != 0
-            log.info("agent.stopping", degraded=degraded)
-            notifier.stopping()
-            telemetry.stop()
-            if exporter is not None:
-                exporter.close()
-            intake.stop()  # what it had not read stays unacknowledged: redelivered later
-            worker.stop(grace=min(5.0, s.jobs.stop_grace_s) if degraded else s.jobs.stop_grace_s)
-            # A stop that ended running jobs is not a crash: they are not counted toward
-            # poison at the next start (the worker clears the marker once it drops them;
-            # this covers a worker stuck in one engine step past its grace).
-            p.marker.clear()
-            outbox.drain(timeout=10.0)
-            # A degraded stop is a failure: leave `offline` (as the Last Will would) rather
-            # than `stopped`, which tells dashboards someone stopped it on purpose.
-            link.stop(final=(self.topics.status(), b"offline" if degraded else b"stopped"))
-            outbox.stop()
-            if not degraded:  # a wedged thread may still be inside llama.cpp
-                engine.close()
-            journal.close()
-            log.info("agent.stopped", exit_code=code)
+            self._shutdown(p, engine, telemetry, exporter, code)
         return code
+
+    def _shutdown(
+        self, p: _Pipeline, engine: Any, telemetry: TelemetryLoop, exporter: Any, code: int
+    ) -> None:
+        """Stop the threads in order: nothing new in, running jobs finish (up to their
+        grace), their replies out, then the link and the journal."""
+        s = self.settings
+        intake, worker, outbox, link, journal = p.intake, p.worker, p.outbox, p.link, p.journal
+        degraded = code == EX_SOFTWARE
+        log.info("agent.stopping", degraded=degraded)
+        self.notifier.stopping()
+        telemetry.stop()
+        if exporter is not None:
+            exporter.close()
+        intake.stop()  # what it had not read stays unacknowledged: redelivered later
+        p.operations.stop()
+        worker.stop(grace=min(5.0, s.jobs.stop_grace_s) if degraded else s.jobs.stop_grace_s)
+        # A stop that ended running jobs is not a crash: they are not counted toward
+        # poison at the next start (the worker clears the marker once it drops them;
+        # this covers a worker stuck in one engine step past its grace).
+        p.marker.clear()
+        outbox.drain(timeout=10.0)
+        # A degraded stop is a failure: leave `offline` (as the Last Will would) rather
+        # than `stopped`, which tells dashboards someone stopped it on purpose.
+        link.stop(final=(self.topics.status(), b"offline" if degraded else b"stopped"))
+        outbox.stop()
+        if not degraded:  # a wedged thread may still be inside llama.cpp
+            engine.close()
+        journal.close()
+        log.info("agent.stopped", exit_code=code)
 
     def _snapshot(
         self, p: _Pipeline, sampler: Sampler, identity: Identity
@@ -439,6 +463,7 @@ class Agent:
             counters = {**self.metrics.snapshot(), "spool": p.journal.counts()}
             counters["health"] = self.health.report().to_dict()
             counters["intake_backlog"] = p.intake.backlog
+            counters["mode"] = p.operations.mode
             return build_telemetry(
                 identity, sampler.read(), counters, p.worker.depth, on_clamped=clamped
             )
@@ -488,6 +513,20 @@ class Agent:
             aging_s=s.jobs.aging_s,
         )
         health.watch("scheduler", worker.condition)
+        controls = _Controls(self, worker, link_holder)
+        operations = Operations(
+            topics=self.topics,
+            controls=controls,
+            ledger=Ledger(s.state_dir / "operations.json"),
+            publish=_LazyLink(link_holder).publish,
+            session=self.session,
+            beat=health.beat("operations", stall),
+        )
+        self.operations = operations
+        health.watch("ledger", lambda: operations.ledger.problem)
+        mode = operations.recover()
+        if mode != "serving":
+            log.warning("agent.mode", mode=mode, notice=True, reason="left so by the last run")
         intake = Intake(
             topics=self.topics,
             limits=job_limits(s),
@@ -504,8 +543,11 @@ class Agent:
             shapes=ShapeBudget(s.jobs.new_shapes_per_minute, s.jobs.new_shapes_burst),
             on_rebirth=self._announce,
             on_ha_online=self._ha_online,
+            on_operation=operations.submit,
+            draining=lambda: operations.mode != "serving",
             beat=health.beat("intake", stall),
         )
+        controls.intake = intake  # its backlog counts as jobs held while draining
         link = MqttLink(
             link_settings,
             subscriptions=self._subscriptions,
@@ -517,7 +559,7 @@ class Agent:
         )
         link_holder.append(link)
         self._link = link
-        return _Pipeline(journal, outbox, worker, intake, link, marker)
+        return _Pipeline(journal, outbox, worker, intake, link, marker, operations)
 
     def _watch(self, telemetry: TelemetryLoop) -> int:
         """The main thread: wait for a stop signal, watching health. A change of health is
@@ -546,7 +588,7 @@ class Agent:
             ):
                 log.critical("agent.exiting_degraded", reasons=list(report.reasons))
                 return EX_SOFTWARE
-        return 0
+        return self._exit_code
 
     def _count_crash(self, marker: RunningMarker, journal: Journal) -> set[str]:
         """If the last process died while running jobs, find the one to blame: a job that
@@ -568,15 +610,20 @@ class Agent:
             log.error("agent.died_while_running", job_ids=[job_id for _, job_id in left])
         return {digest for digest, _ in left}
 
+    def fleet_topics(self) -> list[str]:
+        """The fleet's job topics (shared under MQTT 5): left while drained."""
+        t = self.topics
+        if self.settings.mqtt.protocol == "5":
+            return [t.shared_fleet_jobs(k) for k in KINDS]
+        return [t.fleet_jobs(k) for k in KINDS]
+
     def _subscriptions(self) -> list[Subscription]:
         t = self.topics
-        fleet = (
-            [t.shared_fleet_jobs(k) for k in KINDS]
-            if self.settings.mqtt.protocol == "5"
-            else [t.fleet_jobs(k) for k in KINDS]
-        )
+        serving = self.operations is None or self.operations.mode == "serving"
+        fleet = self.fleet_topics() if serving else []
         device = [t.device_jobs(k) for k in KINDS]
         control = [t.fleet_cancel(), t.device_cancel(), t.fleet_rebirth(), t.device_rebirth()]
+        control.append(t.operate())
         if self.settings.telemetry.home_assistant:
             control.append(t.ha_status())
         return [Subscription(topic) for topic in [*fleet, *device, *control]]
@@ -590,6 +637,8 @@ class Agent:
         else:
             self.notifier.status(line)
         self._announce()
+        if self.operations is not None:
+            self.operations.republish()  # states that changed while the broker was away
         outbox.flush()  # replies that waited for the broker go out oldest first
 
     def _ha_online(self) -> None:
@@ -686,6 +735,8 @@ class Agent:
             "profiles": {name: got.report.to_dict() for name, got in self.learned.items()},
             # the layer tap's own context, which learned classify profiles read through
             "profiles_tap_bytes": int(getattr(loaded.engine, "tap_bytes", 0)),
+            # remote operations this agent runs (docs/operations.md)
+            "operations": [op.value for op in Op if op not in NOT_BUILT],
         }
         model = loaded.report()
         model["context"] = loaded.engine.facts.n_ctx
@@ -708,6 +759,58 @@ class _Pipeline:
     intake: Intake
     link: MqttLink
     marker: RunningMarker
+    operations: Operations
+
+
+class _Controls:
+    """What remote operations may do to a running agent (service.operations.Controls)."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        worker: Worker,
+        link: list[MqttLink],
+        intake: Intake | None = None,
+    ) -> None:
+        self.agent = agent
+        self.worker = worker
+        self._link = link
+        self.intake = intake
+
+    def leave_fleet(self) -> None:
+        if self._link:
+            self._link[0].unsubscribe(self.agent.fleet_topics())
+
+    def join_fleet(self) -> None:
+        if self._link:
+            self._link[0].subscribe([Subscription(t) for t in self.agent.fleet_topics()])
+
+    def in_flight(self) -> int:
+        return self.worker.depth + (self.intake.backlog if self.intake is not None else 0)
+
+    def cancel_all(self, why: str) -> tuple[int, int]:
+        return self.worker.cancel_all(why)
+
+    def set_log_level(self, level: str) -> None:
+        logs.set_level(level)
+
+    def configured_log_level(self) -> str:
+        return self.agent.settings.log.level
+
+    def log_tail(self, lines: int, since_s: float | None) -> list[str]:
+        return logs.TAIL.last(lines, since_s)
+
+    def payload_room(self, topic: str) -> int:
+        return self._link[0].payload_room(topic) if self._link else 0
+
+    def mode_changed(self, mode: Mode) -> None:
+        line = f"{mode}: operation drain" if mode != "serving" else "serving again"
+        self.agent.notifier.status(line)
+        if self.agent._telemetry is not None:
+            self.agent._telemetry.publish_now()
+
+    def exit_for_restart(self, code: int) -> None:
+        self.agent.exit_with(code)
 
 
 class _LazyLink:

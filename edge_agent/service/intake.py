@@ -128,6 +128,8 @@ class Intake:
         shapes: ShapeBudget | None = None,
         on_rebirth: Callable[[], None] = lambda: None,
         on_ha_online: Callable[[], None] = lambda: None,
+        on_operation: Callable[[Incoming, str], None] | None = None,
+        draining: Callable[[], bool] = lambda: False,
         beat: Beat | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -146,6 +148,8 @@ class Intake:
         self.shapes = shapes  # new prompt shapes per requester (only this thread calls it)
         self.on_rebirth = on_rebirth
         self.on_ha_online = on_ha_online
+        self.on_operation = on_operation
+        self.draining = draining
         self.beat = beat
         self.clock = clock
         self._queue: queue.Queue[_Message | _Keep | None] = queue.Queue()
@@ -268,6 +272,8 @@ class Intake:
             if incoming.payload.strip() == b"online":  # Home Assistant (re)started
                 log.info("homeassistant.announce")
                 self.on_ha_online()
+        elif match.role == "operation" and self.on_operation is not None:
+            self.on_operation(incoming, match.requester or "")
         else:
             log.warning("mqtt.unexpected_topic", topic=incoming.topic)
 
@@ -298,6 +304,16 @@ class Intake:
             self._reject(reply_route(delivery, None, self.topics, self.limits), exc, ack, delivery)
             return
         route = reply_route(delivery, data, self.topics, self.limits)
+        if not fleet and self.draining():
+            # Fleet jobs the broker delivered before the drain still run here (they are
+            # this board's now); new work for this device alone is refused, clearly.
+            error = JobError(
+                Code.DRAINING,
+                "this device is drained for maintenance (operation drain); send the job "
+                "to the fleet topic, or again after it resumes",
+            )
+            self._reject(route, error, ack, delivery)
+            return
         over = self.worker.over_share(self.topics.requester_of(route.topic), route.job_id)
         if over is not None:  # refused before the job is read whole: the excess costs little
             self.metrics.bump("fair_share_refused")

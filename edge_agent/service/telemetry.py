@@ -107,8 +107,9 @@ def status_line(telemetry: dict[str, Any], connected: bool) -> str:
     model = telemetry.get("model", {})
     jobs = telemetry.get("jobs", {})
     tps = telemetry.get("tokens_per_second_avg")
+    mode = telemetry.get("mode", "serving")
     parts = [
-        f"serving {model.get('name')}",
+        f"serving {model.get('name')}" if mode == "serving" else f"{mode} ({model.get('name')})",
         f"{jobs.get('done', 0)} done, {jobs.get('failed', 0)} failed, "
         f"{telemetry.get('queue_depth', 0)} queued",
     ]
@@ -232,6 +233,7 @@ class HaSensor:
     device_class: str | None = None
     state_class: str | None = "measurement"
     precision: int | None = None
+    options: tuple[str, ...] | None = None  # an enum sensor's states
 
 
 HA_SENSORS = (
@@ -250,6 +252,15 @@ HA_SENSORS = (
         precision=1,
     ),
     HaSensor("queue_depth", "Queue depth", "{{ value_json.queue_depth }}", None, precision=0),
+    HaSensor(
+        "mode",
+        "Mode",
+        "{{ value_json.mode | default('serving') }}",
+        None,
+        "enum",
+        None,
+        options=("serving", "draining", "drained"),
+    ),
     HaSensor(
         "latency_p50",
         "Job latency p50",
@@ -359,6 +370,8 @@ def ha_discovery(
             config["state_class"] = s.state_class
         if s.precision is not None:
             config["suggested_display_precision"] = s.precision
+        if s.options is not None:
+            config["options"] = list(s.options)
         if s.key in ("cpu", "memory_available", "agent_memory"):
             config["entity_category"] = "diagnostic"
         out.append((topics.ha_config("sensor", node, s.key), config))

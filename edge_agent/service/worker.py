@@ -347,6 +347,25 @@ class Worker:
         self.metrics.count("cancelled")
         return True
 
+    def cancel_all(self, why: str) -> tuple[int, int]:
+        """Cancel every queued and running job (operation `cancel`): queued ones are
+        answered `cancelled` now, running ones before their next step. (queued, running)."""
+        with self._cond:
+            queued = [t for t in self._waiting if not t.cancelled]
+            running = [t for t in self._active if t.interrupt is None]
+            for ticket in running:
+                ticket.interrupt = "cancelled"
+            for ticket in queued:
+                ticket.cancelled = True
+                self._finish(
+                    ticket, self._status(ticket.job, Status.CANCELLED, Code.CANCELLED, why)
+                )
+            self._cond.notify_all()
+        for ticket in queued:
+            log.info("job.cancelled", job_id=ticket.job.id, while_="queued", reason=why)
+            self.metrics.count("cancelled")
+        return len(queued), len(running)
+
     @property
     def depth(self) -> int:
         with self._cond:
