@@ -268,7 +268,7 @@ class Record:
             operation=self.operation,
             device=device,
             requester=self.requester,
-            state=self.state.value,  # type: ignore[arg-type]
+            state=self.state.value,
             session=self.session,
             progress=Progress.model_validate(self.progress) if self.progress else None,
             result=self.result,
