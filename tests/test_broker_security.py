@@ -52,6 +52,8 @@ CLIENTS = {
     "sensor-pw": "sensor",
     "ops-1": "ops",
     "ops-w": "ops",
+    "op-1": "operator",
+    "op-2": "operator",
     "ha": "homeassistant",
     "ha-w": "homeassistant",
 }
@@ -277,6 +279,16 @@ WRITES = [
     ("ops-1", "edge/devices/pi-a/status", False),
     ("ops-1", "edge/replies/sensor-1/job-1", False),
     ("ops-1", "$SYS/broker/uptime", False),
+    # operations: only an operator, only under its own name, never another device's state
+    ("op-1", "edge/devices/pi-a/operate/op-1", True),
+    ("op-1", "edge/devices/pi-a/operate/op-2", False),  # not in another operator's name
+    ("op-1", "edge/devices/pi-a/operations/o1", False),  # nor fake a device's state
+    ("op-1", "edge/devices/pi-a/jobs/classify", True),  # the staged run's gate job
+    ("ops-1", "edge/devices/pi-a/operate/ops-1", False),  # read-only ops may not operate
+    ("sensor-1", "edge/devices/pi-a/operate/sensor-1", False),
+    ("pi-a", "edge/devices/pi-b/operate/pi-a", False),  # a device never operates another
+    ("pi-a", "edge/devices/pi-a/operations/o1", True),
+    ("pi-a", "edge/devices/pi-b/operations/o1", False),
     ("ha", "homeassistant/status", True),
     ("ha", "homeassistant/sensor/edge_agent_pi-a/cpu/config", False),
     ("ha", "edge/devices/pi-a/status", False),
@@ -317,6 +329,10 @@ PUBLISHED = {
     "edge/replies/ops-1/r": "pi-b",
     "homeassistant/sensor/edge_agent_pi-b/cpu/config": "pi-b",
     "homeassistant/status": "ha-w",
+    "edge/devices/pi-a/operate/op-2": "op-2",
+    "edge/devices/pi-b/operations/o1": "pi-b",
+    "edge/devices/pi-b/operations/o1/logs": "pi-b",
+    "edge/replies/op-1/r": "pi-b",
 }
 SYS_TOPIC = "$SYS/broker/version"  # retained by the broker itself
 READS = {
@@ -327,6 +343,7 @@ READS = {
         "edge/devices/pi-a/cancel",
         "edge/cmd/rebirth",
         "edge/devices/pi-a/cmd/rebirth",
+        "edge/devices/pi-a/operate/op-2",
         "homeassistant/status",
     },
     "sensor-2": {"edge/replies/sensor-2/r"},
@@ -336,6 +353,17 @@ READS = {
         "edge/devices/pi-b/info",
         "edge/devices/pi-b/results",
         "edge/replies/ops-1/r",
+        "edge/devices/pi-b/operations/o1",  # operations' states, not their logs
+        SYS_TOPIC,
+    },
+    "op-1": {
+        "edge/devices/pi-b/status",
+        "edge/devices/pi-b/telemetry",
+        "edge/devices/pi-b/info",
+        "edge/devices/pi-b/results",
+        "edge/replies/op-1/r",
+        "edge/devices/pi-b/operations/o1",
+        "edge/devices/pi-b/operations/o1/logs",
         SYS_TOPIC,
     },
     "ha": {
@@ -489,6 +517,7 @@ def test_acl_example_is_what_add_client_writes(tmp_path: Path) -> None:
         ("device", "pi-07"),
         ("sensor", "boiler-3"),
         ("ops", "grafana"),
+        ("operator", "alice"),
         ("homeassistant", "homeassistant"),
     ]:
         run_script("add-client.sh", "--acl", str(acl), role, name)
@@ -729,3 +758,29 @@ def test_edge_agent_submit_reads_its_reply_under_its_username(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["status"] == "done"
+
+
+@pytest.mark.model
+def test_only_an_operator_operates_a_device(cert_agent: AgentProcess, connect: Connect) -> None:
+    """An operator's request is run and its state read back; the same request from the
+    read-only ops role, a sensor or another device is refused by the broker (PUBACK 0x87)
+    and never reaches the agent."""
+    operator, ops = connect("op-1"), connect("ops-1")
+    assert operator.subscribe("edge/devices/pi-cert/operations/+") == [GRANTED_QOS_1]
+    assert ops.subscribe("edge/devices/pi-cert/operations/+") == [GRANTED_QOS_1]
+    for name in ("ops-w", "sensor-1", "pi-a"):  # (each its own connection: ops-1 reads)
+        body = json.dumps({"id": f"by-{name}", "operation": "cancel"}).encode()
+        assert connect(name).publish(f"edge/devices/pi-cert/operate/{name}", body) == NOT_AUTHORIZED
+    op_id = f"ll-{nonce()}"
+    body = json.dumps({"id": op_id, "operation": "log-level", "args": {"level": "info"}})
+    assert operator.publish("edge/devices/pi-cert/operate/op-1", body.encode()) in ACCEPTED
+
+    def final(m: Message) -> bool:
+        return m.topic.endswith(f"/operations/{op_id}") and b'"successful"' in m.payload
+
+    state = operator.wait_for(final, 10)
+    assert state is not None and json.loads(state.payload)["requester"] == "op-1"
+    assert ops.wait_for(final, 5) is not None  # dashboards see operations' states too
+    requesters = {e.get("requester") for e in cert_agent.log_events()
+                  if str(e.get("event", "")).startswith("operation.")}  # fmt: skip
+    assert requesters == {"op-1"}

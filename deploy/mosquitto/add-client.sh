@@ -13,7 +13,10 @@ ROLE is one of (docs/broker.md has the table):
   device         an edge-agent board; NAME = its device_id (and its certificate CN)
   sensor         publishes jobs and cancels, reads its replies under PREFIX/replies/NAME/
   ops            dashboards, `edge-agent fleet`, rollouts: device status, telemetry, info
-                 and results, $SYS, commands, jobs, its own replies
+                 and results, operations' states, $SYS, commands, jobs, its own replies
+  operator       what ops may, and operates devices (`edge-agent ops`, docs/operations.md):
+                 requests under PREFIX/devices/+/operate/NAME, every operation's state and
+                 logs
   homeassistant  Home Assistant: discovery, device status and telemetry, its birth message
 NAME: 1-64 of A-Z a-z 0-9 _ . - (the client's MQTT username: its certificate CN or the
 name it logs in with).
@@ -91,7 +94,8 @@ block() {
       # character but letters, digits, '_' and '-' becomes '_'.
       local node="edge_agent_${n//[^A-Za-z0-9_-]/_}"
       cat <<EOF
-# its own subtree: writes status, telemetry, info, results; reads jobs, cancel, cmd
+# its own subtree: writes status, telemetry, info, results, operations' states; reads
+# jobs, cancel, cmd, operation requests
 topic readwrite $p/devices/$n/#
 # fleet jobs and cancels, also through \$share/<group>/$p/jobs/<kind>
 topic read $p/jobs/#
@@ -116,7 +120,7 @@ topic write $p/devices/+/cancel
 topic read $p/replies/$n/#
 EOF
       ;;
-    ops)
+    ops|operator)
       cat <<EOF
 # what every device publishes, except discovery
 topic read $p/devices/+/status
@@ -132,6 +136,18 @@ topic write $p/devices/+/jobs/+
 topic write $p/devices/+/cancel
 topic read $p/replies/$n/#
 EOF
+      if [ "$r" = ops ]; then
+        cat <<EOF
+# operations' states (not their logs); it may not operate
+topic read $p/devices/+/operations/+
+EOF
+      else
+        cat <<EOF
+# operations: requests to any device under its own name, every state and log chunk
+topic write $p/devices/+/operate/$n
+topic read $p/devices/+/operations/#
+EOF
+      fi
       ;;
     homeassistant)
       cat <<EOF
@@ -141,7 +157,7 @@ topic read $p/devices/+/status
 topic read $p/devices/+/telemetry
 EOF
       ;;
-    *) die "unknown role '$r' (device, sensor, ops or homeassistant)" ;;
+    *) die "unknown role '$r' (device, sensor, ops, operator or homeassistant)" ;;
   esac
   printf '# <<< client %s\n' "$n"
 }
