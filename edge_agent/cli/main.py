@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_bench_and_eval(sub)
     _add_fleet(sub)
+    _add_ops(sub)
 
     config = sub.add_parser(
         "config",
@@ -265,6 +267,55 @@ def _add_fleet(sub: Any) -> None:
     fleet.set_defaults(func=cmd_fleet)
 
 
+def _add_ops(sub: Any) -> None:
+    ops = sub.add_parser(
+        "ops",
+        help="run an operation on devices, in stages (drain, resume, cancel, log-level, "
+        "logs, restart)",
+        description="Run one remote operation (docs/operations.md) on one device, a list, or "
+        "every online device, in stages: one device first; once it ends successful and "
+        "answers a gate job (a classify job on its own topic; not after drain), a fraction "
+        "of the rest; then the others. Stops after the first stage in which a device did "
+        "not end successful; later devices are skipped, untouched. Exit 0 only when every "
+        "targeted device ended successful. The broker login must have the operator role "
+        "(deploy/mosquitto/add-client.sh operator NAME); NAME is taken from mqtt.username.",
+        epilog="examples:\n"
+        "  edge-agent ops drain --device pi-07 --json\n"
+        "  edge-agent ops log-level level=debug expiry_s=600 --all\n"
+        "  edge-agent ops logs lines=100 --device pi-07\n"
+        "  edge-agent ops restart --all --fraction 0.1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(ops)
+    ops.add_argument("operation", help="drain, resume, cancel, log-level, logs or restart")
+    ops.add_argument(
+        "args",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the operation's arguments; VALUE is read as JSON when it parses (60, true), "
+        "else as text",
+    )
+    target = ops.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", action="append", metavar="ID", help="a device (repeatable)")
+    target.add_argument("--all", action="store_true", help="every device whose status is online")
+    ops.add_argument(
+        "--fraction", type=float, default=0.25, help="the second stage's share of the rest "
+        "(default 0.25)",
+    )  # fmt: skip
+    ops.add_argument("--no-gate", action="store_true", help="do not send gate jobs")
+    ops.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds each device may take to end "
+        "its operation (default 600)",
+    )  # fmt: skip
+    ops.add_argument("--gate-timeout", type=float, default=60.0, help="seconds (default 60)")
+    ops.add_argument(
+        "--wait", type=float, default=3.0, help="--all: seconds to collect devices (default 3)"
+    )
+    ops.add_argument("--id", help="operation id (default: ops-<UTC time>-<random>)")
+    ops.add_argument("--json", action="store_true", help="print each device's outcome as JSON")
+    ops.set_defaults(func=cmd_ops)
+
+
 def _add_models(sub: Any) -> None:
     models = sub.add_parser(
         "models",
@@ -336,6 +387,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("EDGE_AGENT_RETRY_INSTANT") == "1":  # tests: retries without waits
+        from edge_agent.core import retry
+
+        retry.instant(True)
     if args.func is not cmd_run:
         # Commands print their results on stdout; their logs go to stderr, warnings only.
         from edge_agent.adapters import log
@@ -1045,6 +1100,155 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         return _fleet_live(state, lock, list(COLUMNS), args.sort, args.reverse)
     finally:
         client.close()
+
+
+def operation_args(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE words as the operation's args: JSON values where they parse."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"ops: {pair!r}: arguments are KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    import threading
+
+    from edge_agent.adapters.mqtt import Incoming, Requester
+    from edge_agent.core.campaign import all_successful
+    from edge_agent.core.fleet import FleetState
+    from edge_agent.core.operations import SEGMENT
+    from edge_agent.service.app import topics_for
+    from edge_agent.service.campaign import Campaign, new_op_id
+
+    settings = settings_from(args)
+    topics = topics_for(settings)
+    m = settings.mqtt
+    nonce = uuid.uuid4().hex[:8]
+    operator = m.username or f"edge-ops-{nonce}"
+    op_args = operation_args(args.args)
+    op_id = args.id or new_op_id()
+    if not SEGMENT.match(op_id):
+        raise ConfigError(f"ops --id {op_id!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    if not 0 < args.fraction <= 1:
+        raise ConfigError("ops --fraction: between 0 (exclusive) and 1")
+    fleet = FleetState(m.topic_prefix)
+    lock = threading.Lock()
+    campaign: list[Campaign] = []
+
+    def on_message(msg: Incoming) -> None:
+        if campaign:
+            campaign[0].feed(msg.topic, msg.payload)
+        with lock:
+            fleet.update(msg.topic, msg.payload)
+
+    client = Requester(
+        m.host, m.port, f"edge-ops-{nonce}", protocol=m.protocol, username=m.username,
+        password=m.password.get_secret_value() if m.password else None,
+        tls_context=_tls_context(settings), on_message=on_message,
+    )  # fmt: skip
+    try:
+        client.connect()
+    except ConnectionError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    try:
+        devices = _ops_targets(args, client, topics, fleet, lock)
+        if not devices:
+            print(f"edge-agent: no device online under {m.topic_prefix}/", file=sys.stderr)
+            return EX_FAIL
+        live = sys.stdout.isatty() and not args.json
+        show = _ops_screen(args.operation, op_id) if live else (lambda _o: None)
+        run = Campaign(
+            client, topics, operator=operator, operation=args.operation, args=op_args,
+            op_id=op_id, gate=not args.no_gate, timeout_s=args.timeout,
+            gate_timeout_s=args.gate_timeout, fraction=args.fraction, on_change=show,
+        )  # fmt: skip
+        campaign.append(run)
+        run.listen()
+        outcomes = run.run(devices)
+    finally:
+        client.close()
+    _ops_summary(args, op_id, outcomes, run)
+    return EX_OK if all_successful(outcomes) else EX_FAIL
+
+
+def _ops_targets(
+    args: argparse.Namespace, client: Any, topics: Any, fleet: Any, lock: Any
+) -> list[str]:
+    """--device IDs as given (checked), or --all: every device whose status is online."""
+    import time
+
+    from edge_agent.core.operations import SEGMENT
+
+    if not args.all:
+        devices = list(dict.fromkeys(args.device))
+        for device in devices:
+            if not SEGMENT.match(device):
+                raise ConfigError(f"ops --device {device!r}: not a device id")
+        return devices
+    client.subscribe(topics.all_devices("status"))
+    time.sleep(args.wait)
+    with lock:
+        return [r["device"] for r in fleet.snapshot() if r["status"] == "online"]
+
+
+def _ops_row(o: Any) -> list[object]:
+    detail = o.progress or ""
+    if o.error:
+        detail = f"{o.error.get('code')}: {o.error.get('message')}"
+    elif o.op_result:
+        detail = json.dumps(o.op_result, ensure_ascii=False)[:100]
+    return [o.device, o.stage, o.result or o.state or "sent", detail]
+
+
+def _ops_screen(operation: str, op_id: str) -> Any:
+    import threading
+    import time
+
+    from edge_agent.cli.console import render_table
+
+    last = [0.0]
+    lock = threading.Lock()
+
+    def show(outcomes: list[Any]) -> None:
+        with lock:
+            now = time.monotonic()
+            if now - last[0] < 0.2 and any(o.result is None for o in outcomes):
+                return
+            last[0] = now
+            body = render_table(["device", "stage", "state", "detail"],
+                                [_ops_row(o) for o in outcomes])  # fmt: skip
+            sys.stdout.write(f"\x1b[H\x1b[2Jedge-agent ops {operation} ({op_id})\n\n{body}\n")
+            sys.stdout.flush()
+
+    return show
+
+
+def _ops_summary(args: argparse.Namespace, op_id: str, outcomes: list[Any], run: Any) -> None:
+    from collections import Counter
+
+    from edge_agent.cli.console import table
+
+    operation = args.operation
+    if args.json:
+        rows = [{**o.to_dict(), "logs": run.log_lines(o.device)} if operation == "logs"
+                else o.to_dict() for o in outcomes]  # fmt: skip
+        print(json.dumps({"operation": operation, "id": op_id, "devices": rows}, indent=2))
+        return
+    if operation == "logs":
+        for o in outcomes:
+            for line in run.log_lines(o.device):
+                print(f"{o.device}: {line}")
+    table(["device", "stage", "state", "detail"], [_ops_row(o) for o in outcomes],
+          title=f"edge-agent ops {operation} ({op_id})")  # fmt: skip
+    counts = Counter(o.result for o in outcomes)
+    print(", ".join(f"{n} {result}" for result, n in sorted(counts.items(), key=str)))
 
 
 def _fleet_live(state: Any, lock: Any, columns: list[str], sort: str, reverse: bool) -> int:
