@@ -1,5 +1,6 @@
-"""Write docs/protocol.schema.json and docs/telemetry.schema.json from the wire models
-(edge_agent/core/wire.py, and protocol.JobIn for jobs).
+"""Write docs/protocol.schema.json, docs/telemetry.schema.json and
+docs/operations.schema.json from the wire models (edge_agent/core/wire.py, protocol.JobIn
+for jobs, core/operations.py for remote operations).
 
     .venv/bin/python scripts/gen_wire_schemas.py          # regenerate
     .venv/bin/python scripts/gen_wire_schemas.py --check  # exit 1 if stale (a test runs this)
@@ -14,6 +15,14 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from edge_agent.core.operations import (
+    DrainArgs,
+    LogLevelArgs,
+    LogsArgs,
+    OperationIn,
+    OperationState,
+    RestartArgs,
+)
 from edge_agent.core.protocol import JobIn
 from edge_agent.core.wire import Info, ReplyMessage, Telemetry
 
@@ -50,13 +59,38 @@ def protocol() -> dict[str, Any]:
     }
 
 
+def operations() -> dict[str, Any]:
+    models = [OperationIn, DrainArgs, LogLevelArgs, LogsArgs, RestartArgs]
+    _, schema = models_json_schema(
+        [*((m, "validation") for m in models), (OperationState, "serialization")],
+        ref_template="#/$defs/{model}",
+    )
+    return {
+        "$schema": DRAFT,
+        "$id": "https://edge-agent.invalid/operations.schema.json",
+        "title": "edge-agent operations v1",
+        "description": "Remote operations (docs/operations.md): the request an operator "
+        "publishes to <prefix>/devices/<device>/operate/<operator> (OperationIn, with the "
+        "args of its operation: DrainArgs, LogLevelArgs, LogsArgs, RestartArgs; resume and "
+        "cancel take none) and the state the device keeps retained on "
+        "<prefix>/devices/<device>/operations/<id> (OperationState). Generated from "
+        "edge_agent/core/operations.py.",
+        "anyOf": [{"$ref": "#/$defs/OperationIn"}, {"$ref": "#/$defs/OperationState"}],
+        "$defs": schema["$defs"],
+    }
+
+
 def render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
 def main() -> int:
     stale = []
-    for name, build in (("telemetry.schema.json", telemetry), ("protocol.schema.json", protocol)):
+    for name, build in (
+        ("telemetry.schema.json", telemetry),
+        ("protocol.schema.json", protocol),
+        ("operations.schema.json", operations),
+    ):
         path = DOCS / name
         text = render(build())
         if "--check" in sys.argv:

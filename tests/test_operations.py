@@ -480,3 +480,22 @@ def test_a_crashing_operation_fails_and_the_thread_goes_on(rig: Any) -> None:
     rig.send("c2", "cancel")
     rig.settle()
     assert rig.broker.state("c2")["state"] == "successful"
+
+
+def test_the_generated_schema_takes_what_the_agent_sends_and_reads() -> None:
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "operations.schema.json")
+                        .read_text())  # fmt: skip
+    defs = schema["$defs"]
+
+    def valid(name: str, message: Any) -> bool:
+        return jsonschema.Draft202012Validator({**defs[name], "$defs": defs}).is_valid(message)
+
+    assert valid("OperationIn", json.loads(request("a-1", "log-level", level="debug")))
+    assert not valid("OperationIn", {"id": "a/1", "operation": "drain"})
+    assert not valid("OperationIn", {"id": "a", "operation": "drain", "force": True})
+    assert valid("LogsArgs", {"lines": 10}) and not valid("LogsArgs", {"lines": 10**9})
+    done = advance(make(), OpState.SUCCESSFUL, "t1", result={"mode": "drained"})
+    assert valid("OperationState", done.wire("pi-1"))
+    assert not valid("OperationState", {**done.wire("pi-1"), "state": "done"})
