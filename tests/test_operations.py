@@ -56,6 +56,7 @@ HOSTILE = [
     (b"\xff\xfe", OpCode.BAD_REQUEST, None),
     (b"[1, 2]", OpCode.BAD_REQUEST, None),
     (b"{", OpCode.BAD_REQUEST, None),
+    (b"[" * 4000, OpCode.BAD_REQUEST, None),  # found by the operations fuzzer
     (b" " * (MAX_REQUEST_BYTES + 1), OpCode.BAD_REQUEST, None),
     (json.dumps({"operation": "drain"}).encode(), OpCode.INVALID_ARGUMENT, None),
     (json.dumps({"id": "a/b", "operation": "drain"}).encode(), OpCode.INVALID_ARGUMENT, None),

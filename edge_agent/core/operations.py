@@ -168,6 +168,8 @@ def parse_request(payload: bytes, requester: str) -> Request:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise OperationError(OpCode.BAD_REQUEST, f"not UTF-8 JSON: {exc}") from exc
+    except RecursionError:  # "[[[[..." of 4 KB: Python's parser gives up, found by the fuzzer
+        raise OperationError(OpCode.BAD_REQUEST, "JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise OperationError(OpCode.BAD_REQUEST, "the request must be a JSON object")
     raw_id = data.get("id")

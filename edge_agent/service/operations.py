@@ -183,6 +183,8 @@ class Operations:
 
     def submit(self, incoming: Incoming, requester: str) -> None:
         """One request: rejected now, its state again (the same id twice), or queued."""
+        if not incoming.payload:  # a retained request being cleared: nothing was asked
+            return
         if not SEGMENT.match(requester):
             self.counts["unreadable"] += 1
             log.warning("operation.unreadable", reason="operator name", topic=incoming.topic)
