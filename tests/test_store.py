@@ -75,7 +75,7 @@ def test_interrupted_download_resumes_with_range(tmp_path: Path, served) -> None
     faults.cut_after = 1024 * 1024 + 7
     models = tmp_path / "models"
     with pytest.raises(StoreError, match=r"connection closed|fetch"):
-        fetch(entry(f"{base}/tiny.gguf"), models)
+        fetch(entry(f"{base}/tiny.gguf"), models, retry_s=0)  # no retry: the next run resumes
     partial = models / PARTIAL_DIR / "tiny.gguf.part"
     assert partial.stat().st_size == 1024 * 1024 + 7
     assert not (models / "tiny.gguf").exists()  # nothing half-written where the loader looks
@@ -86,12 +86,36 @@ def test_interrupted_download_resumes_with_range(tmp_path: Path, served) -> None
     assert got.path.read_bytes() == PAYLOAD
 
 
+def test_a_dropped_connection_is_resumed_by_the_retry(tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
+    """One fetch: the connection drops after 1 MiB, the retry (tenacity, waits removed)
+    asks for the rest with Range, and the file is whole."""
+    from edge_agent.core import retry
+
+    base, faults = served
+    faults.cut_after = 1024 * 1024 + 7
+    retry.instant(True)
+    try:
+        got = fetch(entry(f"{base}/tiny.gguf"), tmp_path / "models")
+    finally:
+        retry.instant(False)
+    assert faults.requests[-1] == f"GET /tiny.gguf bytes={1024 * 1024 + 7}-"
+    assert got.path.read_bytes() == PAYLOAD
+
+
+def test_a_server_that_offers_another_size_is_refused_at_once(tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
+    base, faults = served
+    big = entry(f"{base}/tiny.gguf", size=len(PAYLOAD) - 1)
+    with pytest.raises(StoreError, match="offers"):
+        fetch(big, tmp_path / "models")
+    assert len(faults.requests) == 1  # not tried again: it will not change its mind
+
+
 def test_server_that_ignores_range_restarts_cleanly(tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
     base, faults = served
     faults.cut_after = 500_000
     models = tmp_path / "models"
     with pytest.raises(StoreError):
-        fetch(entry(f"{base}/tiny.gguf"), models)
+        fetch(entry(f"{base}/tiny.gguf"), models, retry_s=0)
     faults.ignore_range = True
     got = fetch(entry(f"{base}/tiny.gguf"), models)
     assert got.path.read_bytes() == PAYLOAD

@@ -36,6 +36,7 @@ from edge_agent.core.errors import (
     StoreError,
     UnpinnedModel,
 )
+from edge_agent.core.retry import policy
 
 CHUNK = 1024 * 1024
 PARTIAL_DIR = ".partial"
@@ -117,11 +118,16 @@ def _pump(
     progress: Progress | None = None,
     done: int = 0,
     total: int | None = None,
+    limit: int | None = None,
 ) -> int:
     """The one copy loop: `src` block by block into `out` (then fsynced) and/or `digest`,
-    reporting `done` plus the bytes so far of `total`; returns the bytes moved."""
+    reporting `done` plus the bytes so far of `total`; returns the bytes moved. Past
+    `limit` bytes in all (`done` included) it stops with ValueError: a server that sends
+    more than the pinned file must not fill the disk."""
     moved = 0
     while block := src.read(CHUNK):
+        if limit is not None and done + moved + len(block) > limit:
+            raise ValueError(f"the server sent more than the {limit} bytes models.lock pins")
         if out is not None:
             out.write(block)
         if digest is not None:
@@ -207,12 +213,16 @@ def fetch(
     allow_unpinned: bool = False,
     progress: Progress | None = None,
     timeout: float = 30.0,
+    retry_s: float = 120.0,
 ) -> Fetched:
     """Download `entry` into the model directory, resuming, verifying, renaming atomically.
 
     Refuses an unpinned entry before downloading anything (unless allowed), checks free
     disk first, writes only under .partial/, and moves the file into place only after its
-    size and sha256 match, so the loader never sees a half-written or wrong file.
+    size and sha256 match, so the loader never sees a half-written or wrong file. A source
+    that drops the connection or times out is tried again, resuming where it stopped, with
+    jittered backoff for up to `retry_s` seconds (core/retry.py); one that answers 4xx or
+    offers another size than the pin is not.
     """
     if entry.bundled is not None:
         raise StoreError(f"{entry.name} is bundled in a package: nothing to fetch")
@@ -240,7 +250,9 @@ def fetch(
     for source in sources:
         resumed = partial.stat().st_size if partial.exists() else 0
         try:
-            got = _download(source, partial, entry.file_bytes, progress, timeout)
+            attempts = policy(stop_after_s=retry_s, first_s=1.0, max_s=15.0,
+                              on=(OSError,), when=transient)  # fmt: skip
+            got = attempts(_download, source, partial, entry.file_bytes, progress, timeout)
         except (OSError, urllib.error.URLError, ValueError) as exc:
             errors.append(f"{source}: {exc}")
             continue
@@ -254,6 +266,14 @@ def fetch(
         _fsync_dir(model_dir)
         return Fetched(target, source, got, resumed, digest)
     raise StoreError(f"could not fetch {entry.name}: " + "; ".join(errors))
+
+
+def transient(exc: BaseException) -> bool:
+    """Worth trying again: a dropped connection, a timeout, a 5xx; not a 4xx, a missing
+    mirror file or a wrong size."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code in (408, 429)
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
 
 
 def _check_disk(entry: ModelEntry, partial: Path, model_dir: Path) -> None:
@@ -284,6 +304,7 @@ def _download(
     try:
         response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310
     except urllib.error.HTTPError as exc:
+        exc.close()  # its socket: the retry keeps the exception, so nothing else closes it
         if exc.code == 416 and have and expected == have:
             return 0  # already complete
         raise
@@ -292,8 +313,11 @@ def _download(
         if have and response.status != 206:
             have, mode = 0, "wb"  # the server ignored Range: start over
         total = _total(response.headers, have, expected)
+        if expected is not None and total is not None and total != expected:
+            raise ValueError(f"{source} offers {total} bytes; models.lock pins {expected}")
         with partial.open(mode) as out:
-            written = _pump(response, out=out, progress=progress, done=have, total=total)
+            written = _pump(response, out=out, progress=progress, done=have, total=total,
+                            limit=expected)  # fmt: skip
     if total is not None and have + written != total:
         raise OSError(f"connection closed after {have + written} of {total} bytes")
     return written

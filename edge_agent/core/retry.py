@@ -13,6 +13,7 @@ from typing import Any
 from tenacity import (
     RetryCallState,
     Retrying,
+    retry_if_exception,
     retry_if_exception_type,
     retry_if_result,
     stop_after_delay,
@@ -34,15 +35,19 @@ def policy(
     first_s: float = 0.5,
     max_s: float = 10.0,
     on: tuple[type[BaseException], ...] = (),
+    when: Callable[[BaseException], bool] | None = None,
     until: Callable[[Any], bool] | None = None,
     before_sleep: Callable[[RetryCallState], None] | None = None,
 ) -> Retrying:
     """Attempts until one succeeds or `stop_after_s` passed: again after an exception of
-    a type in `on`, or a result for which `until` is false. Out of time, the last
-    attempt's exception is raised, or its result returned. Waits grow from `first_s` to
-    `max_s`, each a random fraction of that (full jitter: many boards retrying at once do
-    not retry in step)."""
+    a type in `on` (and for which `when` is true, if given), or a result for which `until`
+    is false. Out of time, the last attempt's exception is raised, or its result returned.
+    Waits grow from `first_s` to `max_s`, each a random fraction of that (full jitter: many
+    boards retrying at once do not retry in step)."""
     retry: Any = retry_if_exception_type(on) if on else None
+    if when is not None:  # of those (or of any, without `on`), only the ones `when` names
+        named = retry_if_exception(when)
+        retry = named if retry is None else retry & named
     if until is not None:
         by_result = retry_if_result(lambda result: not until(result))
         retry = by_result if retry is None else retry | by_result
