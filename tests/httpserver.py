@@ -13,6 +13,7 @@ from pathlib import Path
 @dataclass
 class Faults:
     cut_after: int | None = None  # close the connection after this many body bytes (once)
+    cut_always: int | None = None  # ... after this many on every request: never completes
     ignore_range: bool = False  # answer 200 with the whole file even when asked for a range
     requests: list[str] = field(default_factory=list)  # "GET /x bytes=N-" for each request
 
@@ -46,8 +47,8 @@ def make_handler(root: Path, faults: Faults) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
-            if faults.cut_after is not None:
-                cut, faults.cut_after = faults.cut_after, None
+            if faults.cut_after is not None or faults.cut_always is not None:
+                cut, faults.cut_after = faults.cut_after or faults.cut_always or 0, None
                 self.wfile.write(body[:cut])
                 self.wfile.flush()
                 self.connection.shutdown(2)  # the connection drops mid-file

@@ -70,8 +70,16 @@ HOSTILE = [
      OpCode.INVALID_ARGUMENT, "k"),
     (json.dumps({"id": "k", "operation": "reboot-everything"}).encode(),
      OpCode.UNKNOWN_OPERATION, "k"),
-    (json.dumps({"id": "k", "operation": "model", "args": {"name": "x"}}).encode(),
+    (json.dumps({"id": "k", "operation": "config", "args": {"x": 1}}).encode(),
      OpCode.NOT_SUPPORTED, "k"),
+    (request("k", "model"), OpCode.INVALID_ARGUMENT, "k"),  # name is required
+    (request("k", "model", name="../etc"), OpCode.INVALID_ARGUMENT, "k"),
+    (request("k", "model", name="gemma", url="http://mirror.lan/g.gguf"),
+     OpCode.INVALID_ARGUMENT, "k"),  # a URL in a request must be HTTPS
+    (request("k", "model", name="gemma", url="https://a b"), OpCode.INVALID_ARGUMENT, "k"),
+    (request("k", "model", name="gemma", url="https://" + "x" * 3000), OpCode.INVALID_ARGUMENT, "k"),
+    (request("k", "model", name="gemma", plan="alongside"), OpCode.INVALID_ARGUMENT, "k"),
+    (request("k", "model", name="gemma", timeout_s=1), OpCode.INVALID_ARGUMENT, "k"),
     (request("k", "log-level"), OpCode.INVALID_ARGUMENT, "k"),  # level is required
     (request("k", "log-level", level="trace"), OpCode.INVALID_ARGUMENT, "k"),
     (request("k", "log-level", level="debug", expiry_s=0), OpCode.INVALID_ARGUMENT, "k"),

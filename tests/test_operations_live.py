@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +20,7 @@ from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.mqtt import Incoming, Requester
 from tests.conftest import AgentFactory, reply_for
 from tests.harness import opfuzz
+from tests.harness.ops import by_device, ops_cli, ops_start
 from tests.harness.process import (
     AgentProcess,
     Sensor,
@@ -31,31 +30,6 @@ from tests.harness.process import (
 )
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
-
-
-def ops_cli(
-    broker: LocalBroker, prefix: str, *args: str, timeout: float = 180
-) -> tuple[int, dict[str, Any]]:
-    """`edge-agent ops ... --json`: its exit status and its JSON."""
-    proc = ops_start(broker, prefix, *args)
-    out, err = proc.communicate(timeout=timeout)
-    try:
-        return proc.returncode, json.loads(out)
-    except ValueError:
-        raise AssertionError(
-            f"ops printed no JSON (exit {proc.returncode}): {out}\n{err}"
-        ) from None
-
-
-def ops_start(broker: LocalBroker, prefix: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "EDGE_AGENT_MQTT__TOPIC_PREFIX": prefix,
-           "EDGE_AGENT_MQTT__USERNAME": "op-tester"}  # fmt: skip
-    cmd = [sys.executable, "-m", "edge_agent", "ops", *args, "--broker", broker.url, "--json"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def by_device(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {row["device"]: row for row in result["devices"]}
 
 
 def operate(
@@ -181,7 +155,11 @@ def test_cancel_logs_and_hostile_operations_while_jobs_flow(
     # hostile requests: each usable id gets one final state, the rest a log line
     hostile: list[tuple[str, bytes]] = [
         ("h-unknown", b'{"id": "h-unknown", "operation": "format-disk"}'),
-        ("h-model", b'{"id": "h-model", "operation": "model", "args": {"name": "x"}}'),
+        ("h-config", b'{"id": "h-config", "operation": "config", "args": {"x": 1}}'),
+        (
+            "h-url",
+            b'{"id": "h-url", "operation": "model", "args": {"name": "x", "url": "ftp://x"}}',
+        ),
         ("h-lines", b'{"id": "h-lines", "operation": "logs", "args": {"lines": 1e12}}'),
         ("h-type", b'{"id": "h-type", "operation": "log-level", "args": {"level": 5}}'),
         ("h-extra", b'{"id": "h-extra", "operation": "drain", "args": {"force": true}}'),

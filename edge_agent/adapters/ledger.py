@@ -31,6 +31,9 @@ MODES: tuple[Mode, ...] = ("serving", "draining", "drained")
 class LedgerData:
     mode: Mode = "serving"
     records: dict[str, Record] = field(default_factory=dict)
+    # the models.lock entry an operation switched to (None: the configured or automatic
+    # choice); the next start loads it first
+    model: str | None = None
 
 
 class Ledger:
@@ -53,17 +56,21 @@ class Ledger:
             if mode not in MODES:
                 raise ValueError(f"mode {mode!r}")
             records = [Record.from_dict(item) for item in data.get("operations", [])]
+            model = data.get("model")
+            if model is not None and not isinstance(model, str):
+                raise ValueError(f"model {model!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("ledger.corrupt", path=str(self.path), error=str(exc))
             with contextlib.suppress(OSError):
                 self.path.replace(self.path.with_suffix(".json.bad"))
             return LedgerData()
-        return LedgerData(mode=mode, records={r.id: r for r in records})
+        return LedgerData(mode=mode, records={r.id: r for r in records}, model=model)
 
     def save(self, data: LedgerData) -> bool:
         body: dict[str, Any] = {
             "v": 1,
             "mode": data.mode,
+            "model": data.model,
             "operations": [r.to_dict() for r in data.records.values()],
         }
         text = json.dumps(body, separators=(",", ":"))

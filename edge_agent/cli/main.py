@@ -271,7 +271,7 @@ def _add_ops(sub: Any) -> None:
     ops = sub.add_parser(
         "ops",
         help="run an operation on devices, in stages (drain, resume, cancel, log-level, "
-        "logs, restart)",
+        "logs, restart, model)",
         description="Run one remote operation (docs/operations.md) on one device, a list, or "
         "every online device, in stages: one device first; once it ends successful and "
         "answers a gate job (a classify job on its own topic; not after drain), a fraction "
@@ -281,13 +281,15 @@ def _add_ops(sub: Any) -> None:
         "(deploy/mosquitto/add-client.sh operator NAME); NAME is taken from mqtt.username.",
         epilog="examples:\n"
         "  edge-agent ops drain --device pi-07 --json\n"
+        "  edge-agent ops model gemma-3-270m-q4_k_m --device pi-07 --json\n"
+        "  edge-agent ops model auto --all --rollback\n"
         "  edge-agent ops log-level level=debug expiry_s=600 --all\n"
         "  edge-agent ops logs lines=100 --device pi-07\n"
         "  edge-agent ops restart --all --fraction 0.1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(ops)
-    ops.add_argument("operation", help="drain, resume, cancel, log-level, logs or restart")
+    ops.add_argument("operation", help="drain, resume, cancel, log-level, logs, restart or model")
     ops.add_argument(
         "args",
         nargs="*",
@@ -303,6 +305,11 @@ def _add_ops(sub: Any) -> None:
         "(default 0.25)",
     )  # fmt: skip
     ops.add_argument("--no-gate", action="store_true", help="do not send gate jobs")
+    ops.add_argument(
+        "--rollback",
+        action="store_true",
+        help="model: when the run stops at a failure, switch the boards it reached back",
+    )
     ops.add_argument(
         "--timeout", type=float, default=600.0, help="seconds each device may take to end "
         "its operation (default 600)",
@@ -1102,11 +1109,15 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         client.close()
 
 
-def operation_args(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE words as the operation's args: JSON values where they parse."""
+def operation_args(pairs: list[str], operation: str = "") -> dict[str, Any]:
+    """KEY=VALUE words as the operation's args: JSON values where they parse (`model NAME`:
+    a bare first word is the name)."""
     out: dict[str, Any] = {}
-    for pair in pairs:
+    for i, pair in enumerate(pairs):
         key, sep, value = pair.partition("=")
+        if not sep and i == 0 and operation == "model":
+            out["name"] = pair
+            continue
         if not sep or not key:
             raise ConfigError(f"ops: {pair!r}: arguments are KEY=VALUE")
         try:
@@ -1131,7 +1142,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
     m = settings.mqtt
     nonce = uuid.uuid4().hex[:8]
     operator = m.username or f"edge-ops-{nonce}"
-    op_args = operation_args(args.args)
+    op_args = operation_args(args.args, args.operation)
     op_id = args.id or new_op_id()
     if not SEGMENT.match(op_id):
         raise ConfigError(f"ops --id {op_id!r}: use 1-64 of A-Z a-z 0-9 _ . -")
@@ -1168,6 +1179,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
             client, topics, operator=operator, operation=args.operation, args=op_args,
             op_id=op_id, gate=not args.no_gate, timeout_s=args.timeout,
             gate_timeout_s=args.gate_timeout, fraction=args.fraction, on_change=show,
+            rollback=args.rollback,
         )  # fmt: skip
         campaign.append(run)
         run.listen()
@@ -1204,6 +1216,8 @@ def _ops_row(o: Any) -> list[object]:
         detail = f"{o.error.get('code')}: {o.error.get('message')}"
     elif o.op_result:
         detail = json.dumps(o.op_result, ensure_ascii=False)[:100]
+    if o.rollback:
+        detail = f"rolled back: {o.rollback}; {detail}"
     return [o.device, o.stage, o.result or o.state or "sent", detail]
 
 

@@ -44,6 +44,7 @@ class Outcome:
     progress: str | None = None
     gate_ms: float | None = None
     history: list[str] = field(default_factory=list)
+    rollback: str | None = None  # a model switch taken back: its final state, or "timeout"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class Outcome:
             "op_result": self.op_result,
             "gate_ms": self.gate_ms,
             "states": self.history,
+            "rollback": self.rollback,
         }
 
 
@@ -64,3 +66,18 @@ def all_successful(outcomes: Sequence[Outcome]) -> bool:
 
 def stage_failed(outcomes: Sequence[Outcome]) -> bool:
     return any(o.result not in ("successful", None) for o in outcomes)
+
+
+def to_roll_back(outcomes: Sequence[Outcome]) -> dict[str, str]:
+    """device -> the model to switch back to: every device whose model switch went through
+    (its gate included or not) in a run that stopped."""
+    out: dict[str, str] = {}
+    for o in outcomes:
+        result = o.op_result or {}
+        if (
+            o.state == "successful"
+            and result.get("changed")
+            and isinstance(result.get("previous"), str)
+        ):
+            out[o.device] = result["previous"]
+    return out

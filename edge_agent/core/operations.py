@@ -50,7 +50,7 @@ class Op(StrEnum):
     BENCH = "bench"
 
 
-NOT_BUILT = frozenset({Op.MODEL, Op.CONFIG, Op.BENCH})
+NOT_BUILT = frozenset({Op.CONFIG, Op.BENCH})
 
 
 class OpState(StrEnum):
@@ -80,9 +80,24 @@ class OpCode(StrEnum):
     INTERRUPTED = "interrupted"  # the agent stopped while it was executing
     TIMEOUT = "timeout"
     INTERNAL_ERROR = "internal_error"
+    # operation `model`: the board serves with the model it had in every one of these
+    UNKNOWN_MODEL = "unknown_model"  # not in models.lock (or none is on this board, auto)
+    DOWNLOAD_FAILED = "download_failed"
+    HASH_MISMATCH = "hash_mismatch"
+    LOAD_FAILED = "load_failed"
+    TEST_FAILED = "test_failed"
 
 
 Mode = Literal["serving", "draining", "drained"]
+
+
+class Failed(Exception):
+    """An accepted operation that could not finish: its `failed` state's code and message."""
+
+    def __init__(self, code: OpCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = clip(message, MAX_MESSAGE_CHARS)
 
 
 class OperationError(Exception):
@@ -135,6 +150,26 @@ class LogsArgs(_Strict):
     since_s: int | None = Field(None, ge=1, le=7 * 86400, description="only lines this recent")
 
 
+class ModelArgs(_Strict):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="a models.lock entry, or `auto`: back to the configured or automatic choice",
+    )
+    url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https://[^\s]+$",
+        description="where to download it from (HTTPS only; default: model.mirror, then the "
+        "entry's URL); the file must match the entry's sha256 whatever its source",
+    )
+    plan: Literal["auto", "drain_first"] = Field(
+        "auto",
+        description="auto: load the new model beside the old one when memory allows, else "
+        "drain first; drain_first: always drain first",
+    )
+    timeout_s: int = Field(1800, ge=10, le=86400, description="the whole switch, at most")
+
+
 class RestartArgs(_Strict):
     timeout_s: int = Field(300, ge=1, le=3600, description="drain this long at most, then exit")
 
@@ -146,6 +181,7 @@ ARGS: dict[Op, type[_Strict]] = {
     Op.LOG_LEVEL: LogLevelArgs,
     Op.LOGS: LogsArgs,
     Op.RESTART: RestartArgs,
+    Op.MODEL: ModelArgs,
 }
 
 

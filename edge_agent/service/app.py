@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,14 +28,14 @@ from edge_agent.adapters.mqtt import (
 )
 from edge_agent.adapters.probe import BoardFacts, Sampler, board_facts, boot_id
 from edge_agent.adapters.settings import Settings
-from edge_agent.adapters.store import load_lock
+from edge_agent.adapters.store import load_lock, record_loaded
 from edge_agent.adapters.systemd import Notifier, Watchdog
 from edge_agent.core.catalog import Catalog
 from edge_agent.core.clock import StepWatch
 from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
 from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.metrics import Metrics
-from edge_agent.core.operations import NOT_BUILT, Mode, Op
+from edge_agent.core.operations import NOT_BUILT, Mode, ModelArgs, Op
 from edge_agent.core.protocol import (
     KINDS,
     JobLimits,
@@ -56,6 +56,7 @@ from edge_agent.service.learning import (
     with_rows,
 )
 from edge_agent.service.loader import Loaded, import_engine, load_model
+from edge_agent.service.modelswap import Fleet, ModelSwap, Progress
 from edge_agent.service.operations import Operations
 from edge_agent.service.outbox import Outbox
 from edge_agent.service.runner import JobRunner
@@ -238,6 +239,20 @@ def check_connection_settings(link: LinkConfig) -> None:
         )
 
 
+def switched_model(settings: Settings, catalog: Catalog) -> Settings:
+    """The settings with the model an operation switched to (kept in the operations
+    ledger), if any: it is tried first; should it not load, the loader's chain goes on
+    as always, down to the bundled default."""
+    name = Ledger(settings.state_dir / "operations.json").load().model
+    if name is None:
+        return settings
+    if catalog.get(name) is None:
+        log.warning("model.switch_ignored", name=name, reason="no longer in models.lock")
+        return settings
+    log.info("model.switched_by_operation", name=name)
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"name": name})})
+
+
 def next_session(state_dir: Path) -> int:
     """A counter that grows on every start, so dashboards can tell restarts from reconnects."""
     path = state_dir / "session"
@@ -277,6 +292,8 @@ class Agent:
         self.rows: dict[str, ProfileRows] = {}
         self.learned: dict[str, Learned] = {}
         self.operations: Operations | None = None
+        self._identity: Identity | None = None
+        self._intake: Intake | None = None
         self._exit_code = 0  # what the process exits with once stopped (0: asked to stop)
 
     def request_stop(self, *_: Any) -> None:
@@ -309,6 +326,36 @@ class Agent:
             watchdog.stop()
             notifier.close()
 
+    def _loaded(self) -> Loaded[LlamaEngine]:
+        assert self.model is not None
+        return self.model
+
+    def _learn(self, engine: Any, sha256: str) -> dict[str, Learned]:
+        """What the profiles' rows teach `engine` (a model switch learns them again)."""
+        if not self.rows:
+            return {}
+        s = self.settings
+        return learn(self.rows, job_profiles(s, self.rows), engine, engine.tokens,
+                     engine.facts.n_layer, sha256, s.state_dir / "learned")  # fmt: skip
+
+    def _swapped(self, new: Loaded[LlamaEngine], learned: Mapping[str, Learned]) -> None:
+        """A model switch is done: what the agent tells about itself follows."""
+        self.model = new
+        self.learned = dict(learned)
+        if self._intake is not None:
+            self._intake.model = new.ref
+        if new.entry is not None:
+            record_loaded(self.settings.model_dir, new.entry.name)
+        if self._identity is not None:
+            self._identity = replace(
+                self._identity, model_name=new.ref.name, model_quant=new.ref.quant
+            )
+            self._info = self._device_info(new, self._identity)
+        self.notifier.status(f"serving {new.ref.name} over {self.settings.mqtt.broker}")
+        self._announce()
+        if self._telemetry is not None:
+            self._telemetry.publish_now()
+
     def _learning_progress(self, profile: str, done: int, total: int) -> None:
         """systemctl status shows how far learning a profile's rows is (every 10th row)."""
         if done == total or done % 10 == 0:
@@ -331,6 +378,7 @@ class Agent:
         self.session = next_session(s.state_dir)
         board = self.board = self.board or board_facts()
         catalog = load_catalog(s)
+        s = self.settings = switched_model(s, catalog)
         gen_threads, batch_threads = thread_counts(s, board.cpu_cores)
         t0 = time.perf_counter()
         self.notifier.status("selecting, verifying and loading the model")
@@ -373,14 +421,14 @@ class Agent:
         p = self._pipeline(link_settings, loaded)
         outbox, worker, intake, link = p.outbox, p.worker, p.intake, p.link
         sampler = Sampler(s.model_dir)
-        identity = Identity(
+        identity = self._identity = Identity(
             device=s.device_id,
             session=self.session,
             model_name=loaded.ref.name,
             model_quant=loaded.ref.quant,
         )
         self._info = self._device_info(loaded, identity)
-        snapshot = self._snapshot(p, sampler, identity)
+        snapshot = self._snapshot(p, sampler)
 
         def tick() -> dict[str, Any]:
             payload = snapshot()
@@ -450,14 +498,16 @@ class Agent:
         journal.close()
         log.info("agent.stopped", exit_code=code)
 
-    def _snapshot(
-        self, p: _Pipeline, sampler: Sampler, identity: Identity
-    ) -> Callable[[], dict[str, Any]]:
+    def _snapshot(self, p: _Pipeline, sampler: Sampler) -> Callable[[], dict[str, Any]]:
         """What makes one telemetry message (the timer's, and /metrics')."""
 
         def clamped(fields: list[str]) -> None:
             log.warning("telemetry.clamped", fields=fields)
             self.metrics.bump("telemetry_clamped", len(fields))
+
+        def identity() -> Identity:
+            assert self._identity is not None  # set before telemetry starts
+            return self._identity
 
         def snapshot() -> dict[str, Any]:
             counters = {**self.metrics.snapshot(), "spool": p.journal.counts()}
@@ -465,7 +515,7 @@ class Agent:
             counters["intake_backlog"] = p.intake.backlog
             counters["mode"] = p.operations.mode
             return build_telemetry(
-                identity, sampler.read(), counters, p.worker.depth, on_clamped=clamped
+                identity(), sampler.read(), counters, p.worker.depth, on_clamped=clamped
             )
 
         return snapshot
@@ -548,6 +598,21 @@ class Agent:
             beat=health.beat("intake", stall),
         )
         controls.intake = intake  # its backlog counts as jobs held while draining
+        self._intake = intake
+        controls.swap = ModelSwap(
+            settings=s,
+            catalog=lambda: load_catalog(s),
+            board=self.board or board_facts(),
+            open_engine=lambda path: open_engine(path, s, self.board or board_facts()),
+            learn=self._learn,
+            worker=worker,
+            runner=runner,
+            current=self._loaded,
+            swapped=self._swapped,
+            fatal=lambda why: self.exit_with(EX_SOFTWARE),
+            topics=self.topics,
+            limits=job_limits(s),
+        )
         link = MqttLink(
             link_settings,
             subscriptions=self._subscriptions,
@@ -776,6 +841,7 @@ class _Controls:
         self.worker = worker
         self._link = link
         self.intake = intake
+        self.swap: ModelSwap | None = None
 
     def leave_fleet(self) -> None:
         if self._link:
@@ -811,6 +877,10 @@ class _Controls:
 
     def exit_for_restart(self, code: int) -> None:
         self.agent.exit_with(code)
+
+    def switch_model(self, args: ModelArgs, fleet: Fleet, progress: Progress) -> dict[str, Any]:
+        assert self.swap is not None
+        return self.swap.switch(args, fleet, progress)
 
 
 class _LazyLink:

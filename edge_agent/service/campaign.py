@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from edge_agent.core.campaign import NO_GATE, Outcome, stage_failed, stages
+from edge_agent.core.campaign import NO_GATE, Outcome, stage_failed, stages, to_roll_back
 from edge_agent.core.operations import FINAL
 from edge_agent.core.protocol import Topics
 from edge_agent.core.retry import policy
@@ -61,6 +61,7 @@ class Campaign:
         timeout_s: float = 600.0,
         gate_timeout_s: float = 60.0,
         fraction: float = 0.25,
+        rollback: bool = False,
         on_change: Callable[[list[Outcome]], None] = lambda _o: None,
     ) -> None:
         self.client = client
@@ -73,11 +74,17 @@ class Campaign:
         self.timeout_s = timeout_s
         self.gate_timeout_s = gate_timeout_s
         self.fraction = fraction
+        self.rollback = rollback and operation == "model"
         self.on_change = on_change
+        self._rollbacks: dict[str, str] = {}  # device -> the rollback's last state
         self.outcomes: dict[str, Outcome] = {}
         self.logs: dict[str, dict[int, list[str]]] = {}
         self._gate_replies: dict[str, dict[str, Any]] = {}
         self._cond = threading.Condition()
+
+    @property
+    def rollback_id(self) -> str:
+        return f"{self.op_id}-rollback"
 
     @property
     def reply_topic(self) -> str:
@@ -89,6 +96,8 @@ class Campaign:
         self.client.subscribe(any_device.operation(self.op_id))
         if self.operation == "logs":
             self.client.subscribe(any_device.operation_logs(self.op_id))
+        if self.rollback:
+            self.client.subscribe(any_device.operation(self.rollback_id))
         self.client.subscribe(self.reply_topic)
 
     # ---- the client's thread --------------------------------------------------------
@@ -111,9 +120,15 @@ class Campaign:
 
     def _state_or_chunk(self, topic: str, body: dict[str, Any]) -> None:
         levels = topic.split("/")
-        if len(levels) < 5 or levels[-1] == "" or body.get("id") != self.op_id:
+        if len(levels) < 5 or levels[-1] == "":
             return
         device = levels[2]
+        if self.rollback and body.get("id") == self.rollback_id:
+            if isinstance(body.get("state"), str):
+                self._rollbacks[device] = body["state"]
+            return
+        if body.get("id") != self.op_id:
+            return
         if levels[-1] == "logs" and isinstance(body.get("lines"), list):
             seq = body.get("seq")
             if isinstance(seq, int):
@@ -143,6 +158,8 @@ class Campaign:
         for stage in plan:
             self._run_stage(stage)
             if stage_failed([self.outcomes[d] for d in stage]):
+                if self.rollback:
+                    self._roll_back()
                 break
         with self._cond:
             for outcome in self.outcomes.values():
@@ -182,6 +199,27 @@ class Campaign:
                 if self.outcomes[device].result is None:
                     self._gate(device)
                     self._changed()
+
+    def _roll_back(self) -> None:
+        """The run stopped: every board it switched goes back to the model it had."""
+        with self._cond:
+            back = to_roll_back(list(self.outcomes.values()))
+        for device, model in back.items():
+            body = {"id": self.rollback_id, "operation": "model", "args": {"name": model}}
+            self.client.publish(self.topics.of_device(device).operate(self.operator),
+                                json.dumps(body).encode())  # fmt: skip
+
+        def finished() -> bool:
+            with self._cond:
+                return all(self._rollbacks.get(d) in FINAL for d in back)
+
+        policy(stop_after_s=self.timeout_s, first_s=0.0, max_s=0.0,
+               until=bool)(self._wait_for, finished)  # fmt: skip
+        with self._cond:
+            for device in back:
+                state = self._rollbacks.get(device)
+                self.outcomes[device].rollback = state if state in FINAL else "timeout"
+        self._changed()
 
     def _gate(self, device: str) -> None:
         """A classify job on the device's own topic must be answered `done`; `overloaded`

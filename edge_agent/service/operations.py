@@ -30,7 +30,9 @@ from edge_agent.core.operations import (
     FINAL,
     MAX_PENDING,
     SEGMENT,
+    Failed,
     Mode,
+    ModelArgs,
     Op,
     OpCode,
     OperationError,
@@ -47,6 +49,7 @@ from edge_agent.core.operations import (
 )
 from edge_agent.core.protocol import Topics, encode_json
 from edge_agent.service.health import Beat, supervised
+from edge_agent.service.modelswap import Fleet, Progress
 
 log = structlog.get_logger("edge_agent.operations")
 
@@ -84,6 +87,9 @@ class Controls(Protocol):
         """Tell dashboards (telemetry, status line) at once."""
 
     def exit_for_restart(self, code: int) -> None: ...
+
+    def switch_model(self, args: ModelArgs, fleet: Fleet, progress: Progress) -> dict[str, Any]:
+        """Operation `model` (service/modelswap.py); raises Failed."""
 
 
 def _now_iso() -> str:
@@ -130,6 +136,7 @@ class Operations:
         self._drain: _Timed | None = None
         self._restart: _Timed | None = None
         self._level_until: float | None = None
+        self._shown: Mode | None = None  # a mode held while a model switch drains, not kept
         self._thread: threading.Thread | None = None
         self.counts = {"accepted": 0, "rejected": 0, "unreadable": 0}
 
@@ -152,7 +159,7 @@ class Operations:
 
     @property
     def mode(self) -> Mode:
-        return self._data.mode
+        return self._shown or self._data.mode
 
     def start(self) -> None:
         if self.beat is None:
@@ -274,6 +281,10 @@ class Operations:
                     self.beat.idle()
 
     def _run_guarded(self, request: Request) -> None:
+        with self._lock:  # kept before it runs: a process that dies in it says so later
+            if self._dirty:
+                self._dirty = False
+                self.ledger.save(self._data)
         try:
             self._run(request)
         except Exception as exc:  # one operation failing never stops the thread
@@ -303,6 +314,8 @@ class Operations:
             self._logs(record, request.args.lines, request.args.since_s)
         elif op == Op.RESTART:
             self._start_restart(record, request.args.timeout_s)
+        elif op == Op.MODEL:
+            self._model(record, request.args)
         else:  # parse_request lets through only what is built
             self._fail(record, OpCode.NOT_SUPPORTED, f"operation {op.value!r} is not built")
 
@@ -341,6 +354,47 @@ class Operations:
         self._dirty = True
         log.warning("agent.mode", mode=mode, notice=True)
         self.controls.mode_changed(mode)
+
+    # model
+
+    def _model(self, record: Record, args: ModelArgs) -> None:
+        self._update(record, OpState.EXECUTING, progress={"message": f"switching to {args.name}"})
+        last: dict[str, Any] = {"at": 0.0, "message": ""}
+
+        def progress(message: str, done: int | None, total: int | None) -> None:
+            now = self.clock()
+            if message == last["message"] and now - last["at"] < PROGRESS_EVERY_S:
+                return
+            last.update(at=now, message=message)
+            self._update(record, OpState.EXECUTING,
+                         progress={"message": message, "done": done, "total": total})  # fmt: skip
+
+        fleet = Fleet(
+            leave=self.controls.leave_fleet,
+            join=self.controls.join_fleet,
+            in_flight=self.controls.in_flight,
+            serving=lambda: self._data.mode == "serving",
+            show=self._show,
+        )
+        try:
+            result = self.controls.switch_model(args, fleet, progress)
+        except Failed as exc:
+            self._fail(record, exc.code, exc.message)
+            return
+        with self._lock:
+            if result.get("changed"):
+                # the next start loads it (service.app.switched_model); `auto` forgets it
+                self._data.model = None if args.name == "auto" else str(result["model"])
+                self.ledger.save(self._data)
+            self._succeed(record, result)
+
+    def _show(self, mode: Mode) -> None:
+        """A mode dashboards see (and the intake obeys) while a switch drains; the kept
+        mode is not touched, so a process that dies meanwhile comes back as it was."""
+        shown = None if mode == self._data.mode else mode
+        if shown != self._shown:
+            self._shown = shown
+            self.controls.mode_changed(self.mode)
 
     # restart
 

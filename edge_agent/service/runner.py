@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.core.constraint import JsonConstraint
-from edge_agent.core.errors import Code, EngineError
+from edge_agent.core.errors import Code, EngineError, JobError
 from edge_agent.core.inference import (
     Classification,
     Embedding,
@@ -60,10 +61,40 @@ class JobRunner:
         self.min_confidence = min_confidence
         self.learned = dict(learned or {})
         self.tokens = tokens
+        # The intake tokenizes with the engine (budget, shape) while a model swap replaces
+        # it: the swap waits for a call in progress, so the old engine is never closed
+        # under one.
+        self._lock = threading.RLock()
+        self._suspended: str | None = None  # why no engine may be used now
+
+    def suspend(self, why: str) -> None:
+        """No engine for a while (a drain-first model switch closes the old one before
+        the new one loads): budget checks refuse jobs `overloaded` until `use`."""
+        with self._lock:
+            self._suspended = why
+
+    def use(
+        self,
+        engine: Engine,
+        learned: Mapping[str, Learned],
+        tokens: Callable[[str], list[int]] | None,
+    ) -> None:
+        """Another engine from now on (the worker calls this between jobs)."""
+        with self._lock:
+            self.engine = engine
+            self.learned = dict(learned)
+            self.tokens = tokens
+            self._suspended = None
 
     def check_budget(self, job: Job) -> None:
         """Raise JobError `context_too_long` if the job cannot fit the engine's context;
         called by the intake, before the job is queued."""
+        with self._lock:
+            if self._suspended is not None:
+                raise JobError(Code.OVERLOADED, f"this device is {self._suspended}; try again")
+            self._check_budget(job)
+
+    def _check_budget(self, job: Job) -> None:
         head = self._head(job)
         if head is not None:
             assert head.plan is not None
@@ -79,6 +110,12 @@ class JobRunner:
     def shape(self, job: Job) -> str:
         """The job's prompt shape (its fixed part: instructions, labels or schema,
         examples): jobs of one shape share an evaluated prefix and a calibration."""
+        with self._lock:
+            if self._suspended is not None:
+                return "suspended"
+            return self._shape(job)
+
+    def _shape(self, job: Job) -> str:
         head = self._head(job)
         if head is not None:
             assert head.plan is not None

@@ -184,6 +184,7 @@ class Worker:
         self._cond = threading.Condition()
         self._order = 0
         self._closing = False
+        self._paused = False  # a model swap waits for the running jobs: start none
         self._abandon_at = float("inf")  # past it, a stopping worker drops running jobs
         self._thread: threading.Thread | None = None
         self._marked: list[tuple[str, str]] = []
@@ -366,6 +367,28 @@ class Worker:
             self.metrics.count("cancelled")
         return len(queued), len(running)
 
+    def pause(self, timeout: float) -> bool:
+        """Start no job and wait until none runs (a model swap; at most `timeout` s).
+        Queued jobs wait, none is lost. False (and not paused) if jobs still ran."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            self._paused = True
+            while self._active and self.clock() < deadline:
+                self._cond.wait(0.05)
+            if self._active:
+                self._paused = False
+                self._cond.notify_all()
+                return False
+            return True
+
+    def resume(self, model: ModelRef | None = None) -> None:
+        """Start jobs again (on the runner's engine now), answering as `model` if given."""
+        with self._cond:
+            if model is not None:
+                self.model = model
+            self._paused = False
+            self._cond.notify_all()
+
     @property
     def depth(self) -> int:
         with self._cond:
@@ -426,7 +449,12 @@ class Worker:
                     return None
                 self._waiting = [t for t in self._waiting if not t.cancelled]
                 taken: list[Ticket] = []
-                while not self._closing and self._waiting and len(self._active) < self.parallel:
+                while (
+                    not self._closing
+                    and not self._paused
+                    and self._waiting
+                    and len(self._active) < self.parallel
+                ):
                     head = self._next_job()
                     if head is None:
                         break  # every queued job's requester runs its share already
@@ -491,7 +519,6 @@ class Worker:
         return any(t.digest is not None and t.digest in self.suspects for t in self._active)
 
     def _loop(self) -> None:
-        engine = self.runner.engine
         while True:
             self._mark_running()  # cleared once the last job ended, before a wait or exit
             started = self._admit()
@@ -507,7 +534,7 @@ class Worker:
                 self.beat.idle()
                 continue
             try:
-                engine.step(
+                self.runner.engine.step(
                     [t.task for t in running if t.task is not None],
                     [t.job.requester for t in running if t.task is not None],
                     self._others_active(running),
