@@ -25,8 +25,10 @@ Sources, later ones winning: defaults, the TOML file (`/etc/edge-agent/config.to
 `--config PATH`), systemd credentials (`$CREDENTIALS_DIRECTORY`, read as a secrets
 directory: the file `mqtt__password` sets `mqtt.password`; `tls_key` is the client key
 when `mqtt.cert_file` is set and `mqtt.key_file` is not; an empty file means unset),
-`EDGE_AGENT_*` environment variables, command-line flags. Nested fields use a table in TOML
-(`[mqtt]` / `broker = ...`) and a double underscore in the environment
+`EDGE_AGENT_*` environment variables, the changes `config` operations persisted
+(`<state_dir>/settings.operations.json`, docs/operations.md), command-line flags.
+`edge-agent config --sources` prints each value and where it came from. Nested fields use
+a table in TOML (`[mqtt]` / `broker = ...`) and a double underscore in the environment
 (`EDGE_AGENT_MQTT__BROKER`). Unknown keys are errors. A bad value stops the agent with
 exit status 78 and names the field.
 

@@ -16,9 +16,11 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from edge_agent.core.operations import (
+    ConfigArgs,
     DrainArgs,
     LogLevelArgs,
     LogsArgs,
+    ModelArgs,
     OperationIn,
     OperationState,
     RestartArgs,
@@ -60,7 +62,7 @@ def protocol() -> dict[str, Any]:
 
 
 def operations() -> dict[str, Any]:
-    models = [OperationIn, DrainArgs, LogLevelArgs, LogsArgs, RestartArgs]
+    models = [OperationIn, DrainArgs, LogLevelArgs, LogsArgs, RestartArgs, ModelArgs, ConfigArgs]
     _, schema = models_json_schema(
         [*((m, "validation") for m in models), (OperationState, "serialization")],
         ref_template="#/$defs/{model}",
@@ -71,8 +73,8 @@ def operations() -> dict[str, Any]:
         "title": "edge-agent operations v1",
         "description": "Remote operations (docs/operations.md): the request an operator "
         "publishes to <prefix>/devices/<device>/operate/<operator> (OperationIn, with the "
-        "args of its operation: DrainArgs, LogLevelArgs, LogsArgs, RestartArgs; resume and "
-        "cancel take none) and the state the device keeps retained on "
+        "args of its operation: DrainArgs, LogLevelArgs, LogsArgs, RestartArgs, ModelArgs, "
+        "ConfigArgs; resume and cancel take none) and the state the device keeps retained on "
         "<prefix>/devices/<device>/operations/<id> (OperationState). Generated from "
         "edge_agent/core/operations.py.",
         "anyOf": [{"$ref": "#/$defs/OperationIn"}, {"$ref": "#/$defs/OperationState"}],

@@ -70,7 +70,7 @@ HOSTILE = [
      OpCode.INVALID_ARGUMENT, "k"),
     (json.dumps({"id": "k", "operation": "reboot-everything"}).encode(),
      OpCode.UNKNOWN_OPERATION, "k"),
-    (json.dumps({"id": "k", "operation": "config", "args": {"x": 1}}).encode(),
+    (json.dumps({"id": "k", "operation": "bench", "args": {"x": 1}}).encode(),
      OpCode.NOT_SUPPORTED, "k"),
     (request("k", "model"), OpCode.INVALID_ARGUMENT, "k"),  # name is required
     (request("k", "model", name="../etc"), OpCode.INVALID_ARGUMENT, "k"),

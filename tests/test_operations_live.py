@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -155,7 +157,7 @@ def test_cancel_logs_and_hostile_operations_while_jobs_flow(
     # hostile requests: each usable id gets one final state, the rest a log line
     hostile: list[tuple[str, bytes]] = [
         ("h-unknown", b'{"id": "h-unknown", "operation": "format-disk"}'),
-        ("h-config", b'{"id": "h-config", "operation": "config", "args": {"x": 1}}'),
+        ("h-config", b'{"id": "h-config", "operation": "config", "args": {"sett": 1}}'),
         (
             "h-url",
             b'{"id": "h-url", "operation": "model", "args": {"name": "x", "url": "ftp://x"}}',
@@ -241,3 +243,48 @@ def test_the_operations_fuzzer_finds_no_request_that_stops_a_board(tmp_path: Pat
     assert result.stated > 50 and result.unusable > 20, "the campaign must reach the agent"
     assert result.states["successful"] > 5 and result.states["rejected"] > 20
     assert result.probes == 4 and result.health == "ok"
+
+
+def test_config_changes_live_fail_naming_the_field_and_persist_with_a_restart(
+    broker: LocalBroker, prefix: str, start_agent: AgentFactory, requester: Requester
+) -> None:
+    agent = start_agent(env={"EDGE_AGENT_JOBS__PARALLEL": "1"})
+    requester.subscribe(f"{prefix}/devices/{agent.device_id}/operations/+")
+    requester.subscribe(f"{prefix}/replies/cfg")
+    # invalid: failed, naming the field; nothing changes
+    for op_id, change in (("bad-type", {"jobs": {"max_queue": "1"}}),
+                          ("bad-range", {"jobs": {"max_queue": 0}}),
+                          ("bad-key", {"jobs": {"max_queu": 1}}),
+                          ("denied", {"mqtt": {"broker": "mqtt://evil:1883"}}),
+                          ("no-persist", {"jobs": {"parallel": 2}})):  # fmt: skip
+        operate(requester, agent, op_id, "config", set=change)
+        state = final_state(requester, agent, op_id)
+        assert state["state"] == "failed" and state["error"]["code"] == "invalid_argument"
+        assert next(iter(change)) in state["error"]["message"], state
+    # live: a queue of one from now on
+    operate(requester, agent, "live", "config", set={"jobs": {"max_queue": 1}})
+    state = final_state(requester, agent, "live")
+    assert state["state"] == "successful" and state["result"]["live"] == ["jobs.max_queue"]
+    for i in range(5):
+        job = {**classify_job(i, "q"), "reply_to": f"{prefix}/replies/cfg"}
+        requester.publish(f"{prefix}/devices/{agent.device_id}/jobs/classify",
+                          json.dumps(job).encode())  # fmt: skip
+    replies = [reply_for(requester, f"q-{i}") for i in range(5)]
+    full = [r for r in replies if (r.get("error") or {}).get("code") == "overloaded"]
+    assert full and "queue is full (1 jobs waiting)" in full[0]["error"]["message"]
+    # persisted, needing a restart: drained restart, reported by the next process
+    operate(requester, agent, "keep", "config", set={"jobs": {"parallel": 2}}, persist=True)
+    assert agent.proc.wait(60) == 75
+    agent.restart()
+    state = final_state(requester, agent, "keep")
+    assert state["state"] == "successful" and state["result"]["restart"] is True
+    assert state["result"]["changed"] == {"jobs.parallel": {"from": 1, "to": 2}}
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "config", "--state-dir", str(agent.state_dir),
+         "--sources"], capture_output=True, text=True, check=True, env=agent.env,
+    ).stdout  # fmt: skip
+    sources = json.loads(out)
+    assert sources["jobs.parallel"]["value"] == 2
+    assert sources["jobs.parallel"]["source"].startswith("operation keep by op-tester")
+    assert sources["jobs.max_queue"]["source"] == "default"  # the live one was not kept
+    assert wait_for_log(agent, "settings.from_operations", 10)["keys"] == ["jobs.parallel"]

@@ -13,6 +13,8 @@ effective values with secrets masked.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import socket
@@ -32,6 +34,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
@@ -620,7 +623,9 @@ class Settings(BaseSettings):
         toml = TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE.get())
         credentials = _credential_source(settings_cls)
         middle = (credentials,) if credentials is not None else ()
-        return (init_settings, env_settings, *middle, toml)
+        changed = _OPERATIONS.get()
+        first = (_Given(settings_cls, changed),) if changed else ()
+        return (init_settings, *first, env_settings, *middle, toml)
 
 
 class _ConfigFile:
@@ -637,6 +642,69 @@ class _ConfigFile:
 
 
 _CONFIG_FILE = _ConfigFile()
+
+
+class _Operations:
+    """The settings operations persisted, for the load in progress (like _ConfigFile)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] = {}
+
+    def get(self) -> dict[str, Any]:
+        return self._data
+
+    def set(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+
+_OPERATIONS = _Operations()
+# Settings changed by `config` operations with persist (docs/operations.md), under the
+# state directory; above the environment and config.toml, below command-line flags.
+OPERATIONS_FILE = "settings.operations.json"
+
+
+class _Given(PydanticBaseSettingsSource):
+    """Fixed nested values as a settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def operation_settings(state_dir: Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """(settings, who set each dotted key, a problem) from the operations file: empty when
+    there is none; a file that does not parse is set aside and named as the problem."""
+    path = state_dir / OPERATIONS_FILE
+    try:
+        raw = json.loads(path.read_text())
+        settings, by = raw.get("settings", {}), raw.get("by", {})
+        if not isinstance(settings, dict) or not isinstance(by, dict):
+            raise ValueError("not objects")
+    except FileNotFoundError:
+        return {}, {}, None
+    except (OSError, ValueError, AttributeError) as exc:
+        with contextlib.suppress(OSError):
+            path.replace(path.with_suffix(".json.bad"))
+        return {}, {}, f"{path}: {exc} (set aside as .bad)"
+    return settings, by, None
+
+
+def save_operation_settings(state_dir: Path, settings: dict[str, Any], by: dict[str, Any]) -> None:
+    """Replace the operations file atomically (OSError when the disk says no)."""
+    path = state_dir / OPERATIONS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with tmp.open("w") as fh:
+        json.dump({"v": 1, "settings": settings, "by": by}, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
 
 
 def _credential_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource | None:
@@ -681,13 +749,81 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     _CONFIG_FILE.set(path if path is not None and path.exists() and not path.is_dir() else None)
     cleaned = _drop_none(overrides)
     try:
-        return Settings(**cleaned)
+        settings = Settings(**cleaned)
+        changed, _by, _problem = operation_settings(settings.state_dir)
+        if changed:
+            # what `config` operations persisted; should it no longer validate (another
+            # version, another config.toml), the board starts without it rather than not
+            _OPERATIONS.set(changed)
+            with contextlib.suppress(ValidationError, ValueError, OSError):
+                settings = Settings(**cleaned)
+        return settings
     except ValidationError as exc:
         raise ConfigError(_describe(exc, _CONFIG_FILE.get())) from exc
     except (OSError, ValueError) as exc:  # unreadable or malformed TOML
         raise ConfigError(f"cannot read config {_CONFIG_FILE.get()}: {exc}") from exc
     finally:
         _CONFIG_FILE.set(None)
+        _OPERATIONS.set({})
+
+
+def sources(config_file: Path | None = None, **overrides: Any) -> dict[str, dict[str, Any]]:
+    """Where each setting's value comes from (`edge-agent config --sources`): for every
+    dotted key, its value and its source: `flag`, `operation <id> by <requester> at <time>`,
+    `env EDGE_AGENT_...`, `credentials`, `file <path>`, or `default`."""
+    settings = load_settings(config_file, **overrides)
+    path = config_file if config_file is not None else DEFAULT_CONFIG_FILE
+    toml_path = path if path is not None and path.exists() and not path.is_dir() else None
+    changed, by, _problem = operation_settings(settings.state_dir)
+    credentials = _credential_source(Settings)
+    layers: list[tuple[str, dict[str, Any]]] = [
+        ("flag", _drop_none(overrides)),
+        ("operation", changed),
+        ("env", EnvSettingsSource(Settings)()),
+        ("credentials", credentials() if credentials is not None else {}),
+        (f"file {toml_path}", TomlConfigSettingsSource(Settings, toml_file=toml_path)()),
+    ]
+    out: dict[str, dict[str, Any]] = {}
+    data = settings.model_dump(mode="json")
+    if data["mqtt"].get("password"):
+        data["mqtt"]["password"] = "**********"  # noqa: S105 - the mask, not a password
+    for key, value in _leaves(data):
+        source = "default"
+        for name, layer in layers:
+            if _has(layer, key):
+                source = name
+                if name == "env":
+                    source = "env EDGE_AGENT_" + key.upper().replace(".", "__")
+                elif name == "operation":
+                    who = by.get(key) or {}
+                    source = (f"operation {who.get('id', '?')} by {who.get('requester', '?')}"
+                              f" at {who.get('at', '?')}")  # fmt: skip
+                break
+        out[key] = {"value": value, "source": source}
+    return out
+
+
+def _leaves(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict) and data:
+        out: list[tuple[str, Any]] = []
+        for key, value in data.items():
+            out.extend(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return [(prefix, data)]
+
+
+def _has(layer: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(layer, dict):
+            return False
+        found = next((v for k, v in layer.items() if str(k).lower() == part.lower()), _MISSING)
+        if found is _MISSING:
+            return False
+        layer = found
+    return True
+
+
+_MISSING = object()
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--device-id", metavar="ID")
     config.add_argument("--model", metavar="NAME|PATH")
     config.add_argument("--state-dir", type=Path, metavar="DIR")
+    config.add_argument(
+        "--sources",
+        action="store_true",
+        help="print each setting's value and where it came from: flag, operation (who, "
+        "when), env EDGE_AGENT_..., credentials, file, default",
+    )
     config.set_defaults(func=cmd_config)
     return parser
 
@@ -449,6 +455,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     # the profiles as `run` checks them, their rows files too (the Ansible role validates
     # a staged config.toml with this command, before it goes live)
     job_profiles(settings)
+    if args.sources:
+        from edge_agent.adapters.settings import sources
+
+        overrides = {
+            "device_id": args.device_id, "state_dir": args.state_dir,
+            "mqtt": {"broker": args.broker, "protocol": args.protocol},
+            "model": {"name": args.model},
+            "log": {"level": args.log_level, "format": args.log_format},
+        }  # fmt: skip
+        print(json.dumps(sources(args.config, **overrides), indent=2))
+        return EX_OK
     data = settings.model_dump(mode="json")
     if data["mqtt"].get("password"):
         data["mqtt"]["password"] = "**********"  # noqa: S105 - the mask, not a password

@@ -50,7 +50,7 @@ class Op(StrEnum):
     BENCH = "bench"
 
 
-NOT_BUILT = frozenset({Op.CONFIG, Op.BENCH})
+NOT_BUILT = frozenset({Op.BENCH})
 
 
 class OpState(StrEnum):
@@ -170,6 +170,17 @@ class ModelArgs(_Strict):
     timeout_s: int = Field(1800, ge=10, le=86400, description="the whole switch, at most")
 
 
+class ConfigArgs(_Strict):
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings to change, nested as in config.toml: "
+        '{"jobs": {"max_queue": 32}, "log": {"level": "debug"}}',
+    )
+    persist: bool = Field(False, description="keep the change across restarts")
+    reset: bool = Field(False, description="forget every change operations persisted")
+    timeout_s: int = Field(300, ge=1, le=3600, description="a needed restart drains this long")
+
+
 class RestartArgs(_Strict):
     timeout_s: int = Field(300, ge=1, le=3600, description="drain this long at most, then exit")
 
@@ -182,6 +193,7 @@ ARGS: dict[Op, type[_Strict]] = {
     Op.LOGS: LogsArgs,
     Op.RESTART: RestartArgs,
     Op.MODEL: ModelArgs,
+    Op.CONFIG: ConfigArgs,
 }
 
 
@@ -414,13 +426,14 @@ def rejected(
 
 
 def recovered(record: Record, now: str, session: int) -> Record:
-    """An operation found unfinished when the agent starts: a restart that got as far as
-    exiting has done its work; anything else was cut short and is `failed`."""
+    """An operation found unfinished when the agent starts: one that got as far as exiting
+    for its restart (a restart, a config change that needed one) has done its work;
+    anything else was cut short and is `failed`."""
     if record.final:
         return record
-    if record.operation == Op.RESTART and record.memo.get("stage") == "exiting":
-        return advance(record, OpState.SUCCESSFUL, now, session=session,
-                       result={"session": session})  # fmt: skip
+    if record.memo.get("stage") == "exiting":
+        result = {**(record.memo.get("result") or {}), "session": session}
+        return advance(record, OpState.SUCCESSFUL, now, session=session, result=result)
     return advance(
         record,
         OpState.FAILED,

@@ -27,7 +27,7 @@ from edge_agent.adapters.mqtt import (
     tls_context,
 )
 from edge_agent.adapters.probe import BoardFacts, Sampler, board_facts, boot_id
-from edge_agent.adapters.settings import Settings
+from edge_agent.adapters.settings import Settings, operation_settings
 from edge_agent.adapters.store import load_lock, record_loaded
 from edge_agent.adapters.systemd import Notifier, Watchdog
 from edge_agent.core.catalog import Catalog
@@ -35,7 +35,7 @@ from edge_agent.core.clock import StepWatch
 from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
 from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.metrics import Metrics
-from edge_agent.core.operations import NOT_BUILT, Mode, ModelArgs, Op
+from edge_agent.core.operations import NOT_BUILT, ConfigArgs, Mode, ModelArgs, Op
 from edge_agent.core.protocol import (
     KINDS,
     JobLimits,
@@ -45,6 +45,7 @@ from edge_agent.core.protocol import (
 )
 from edge_agent.core.schema import SchemaLimits
 from edge_agent.core.wire import WIRE_VERSION, Info
+from edge_agent.service import reconfigure
 from edge_agent.service.faults import Faults
 from edge_agent.service.health import Health
 from edge_agent.service.intake import Handing, Intake
@@ -312,6 +313,11 @@ class Agent:
         link_settings = link_config(s, will_topic=self.topics.status(), parallel=parallel)
         if link_settings.password:
             logs.TAIL.redact(link_settings.password)  # the `logs` operation never sends it
+        changed, by, problem = operation_settings(s.state_dir)
+        if problem is not None:
+            log.error("settings.operations_unreadable", problem=problem)
+        elif changed:  # `edge-agent config --sources` says which and who
+            log.warning("settings.from_operations", keys=sorted(by), notice=True)
         check_connection_settings(link_settings)  # before minutes of model loading
         # profiles' rows files too: a row that does not parse is exit 78, not a late surprise
         self.rows = read_profile_rows(s, configured_profiles(s))
@@ -598,6 +604,7 @@ class Agent:
             beat=health.beat("intake", stall),
         )
         controls.intake = intake  # its backlog counts as jobs held while draining
+        controls.runner = runner
         self._intake = intake
         controls.swap = ModelSwap(
             settings=s,
@@ -842,6 +849,7 @@ class _Controls:
         self._link = link
         self.intake = intake
         self.swap: ModelSwap | None = None
+        self.runner: JobRunner | None = None
 
     def leave_fleet(self) -> None:
         if self._link:
@@ -881,6 +889,33 @@ class _Controls:
     def switch_model(self, args: ModelArgs, fleet: Fleet, progress: Progress) -> dict[str, Any]:
         assert self.swap is not None
         return self.swap.switch(args, fleet, progress)
+
+    def apply_config(
+        self, args: ConfigArgs, op_id: str, requester: str
+    ) -> tuple[dict[str, Any], bool]:
+        agent = self.agent
+        state_dir = agent.settings.state_dir
+        if args.reset:
+            keys = reconfigure.forget(state_dir)
+            return {"reset": keys, "restart": bool(keys)}, bool(keys)
+        change = reconfigure.plan(agent.settings, args.set, args.persist)
+        if args.persist:
+            reconfigure.persist(state_dir, args.set, op_id, requester)
+        new = change.settings
+        if "log.level" in change.live:
+            logs.set_level(new.log.level)
+        if "jobs.min_confidence" in change.live and self.runner is not None:
+            self.runner.min_confidence = new.jobs.min_confidence
+        if "jobs.max_queue" in change.live:
+            self.worker.max_queue = new.jobs.max_queue
+        agent.settings = new  # health.exit_after_s and the log level to revert to follow
+        result = {
+            "changed": {k: {"from": a, "to": b} for k, (a, b) in change.changed.items()},
+            "live": list(change.live),
+            "restart": bool(change.restart),
+            "persisted": args.persist,
+        }
+        return result, bool(change.restart)
 
 
 class _LazyLink:

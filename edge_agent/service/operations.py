@@ -30,6 +30,7 @@ from edge_agent.core.operations import (
     FINAL,
     MAX_PENDING,
     SEGMENT,
+    ConfigArgs,
     Failed,
     Mode,
     ModelArgs,
@@ -90,6 +91,12 @@ class Controls(Protocol):
 
     def switch_model(self, args: ModelArgs, fleet: Fleet, progress: Progress) -> dict[str, Any]:
         """Operation `model` (service/modelswap.py); raises Failed."""
+
+    def apply_config(
+        self, args: ConfigArgs, op_id: str, requester: str
+    ) -> tuple[dict[str, Any], bool]:
+        """Operation `config` (service/reconfigure.py): (result, a restart is needed);
+        raises Failed."""
 
 
 def _now_iso() -> str:
@@ -316,6 +323,8 @@ class Operations:
             self._start_restart(record, request.args.timeout_s)
         elif op == Op.MODEL:
             self._model(record, request.args)
+        elif op == Op.CONFIG:
+            self._config(record, request.args)
         else:  # parse_request lets through only what is built
             self._fail(record, OpCode.NOT_SUPPORTED, f"operation {op.value!r} is not built")
 
@@ -388,6 +397,17 @@ class Operations:
                 self.ledger.save(self._data)
             self._succeed(record, result)
 
+    def _config(self, record: Record, args: ConfigArgs) -> None:
+        try:
+            result, restart = self.controls.apply_config(args, record.id, record.requester)
+        except Failed as exc:
+            self._fail(record, exc.code, exc.message)
+            return
+        if restart:  # a drained restart; the next process reports `successful`
+            self._start_restart(record, args.timeout_s, result=result)
+        else:
+            self._succeed(record, result)
+
     def _show(self, mode: Mode) -> None:
         """A mode dashboards see (and the intake obeys) while a switch drains; the kept
         mode is not touched, so a process that dies meanwhile comes back as it was."""
@@ -398,10 +418,14 @@ class Operations:
 
     # restart
 
-    def _start_restart(self, record: Record, timeout_s: int) -> None:
+    def _start_restart(
+        self, record: Record, timeout_s: int, result: dict[str, Any] | None = None
+    ) -> None:
         with self._lock:
             before = "serving" if self._data.mode == "serving" else "drained"
-            memo = {"stage": "draining", "mode_before": before}
+            memo: dict[str, Any] = {"stage": "draining", "mode_before": before}
+            if result is not None:
+                memo["result"] = result  # reported by the next process
             if self._data.mode == "serving":
                 self._set_mode("draining")
                 self.controls.leave_fleet()
