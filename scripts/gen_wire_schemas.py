@@ -16,6 +16,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from edge_agent.core.operations import (
+    BenchArgs,
     ConfigArgs,
     DrainArgs,
     LogLevelArgs,
@@ -62,7 +63,8 @@ def protocol() -> dict[str, Any]:
 
 
 def operations() -> dict[str, Any]:
-    models = [OperationIn, DrainArgs, LogLevelArgs, LogsArgs, RestartArgs, ModelArgs, ConfigArgs]
+    models = [OperationIn, DrainArgs, LogLevelArgs, LogsArgs, RestartArgs, ModelArgs, ConfigArgs,
+              BenchArgs]  # fmt: skip
     _, schema = models_json_schema(
         [*((m, "validation") for m in models), (OperationState, "serialization")],
         ref_template="#/$defs/{model}",
@@ -74,7 +76,7 @@ def operations() -> dict[str, Any]:
         "description": "Remote operations (docs/operations.md): the request an operator "
         "publishes to <prefix>/devices/<device>/operate/<operator> (OperationIn, with the "
         "args of its operation: DrainArgs, LogLevelArgs, LogsArgs, RestartArgs, ModelArgs, "
-        "ConfigArgs; resume and cancel take none) and the state the device keeps retained on "
+        "ConfigArgs, BenchArgs; resume and cancel take none) and the state the device keeps retained on "
         "<prefix>/devices/<device>/operations/<id> (OperationState). Generated from "
         "edge_agent/core/operations.py.",
         "anyOf": [{"$ref": "#/$defs/OperationIn"}, {"$ref": "#/$defs/OperationState"}],

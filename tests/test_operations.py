@@ -71,7 +71,10 @@ HOSTILE = [
     (json.dumps({"id": "k", "operation": "reboot-everything"}).encode(),
      OpCode.UNKNOWN_OPERATION, "k"),
     (json.dumps({"id": "k", "operation": "bench", "args": {"x": 1}}).encode(),
-     OpCode.NOT_SUPPORTED, "k"),
+     OpCode.INVALID_ARGUMENT, "k"),
+    (request("k", "bench", rounds=11), OpCode.INVALID_ARGUMENT, "k"),
+    (request("k", "config", set={"jobs": {"max_queue": 1}}, persist="yes"),
+     OpCode.INVALID_ARGUMENT, "k"),
     (request("k", "model"), OpCode.INVALID_ARGUMENT, "k"),  # name is required
     (request("k", "model", name="../etc"), OpCode.INVALID_ARGUMENT, "k"),
     (request("k", "model", name="gemma", url="http://mirror.lan/g.gguf"),

@@ -288,3 +288,15 @@ def test_config_changes_live_fail_naming_the_field_and_persist_with_a_restart(
     assert sources["jobs.parallel"]["source"].startswith("operation keep by op-tester")
     assert sources["jobs.max_queue"]["source"] == "default"  # the live one was not kept
     assert wait_for_log(agent, "settings.from_operations", 10)["keys"] == ["jobs.parallel"]
+
+
+def test_bench_runs_between_jobs_and_publishes_the_figures(
+    broker: LocalBroker, prefix: str, start_agent: AgentFactory
+) -> None:
+    agent = start_agent()
+    code, result = ops_cli(broker, prefix, "bench", "rounds=1", "--device", agent.device_id)
+    assert code == 0, result
+    figures = by_device(result)[agent.device_id]["op_result"]
+    assert figures["tokens_per_second"] > 0 and figures["classify_ms_p50"] > 0
+    assert figures["model"] == "smollm2-135m-instruct-q4_1"
+    assert (agent.state_dir / "bench.json").is_file()  # the selector reads it

@@ -277,7 +277,7 @@ def _add_ops(sub: Any) -> None:
     ops = sub.add_parser(
         "ops",
         help="run an operation on devices, in stages (drain, resume, cancel, log-level, "
-        "logs, restart, model)",
+        "logs, restart, model, config, bench)",
         description="Run one remote operation (docs/operations.md) on one device, a list, or "
         "every online device, in stages: one device first; once it ends successful and "
         "answers a gate job (a classify job on its own topic; not after drain), a fraction "
@@ -295,7 +295,9 @@ def _add_ops(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(ops)
-    ops.add_argument("operation", help="drain, resume, cancel, log-level, logs, restart or model")
+    ops.add_argument(
+        "operation", help="drain, resume, cancel, log-level, logs, restart, model, config or bench"
+    )
     ops.add_argument(
         "args",
         nargs="*",

@@ -50,7 +50,7 @@ class Op(StrEnum):
     BENCH = "bench"
 
 
-NOT_BUILT = frozenset({Op.BENCH})
+NOT_BUILT: frozenset[Op] = frozenset()
 
 
 class OpState(StrEnum):
@@ -181,6 +181,10 @@ class ConfigArgs(_Strict):
     timeout_s: int = Field(300, ge=1, le=3600, description="a needed restart drains this long")
 
 
+class BenchArgs(_Strict):
+    rounds: int = Field(2, ge=1, le=10, description="as `edge-agent bench --rounds`")
+
+
 class RestartArgs(_Strict):
     timeout_s: int = Field(300, ge=1, le=3600, description="drain this long at most, then exit")
 
@@ -194,6 +198,7 @@ ARGS: dict[Op, type[_Strict]] = {
     Op.RESTART: RestartArgs,
     Op.MODEL: ModelArgs,
     Op.CONFIG: ConfigArgs,
+    Op.BENCH: BenchArgs,
 }
 
 

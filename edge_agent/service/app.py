@@ -35,7 +35,15 @@ from edge_agent.core.clock import StepWatch
 from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
 from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.metrics import Metrics
-from edge_agent.core.operations import NOT_BUILT, ConfigArgs, Mode, ModelArgs, Op
+from edge_agent.core.operations import (
+    NOT_BUILT,
+    ConfigArgs,
+    Failed,
+    Mode,
+    ModelArgs,
+    Op,
+    OpCode,
+)
 from edge_agent.core.protocol import (
     KINDS,
     JobLimits,
@@ -889,6 +897,35 @@ class _Controls:
     def switch_model(self, args: ModelArgs, fleet: Fleet, progress: Progress) -> dict[str, Any]:
         assert self.swap is not None
         return self.swap.switch(args, fleet, progress)
+
+    def run_bench(self, rounds: int, progress: Progress) -> dict[str, Any]:
+        """The board's benchmark on the serving engine, between jobs: no job starts
+        meanwhile (queued ones wait; drain first to send them elsewhere)."""
+        from edge_agent.service.benchmark import run_bench, save
+
+        agent, runner = self.agent, self.runner
+        assert runner is not None
+        assert agent.model is not None
+        assert agent.board is not None
+        if not self.worker.pause(120.0):
+            raise Failed(OpCode.TIMEOUT, "jobs still ran after 120 s; no benchmark")
+        try:
+            ref = agent.model.ref
+            result = run_bench(
+                runner.engine,
+                model=(ref.name, ref.quant, ref.sha256),
+                threads=thread_counts(agent.settings, agent.board.cpu_cores),
+                cpu_cores=agent.board.cpu_cores,
+                rounds=rounds,
+                progress=lambda phase, done, total: progress(f"benchmark: {phase}", done, total),
+            )
+        finally:
+            self.worker.resume()
+        try:
+            save(result, agent.settings.state_dir)  # the selector's speed preference reads it
+        except OSError as exc:
+            log.warning("bench.not_saved", error=str(exc))
+        return result.to_dict()
 
     def apply_config(
         self, args: ConfigArgs, op_id: str, requester: str

@@ -92,6 +92,9 @@ class Controls(Protocol):
     def switch_model(self, args: ModelArgs, fleet: Fleet, progress: Progress) -> dict[str, Any]:
         """Operation `model` (service/modelswap.py); raises Failed."""
 
+    def run_bench(self, rounds: int, progress: Progress) -> dict[str, Any]:
+        """Operation `bench`: the board's benchmark between jobs; raises Failed."""
+
     def apply_config(
         self, args: ConfigArgs, op_id: str, requester: str
     ) -> tuple[dict[str, Any], bool]:
@@ -325,6 +328,8 @@ class Operations:
             self._model(record, request.args)
         elif op == Op.CONFIG:
             self._config(record, request.args)
+        elif op == Op.BENCH:
+            self._bench(record, request.args.rounds)
         else:  # parse_request lets through only what is built
             self._fail(record, OpCode.NOT_SUPPORTED, f"operation {op.value!r} is not built")
 
@@ -368,16 +373,7 @@ class Operations:
 
     def _model(self, record: Record, args: ModelArgs) -> None:
         self._update(record, OpState.EXECUTING, progress={"message": f"switching to {args.name}"})
-        last: dict[str, Any] = {"at": 0.0, "message": ""}
-
-        def progress(message: str, done: int | None, total: int | None) -> None:
-            now = self.clock()
-            if message == last["message"] and now - last["at"] < PROGRESS_EVERY_S:
-                return
-            last.update(at=now, message=message)
-            self._update(record, OpState.EXECUTING,
-                         progress={"message": message, "done": done, "total": total})  # fmt: skip
-
+        progress = self._reporter(record)
         fleet = Fleet(
             leave=self.controls.leave_fleet,
             join=self.controls.join_fleet,
@@ -397,6 +393,14 @@ class Operations:
                 self.ledger.save(self._data)
             self._succeed(record, result)
 
+    def _bench(self, record: Record, rounds: int) -> None:
+        try:
+            result = self.controls.run_bench(rounds, self._reporter(record))
+        except Failed as exc:
+            self._fail(record, exc.code, exc.message)
+            return
+        self._succeed(record, result)
+
     def _config(self, record: Record, args: ConfigArgs) -> None:
         try:
             result, restart = self.controls.apply_config(args, record.id, record.requester)
@@ -407,6 +411,21 @@ class Operations:
             self._start_restart(record, args.timeout_s, result=result)
         else:
             self._succeed(record, result)
+
+    def _reporter(self, record: Record) -> Progress:
+        """Progress of a long operation into its `executing` state: a new message at
+        once, the same one with new figures at most once a second."""
+        last: dict[str, Any] = {"at": 0.0, "message": ""}
+
+        def progress(message: str, done: int | None, total: int | None) -> None:
+            now = self.clock()
+            if message == last["message"] and now - last["at"] < PROGRESS_EVERY_S:
+                return
+            last.update(at=now, message=message)
+            figures = {"message": message, "done": done, "total": total}
+            self._update(record, OpState.EXECUTING, progress=figures)
+
+        return progress
 
     def _show(self, mode: Mode) -> None:
         """A mode dashboards see (and the intake obeys) while a switch drains; the kept
