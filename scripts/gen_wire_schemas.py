@@ -76,8 +76,8 @@ def operations() -> dict[str, Any]:
         "description": "Remote operations (docs/operations.md): the request an operator "
         "publishes to <prefix>/devices/<device>/operate/<operator> (OperationIn, with the "
         "args of its operation: DrainArgs, LogLevelArgs, LogsArgs, RestartArgs, ModelArgs, "
-        "ConfigArgs, BenchArgs; resume and cancel take none) and the state the device keeps retained on "
-        "<prefix>/devices/<device>/operations/<id> (OperationState). Generated from "
+        "ConfigArgs, BenchArgs; resume and cancel take none) and the state the device keeps "
+        "retained on <prefix>/devices/<device>/operations/<id> (OperationState). Generated from "
         "edge_agent/core/operations.py.",
         "anyOf": [{"$ref": "#/$defs/OperationIn"}, {"$ref": "#/$defs/OperationState"}],
         "$defs": schema["$defs"],
