@@ -31,10 +31,12 @@ def test_lines_carry_their_journald_priority_when_stdout_is_the_journal() -> Non
     logger.warning("a.warning")
     logger.error("a.error")
     logger.critical("a.critical")
+    logger.warning("operation.successful", id="o1", notice=True)  # the audit trail
     stream.flush()
     agent_end.shutdown(socket.SHUT_WR)
     lines = journal.makefile("r").read().splitlines()
-    assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<2>"]
+    assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<2>", "<5>"]
+    assert json.loads(lines[5][3:])["level"] == "notice"
     assert json.loads(lines[1][3:])["event"] == "a.info"
     journal.close()
     agent_end.close()

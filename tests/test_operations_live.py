@@ -300,3 +300,30 @@ def test_bench_runs_between_jobs_and_publishes_the_figures(
     assert figures["tokens_per_second"] > 0 and figures["classify_ms_p50"] > 0
     assert figures["model"] == "smollm2-135m-instruct-q4_1"
     assert (agent.state_dir / "bench.json").is_file()  # the selector reads it
+
+
+def test_the_ansible_playbook_runs_an_operation_over_the_broker(
+    broker: LocalBroker, prefix: str, start_agent: AgentFactory, tmp_path: Path
+) -> None:
+    """ansible/operate.yml: edge-agent ops on the controller, for the hosts of the play."""
+    agents = [start_agent(device_id=f"{n}-{prefix}") for n in ("an1", "an2")]
+    inventory = tmp_path / "inventory.yml"
+    hosts = {f"board{i}": {"ansible_connection": "local", "edge_agent_device_id": a.device_id}
+             for i, a in enumerate(agents)}  # fmt: skip
+    inventory.write_text(json.dumps({"edge_agents": {"hosts": hosts}}))
+    root = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(
+        [str(bin_dir / "ansible-playbook"), "-i", str(inventory), str(root / "ansible" / "operate.yml"),
+         "-e", "edge_agent_operation=log-level", "-e",
+         json.dumps({"edge_agent_operation_args": ["level=info", "expiry_s=60"],
+                     "edge_agent_mqtt_broker": broker.url,
+                     "edge_agent_ops_command": str(bin_dir / "edge-agent")})],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "EDGE_AGENT_MQTT__TOPIC_PREFIX": prefix,
+             "EDGE_AGENT_MQTT__USERNAME": "op-ansible", "ANSIBLE_NOCOLOR": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for agent in agents:
+        event = wait_for_log(agent, "operation.successful", 10)
+        assert event["requester"] == "op-ansible" and event["operation"] == "log-level"
