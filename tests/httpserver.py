@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 class Faults:
     cut_after: int | None = None  # close the connection after this many body bytes (once)
     cut_always: int | None = None  # ... after this many on every request: never completes
+    hang_s: float = 0.0  # wait this long before answering (a server that hangs)
     ignore_range: bool = False  # answer 200 with the whole file even when asked for a range
     requests: list[str] = field(default_factory=list)  # "GET /x bytes=N-" for each request
 
@@ -27,6 +29,8 @@ def make_handler(root: Path, faults: Faults) -> type[BaseHTTPRequestHandler]:
             path = root / self.path.lstrip("/")
             wanted = self.headers.get("Range")
             faults.requests.append(f"GET {self.path} {wanted or ''}".strip())
+            if faults.hang_s:
+                time.sleep(faults.hang_s)
             if not path.is_file():
                 self.send_error(404)
                 return

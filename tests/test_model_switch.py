@@ -322,3 +322,16 @@ def test_a_staged_switch_that_fails_on_a_board_rolls_back_the_boards_it_reached(
     assert rows[b.device_id]["rollback"] is None  # it never left its model
     still_smol(ops_client, a, "rolled-back")
     still_smol(ops_client, b, "never-left")
+
+
+def test_two_switches_at_once_run_one_after_the_other(
+    start_agent: AgentFactory, ops_client: Requester
+) -> None:
+    agent = start_agent()
+    operate(ops_client, agent, "first", name=GEMMA)
+    operate(ops_client, agent, "second", name="auto")
+    first = wait_state(ops_client, agent, "first")
+    second = wait_state(ops_client, agent, "second")
+    assert first["state"] == second["state"] == "successful"
+    assert first["result"]["model"] == GEMMA and second["result"]["previous"] == GEMMA
+    still_smol(ops_client, agent, "two")

@@ -511,3 +511,16 @@ def test_the_generated_schema_takes_what_the_agent_sends_and_reads() -> None:
     done = advance(make(), OpState.SUCCESSFUL, "t1", result={"mode": "drained"})
     assert valid("OperationState", done.wire("pi-1"))
     assert not valid("OperationState", {**done.wire("pi-1"), "state": "done"})
+
+
+def test_operations_run_while_the_board_drains(rig: Any) -> None:
+    """A drain finishes in the background: other operations run meanwhile."""
+    rig.agent.held = 2
+    rig.send("d1", "drain")
+    rig.send("l1", "logs", lines=5)
+    rig.send("c1", "cancel")
+    rig.settle()
+    assert rig.broker.state("l1")["state"] == "successful"
+    assert rig.broker.state("c1")["result"] == {"queued": 2, "running": 0}
+    rig.settle()  # the cancel emptied the board: the drain is done
+    assert rig.broker.state("d1")["state"] == "successful" and rig.ops.mode == "drained"

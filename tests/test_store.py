@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,16 @@ def test_a_server_that_offers_another_size_is_refused_at_once(tmp_path: Path, se
     with pytest.raises(StoreError, match="offers"):
         fetch(big, tmp_path / "models")
     assert len(faults.requests) == 1  # not tried again: it will not change its mind
+
+
+def test_a_server_that_hangs_is_given_up_on_in_the_time_allowed(tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
+    base, faults = served
+    faults.hang_s = 3.0
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="timed out"):
+        fetch(entry(f"{base}/tiny.gguf"), tmp_path / "models", timeout=0.3, retry_s=1.0)
+    assert time.monotonic() - t0 < 3.0  # each attempt times out; the retries stop by time
+    assert len(faults.requests) >= 2
 
 
 def test_server_that_ignores_range_restarts_cleanly(tmp_path: Path, served) -> None:  # type: ignore[no-untyped-def]
