@@ -226,7 +226,7 @@ def test_a_switch_that_cannot_finish_leaves_the_old_model_serving(
     if fault == "stops":  # 32 MiB, then the server sends nothing more, to every request
         faults.cut_after, faults.cut_always = 32 * 1024 * 1024, 0
     agent = start_agent(env=lock_env(lock))
-    operate(ops_client, agent, f"fail-{name}", name=name, timeout_s=15)
+    operate(ops_client, agent, f"fail-{name}", name=name, timeout_s=10)
     state = wait_state(ops_client, agent, f"fail-{name}")
     assert state["state"] == "failed" and state["error"]["code"] == code, state
     still_smol(ops_client, agent, name)

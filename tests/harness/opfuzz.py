@@ -42,6 +42,7 @@ from edge_agent.adapters.broker import LocalBroker
 from tests.harness.process import AgentProcess, start_agent_process
 
 SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # the documented id and name rule
+KEEP_FINISHED = 64  # the board remembers this many finished operations (docs/operations.md)
 MAX_REQUEST_BYTES = 4096
 FINAL = ("successful", "failed", "rejected")
 DOCUMENTED = {"invalid_argument", "unknown_operation", "not_supported", "busy",
@@ -254,7 +255,8 @@ class _Client:
 def run(agent: AgentProcess, port: int, reqs: list[Request], probe_every: int = 50) -> Result:
     result = Result()
     client = _Client(port, agent.prefix, agent.device_id)
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[str, tuple[dict[str, Any], int]] = {}  # id -> its state, finished count then
+    finished = 0
     start = time.monotonic()
     try:
         for n, r in enumerate(reqs):
@@ -269,14 +271,18 @@ def run(agent: AgentProcess, port: int, reqs: list[Request], probe_every: int = 
                     result.problems.append(f"#{n}: no final state for {op_id!r}: {r}")
                 else:
                     code = (state.get("error") or {}).get("code")
-                    if op_id in seen:
+                    # an id the board still remembers is one operation: the same state; one
+                    # it forgot (KEEP_FINISHED finished since) is a new operation
+                    known = op_id in seen and finished - seen[op_id][1] < KEEP_FINISHED
+                    if known:
                         result.repeated += 1
-                        if state["state"] != seen[op_id]["state"]:
+                        if state["state"] != seen[op_id][0]["state"]:
                             result.problems.append(f"#{n}: {op_id} changed its final state")
                     else:
                         result.stated += 1
                         result.states[state["state"]] += 1
-                        seen[op_id] = state
+                        seen[op_id] = (state, finished)
+                        finished += 1
                         if code is not None:
                             result.codes[code] += 1
                     if code is not None and code not in DOCUMENTED:
@@ -284,6 +290,7 @@ def run(agent: AgentProcess, port: int, reqs: list[Request], probe_every: int = 
                 with client.cond:
                     client.states.pop(op_id, None)  # a repeat must be sent again to count
             if (n + 1) % probe_every == 0 or n + 1 == len(reqs):
+                finished += 1  # the probe's `resume` is one more operation the board keeps
                 if client.probe(n):
                     result.probes += 1
                 else:
