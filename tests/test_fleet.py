@@ -82,3 +82,15 @@ def test_a_degraded_device_shows_it_beside_its_status() -> None:
     assert state.rows(now=102)[0]["status"] == "online, degraded"
     feed(state, "a", 10.0, status="offline", now=103)  # health only qualifies "online"
     assert state.rows(now=104)[0]["status"] == "offline"
+
+
+def test_a_drained_board_says_so_in_its_status() -> None:
+    state = FleetState("edge")
+    feed(state, "a", 10.0)
+    state.update("edge/devices/a/telemetry", json.dumps({"mode": "drained"}).encode(), 100.0)
+    feed(state, "b", 10.0)
+    state.update("edge/devices/b/telemetry", json.dumps({"mode": "serving"}).encode(), 100.0)
+    rows = {r["device"]: r["status"] for r in state.rows("device", now=101)}
+    assert rows == {"a": "online, drained", "b": "online"}
+    state.update("edge/devices/a/status", b"offline", 102.0)
+    assert state.rows("device", now=103)[0]["status"] == "offline"  # gone: not "drained"

@@ -327,3 +327,22 @@ def test_the_ansible_playbook_runs_an_operation_over_the_broker(
     for agent in agents:
         event = wait_for_log(agent, "operation.successful", 10)
         assert event["requester"] == "op-ansible" and event["operation"] == "log-level"
+
+
+def test_an_mqtt_311_agent_is_operated_the_same_way(
+    broker: LocalBroker, prefix: str, start_agent: AgentFactory, requester: Requester
+) -> None:
+    agent = start_agent(protocol="3.1.1")
+    code, result = ops_cli(broker, prefix, "drain", "--device", agent.device_id)
+    assert code == 0 and by_device(result)[agent.device_id]["op_result"]["mode"] == "drained"
+    unsubscribed = [e for e in agent.log_events() if e.get("event") == "agent.mode"]
+    assert unsubscribed[-1]["mode"] == "drained"
+    requester.subscribe(f"{prefix}/replies/m3")
+    job = {**classify_job(0, "m3"), "reply_to": f"{prefix}/replies/m3"}
+    requester.publish(f"{prefix}/jobs/classify", json.dumps(job).encode())  # the fleet topic
+    time.sleep(2.0)
+    assert not [m for m in requester.drain() if b'"m3-0"' in m.payload]  # not subscribed now
+    code, result = ops_cli(broker, prefix, "resume", "--device", agent.device_id)
+    assert code == 0, result
+    requester.publish(f"{prefix}/jobs/classify", json.dumps({**job, "id": "m3-1"}).encode())
+    assert reply_for(requester, "m3-1")["status"] == "done"

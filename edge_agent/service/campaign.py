@@ -237,13 +237,14 @@ class Campaign:
                 "text": f"edge-agent ops gate after operation {self.operation}: are you there?",
                 "labels": GATE_LABELS,
                 "ttl_ms": int(self.gate_timeout_s * 1000),
+                # in the payload too: an MQTT 3.1.1 board never sees a Response Topic
+                "reply_to": self.reply_topic,
             }
             topic = self.topics.of_device(device).device_jobs("classify")
             if self.client.v5:
                 self.client.publish(topic, json.dumps(job).encode(),
                                     response_topic=self.reply_topic)  # fmt: skip
             else:
-                job["reply_to"] = self.reply_topic
                 self.client.publish(topic, json.dumps(job).encode())
             deadline = time.monotonic() + min(30.0, self.gate_timeout_s)
             with self._cond:
