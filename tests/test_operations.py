@@ -168,6 +168,11 @@ def test_after_a_restart_nothing_stays_executing() -> None:
     assert recovered(exiting, "t2", 2).state == OpState.SUCCESSFUL
     draining = advance(restart, OpState.EXECUTING, "t1", memo={"stage": "draining"})
     assert recovered(draining, "t2", 2).state == OpState.FAILED
+    config = accepted(parse_request(request("c", "config", set={}), "alice"), "t0", 1, "d")
+    kept = advance(config, OpState.EXECUTING, "t1",
+                   memo={"stage": "draining", "kept": True, "result": {"restart": True}})  # fmt: skip
+    after = recovered(kept, "t2", 2)  # persisted before its drain: the new start applies it
+    assert after.state == OpState.SUCCESSFUL and after.result == {"restart": True, "session": 2}
     assert recovered(make(OpState.SUCCESSFUL), "t2", 2) == make(OpState.SUCCESSFUL)
 
 

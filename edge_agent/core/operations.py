@@ -432,11 +432,11 @@ def rejected(
 
 def recovered(record: Record, now: str, session: int) -> Record:
     """An operation found unfinished when the agent starts: one that got as far as exiting
-    for its restart (a restart, a config change that needed one) has done its work;
-    anything else was cut short and is `failed`."""
+    for its restart (a restart), or whose work was done and kept before its restart (a
+    config change that needs one), has done it; anything else was cut short: `failed`."""
     if record.final:
         return record
-    if record.memo.get("stage") == "exiting":
+    if record.memo.get("stage") == "exiting" or record.memo.get("kept"):
         result = {**(record.memo.get("result") or {}), "session": session}
         return advance(record, OpState.SUCCESSFUL, now, session=session, result=result)
     return advance(

@@ -445,6 +445,7 @@ class Operations:
             memo: dict[str, Any] = {"stage": "draining", "mode_before": before}
             if result is not None:
                 memo["result"] = result  # reported by the next process
+                memo["kept"] = True  # done already: the next start applies it, even after a crash
             if self._data.mode == "serving":
                 self._set_mode("draining")
                 self.controls.leave_fleet()
