@@ -587,6 +587,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EX_OK if body.get("status") == "done" else EX_FAIL
 
 
+def _listener(settings: Settings, client_id: str, on_message: Any) -> Any:
+    """A connected broker client that hands every message to `on_message` (fleet, ops);
+    None, said on stderr, when the broker cannot be reached."""
+    from edge_agent.adapters.mqtt import Requester
+
+    m = settings.mqtt
+    client = Requester(
+        m.host, m.port, client_id, protocol=m.protocol, username=m.username,
+        password=m.password.get_secret_value() if m.password else None,
+        tls_context=_tls_context(settings), on_message=on_message,
+    )  # fmt: skip
+    try:
+        client.connect()
+    except ConnectionError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return None
+    return client
+
+
 def _tls_context(settings: Settings) -> Any:
     if not settings.mqtt.tls:
         return None
@@ -1091,7 +1110,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     import threading
     import time
 
-    from edge_agent.adapters.mqtt import Incoming, Requester
+    from edge_agent.adapters.mqtt import Incoming
     from edge_agent.core.fleet import COLUMNS, FleetState
     from edge_agent.service.app import topics_for
 
@@ -1105,15 +1124,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         with lock:
             state.update(msg.topic, msg.payload)
 
-    client = Requester(
-        m.host, m.port, f"edge-fleet-{uuid.uuid4().hex[:8]}", protocol=m.protocol,
-        username=m.username, password=m.password.get_secret_value() if m.password else None,
-        tls_context=_tls_context(settings), on_message=on_message,
-    )  # fmt: skip
-    try:
-        client.connect()
-    except ConnectionError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
+    client = _listener(settings, f"edge-fleet-{uuid.uuid4().hex[:8]}", on_message)
+    if client is None:
         return EX_UNAVAILABLE
     try:
         for leaf in ("status", "info", "telemetry"):
@@ -1149,7 +1161,7 @@ def operation_args(pairs: list[str], operation: str = "") -> dict[str, Any]:
 def cmd_ops(args: argparse.Namespace) -> int:
     import threading
 
-    from edge_agent.adapters.mqtt import Incoming, Requester
+    from edge_agent.adapters.mqtt import Incoming
     from edge_agent.core.campaign import all_successful
     from edge_agent.core.fleet import FleetState
     from edge_agent.core.operations import SEGMENT
@@ -1177,15 +1189,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
         with lock:
             fleet.update(msg.topic, msg.payload)
 
-    client = Requester(
-        m.host, m.port, f"edge-ops-{nonce}", protocol=m.protocol, username=m.username,
-        password=m.password.get_secret_value() if m.password else None,
-        tls_context=_tls_context(settings), on_message=on_message,
-    )  # fmt: skip
-    try:
-        client.connect()
-    except ConnectionError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
+    client = _listener(settings, f"edge-ops-{nonce}", on_message)
+    if client is None:
         return EX_UNAVAILABLE
     try:
         devices = _ops_targets(args, client, topics, fleet, lock)

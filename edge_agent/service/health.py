@@ -161,3 +161,15 @@ def supervised(beat: Beat, loop: Callable[[], None], name: str | None = None) ->
     thread = threading.Thread(target=run, name=name or beat.name, daemon=True)
     beat.thread = thread
     return thread
+
+
+def loop_thread(name: str, beat: Beat | None, loop: Callable[[], None]) -> threading.Thread:
+    """A started thread running `loop`: supervised under the agent (it has a beat), a plain
+    daemon thread in tests that build the stage alone."""
+    thread = (
+        supervised(beat, loop, name=name)
+        if beat is not None
+        else threading.Thread(target=loop, name=name, daemon=True)
+    )
+    thread.start()
+    return thread

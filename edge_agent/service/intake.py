@@ -52,7 +52,7 @@ from edge_agent.core.protocol import (
     rejection,
     reply_route,
 )
-from edge_agent.service.health import Beat, supervised
+from edge_agent.service.health import Beat, loop_thread
 from edge_agent.service.outbox import Handoff
 from edge_agent.service.worker import ReplySink, Worker
 
@@ -180,11 +180,7 @@ class Intake:
     # ---- the intake thread ----------------------------------------------------------------
 
     def start(self) -> None:
-        if self.beat is None:
-            self._thread = threading.Thread(target=self._loop, name="intake", daemon=True)
-        else:
-            self._thread = supervised(self.beat, self._loop)
-        self._thread.start()
+        self._thread = loop_thread("intake", self.beat, self._loop)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._queue.put(None)

@@ -49,7 +49,7 @@ from edge_agent.core.operations import (
     to_retire,
 )
 from edge_agent.core.protocol import Topics, encode_json
-from edge_agent.service.health import Beat, supervised
+from edge_agent.service.health import Beat, loop_thread
 from edge_agent.service.modelswap import Fleet, Progress
 
 log = structlog.get_logger("edge_agent.operations")
@@ -172,11 +172,7 @@ class Operations:
         return self._shown or self._data.mode
 
     def start(self) -> None:
-        if self.beat is None:
-            self._thread = threading.Thread(target=self._loop, name="operations", daemon=True)
-        else:
-            self._thread = supervised(self.beat, self._loop)
-        self._thread.start()
+        self._thread = loop_thread("operations", self.beat, self._loop)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._queue.put(None)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from edge_agent.adapters.probe import Readings
 from edge_agent.core.protocol import Topics, encode_json
 from edge_agent.core.wire import TELEMETRY_VERSION, Info, Telemetry
-from edge_agent.service.health import Beat, supervised
+from edge_agent.service.health import Beat, loop_thread
 
 log = structlog.get_logger("edge_agent.telemetry")
 
@@ -177,11 +177,7 @@ class TelemetryLoop:
         self._failures = 0  # in a row
 
     def start(self) -> None:
-        if self._beat is None:
-            self._thread = threading.Thread(target=self._loop, name="telemetry", daemon=True)
-        else:
-            self._thread = supervised(self._beat, self._loop, name="telemetry")
-        self._thread.start()
+        self._thread = loop_thread("telemetry", self._beat, self._loop)
 
     def publish_now(self) -> None:
         self._kick.set()
