@@ -38,9 +38,9 @@ import pytest
 
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.mqtt import Requester
-from tests import nspawn
-from tests.conftest import reply_for
-from tests.playbook import play
+from tests.harness import nspawn
+from tests.harness.clients import reply_for
+from tests.harness.playbook import play
 
 MODEL = "smollm2-135m-instruct-q4_1"
 BASE = "/opt/edge-agent"

@@ -18,7 +18,7 @@ from edge_agent.core.schema import schema_for_fields
 from edge_agent.service.evaluation import above, evaluate
 from edge_agent.service.rows import load_rows
 from edge_agent.service.runner import JobRunner
-from tests.conftest import EVAL_DIR, eval_rows
+from tests.harness.clients import EVAL_DIR, eval_rows
 
 pytestmark = pytest.mark.model
 

@@ -30,7 +30,7 @@ import pytest
 
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.service.rows import file_sha256
-from tests.conftest import eval_rows
+from tests.harness.clients import eval_rows
 from tests.harness.process import AgentProcess, wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The installed llama.cpp loads and runs every architecture the product claims (llama for
 SmolLM2, gemma3 for Gemma-3, phi3 for Phi-4-mini) at every quantization it ships.
 
-The models are tiny synthetic GGUFs with random weights (tests/synthetic_gguf.py), built
+The models are tiny synthetic GGUFs with random weights (tests/harness/synthetic_gguf.py), built
 and quantized by llama.cpp's own quantizer on the spot: nothing is downloaded. Random
 weights make the answers meaningless, so what is checked is that each file is what the
 quantizer was asked for and that every engine path (label scoring, constrained extraction,
@@ -23,7 +23,7 @@ from edge_agent.adapters.engine import EngineConfig, LlamaEngine
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.prompt import classify_plan, extract_plan
 from edge_agent.core.schema import SchemaLimits, compile_schema
-from tests.synthetic_gguf import (
+from tests.harness.synthetic_gguf import (
     ARCHITECTURES,
     CHAT_MARKERS,
     N_LAYER,

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
-from tests.secure_broker import (
+from tests.harness.secure_broker import (
     BAD_USERNAME_OR_PASSWORD,
     DEPLOY,
     GRANTED_QOS_1,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.adapters.broker import LocalBroker
-from tests.conftest import NotifySocket
 from tests.harness import fuzz, scenarios, slowfs, tmpfs
+from tests.harness.clients import NotifySocket
 from tests.harness.process import (
     HEADER,
     Figures,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.adapters.broker import LocalBroker
-from tests.conftest import AgentFactory
+from tests.harness.clients import AgentFactory
 
 COMMANDS = ["run", "submit", "demo", "config", "probe", "select", "models", "bench", "eval"]
 

@@ -19,7 +19,7 @@ from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.mqtt import Requester
 from edge_agent.core.schema import schema_for_fields
 from edge_agent.service.worker import SHARE_MEMORY_S
-from tests.conftest import eval_rows, reply_for
+from tests.harness.clients import eval_rows, reply_for
 from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
 
 pytestmark = pytest.mark.model

@@ -21,7 +21,7 @@ from edge_agent.core.errors import Code, EngineError
 from edge_agent.core.inference import Interrupted
 from edge_agent.core.prompt import Example, classify_plan, extract_plan
 from edge_agent.core.schema import SchemaLimits, compile_schema, schema_for_fields
-from tests.conftest import eval_rows
+from tests.harness.clients import eval_rows
 
 pytestmark = pytest.mark.model
 

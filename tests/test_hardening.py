@@ -20,7 +20,7 @@ from edge_agent.adapters.settings import load_settings
 from edge_agent.core.errors import Code, JobError
 from edge_agent.core.protocol import Delivery, Topics, parse_job
 from edge_agent.service.app import job_limits
-from tests.conftest import reply_for
+from tests.harness.clients import reply_for
 from tests.harness.process import start_agent_process
 
 SECRET = "correct-horse-" + uuid.uuid4().hex

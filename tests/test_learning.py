@@ -36,7 +36,7 @@ from edge_agent.core.protocol import Delivery, JobLimits, Profile, Topics, parse
 from edge_agent.service.learning import learn, read_profile_rows, with_rows
 from edge_agent.service.rows import file_sha256, load_rows
 from edge_agent.service.runner import JobRunner
-from tests.conftest import EVAL_DIR, eval_rows, reply_for
+from tests.harness.clients import EVAL_DIR, eval_rows, reply_for
 
 SSH = "loghub_openssh_classify.jsonl"
 

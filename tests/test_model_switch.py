@@ -20,10 +20,10 @@ import pytest
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.mqtt import Incoming, Requester
 from edge_agent.core.catalog import Catalog
-from tests.conftest import AgentFactory, reply_for
+from tests.harness.clients import AgentFactory, reply_for
+from tests.harness.httpserver import Faults, serve
 from tests.harness.ops import by_device, ops_cli
 from tests.harness.process import AgentProcess
-from tests.httpserver import Faults, serve
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

@@ -20,8 +20,8 @@ import pytest
 
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.mqtt import Incoming, Requester
-from tests.conftest import AgentFactory, reply_for
 from tests.harness import opfuzz
+from tests.harness.clients import AgentFactory, reply_for
 from tests.harness.ops import by_device, ops_cli, ops_start
 from tests.harness.process import (
     AgentProcess,

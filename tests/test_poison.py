@@ -17,7 +17,7 @@ import pytest
 
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.mqtt import Requester
-from tests.conftest import reply_for
+from tests.harness.clients import reply_for
 from tests.harness.process import AgentProcess, start_agent_process, wait_for_log
 
 pytestmark = pytest.mark.model

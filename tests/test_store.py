@@ -15,7 +15,7 @@ import pytest
 from edge_agent.adapters.store import PARTIAL_DIR, fetch, load_lock, plan_gc, record_loaded, verify
 from edge_agent.core.catalog import ModelEntry
 from edge_agent.core.errors import ChecksumMismatch, StoreError, UnpinnedModel
-from tests.httpserver import serve
+from tests.harness.httpserver import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)  # a few MiB so the transfer spans many chunks

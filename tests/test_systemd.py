@@ -27,9 +27,9 @@ from edge_agent.core.protocol import Delivery, JobLimits, parse_job
 from edge_agent.service.health import Health
 from edge_agent.service.runner import JobRunner
 from edge_agent.service.worker import Worker
-from tests.conftest import NotifySocket
+from tests.harness.clients import NotifySocket
+from tests.harness.fakes import MODEL, TOPICS, RecordingOutbox
 from tests.harness.process import start_agent_process, wait_for_log
-from tests.test_worker import MODEL, TOPICS, RecordingOutbox
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"

@@ -37,10 +37,10 @@ from typing import Any
 
 import pytest
 
-from tests import nspawn
-from tests.playbook import Run
-from tests.playbook import play as playbook_run
-from tests.secure_broker import FleetBroker, Message, Probe
+from tests.harness import nspawn
+from tests.harness.playbook import Run
+from tests.harness.playbook import play as playbook_run
+from tests.harness.secure_broker import FleetBroker, Message, Probe
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.adapters.journal import Journal, RunningMarker, Stored
+from edge_agent.adapters.journal import Journal, RunningMarker
 from edge_agent.adapters.mqtt import Incoming
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, EngineError
@@ -27,14 +27,12 @@ from edge_agent.core.inference import (
 )
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.prompt import PromptPlan
-from edge_agent.core.protocol import Delivery, JobLimits, ModelRef, Reply, Status, Topics, parse_job
+from edge_agent.core.protocol import Delivery, JobLimits, Reply, Status, parse_job
 from edge_agent.service.intake import Handing, Intake
-from edge_agent.service.outbox import Handoff, Memo
+from edge_agent.service.outbox import Memo
 from edge_agent.service.runner import JobRunner
 from edge_agent.service.worker import Worker
-
-TOPICS = Topics("edge", "pi-1", "g")
-MODEL = ModelRef("fake", "Q0", None)
+from tests.harness.fakes import MODEL, TOPICS, RecordingOutbox
 
 
 @dataclass
@@ -105,55 +103,6 @@ class FakeEngine:
         """Until the worker thread has started the job whose text is `text`."""
         with self.started:
             assert self.started.wait_for(lambda: text in self.seen, timeout), self.seen
-
-
-@dataclass
-class RecordingOutbox:
-    replies: list[Reply] = field(default_factory=list)
-    progress: list[Reply] = field(default_factory=list)
-    acks: list[str] = field(default_factory=list)
-    memos: list[Memo | None] = field(default_factory=list)
-    resent: list[Stored] = field(default_factory=list)
-    handed: list[Handoff] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def deliver(
-        self,
-        reply: Reply,
-        acks: Callable[[], None] | Sequence[Callable[[], None]],
-        memo: Memo | None = None,
-    ) -> None:
-        with self.cond:
-            self.replies.append(reply)
-            self.memos.append(memo)
-            for ack in [acks] if callable(acks) else acks:
-                ack()
-            self.cond.notify_all()
-
-    def notify(self, reply: Reply) -> None:
-        self.progress.append(reply)
-
-    def resend(self, stored: Stored, correlation_data: bytes | None) -> None:
-        with self.cond:
-            self.resent.append(stored)
-            self.cond.notify_all()
-
-    def hand_back(self, job: Handoff, ack: Callable[[], None], undo: Callable[[], None]) -> None:
-        self.handed.append(job)
-        ack()
-
-    def uncommitted(self, key: str) -> bool:
-        return False
-
-    def wait(self, count: int, timeout: float = 5.0) -> list[Reply]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.replies) >= count, timeout), self.replies
-            return list(self.replies)
-
-    def wait_acks(self, count: int, timeout: float = 5.0) -> list[str]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.acks) >= count, timeout), self.acks
-            return list(self.acks)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 CACHE = Path(os.environ.get("EDGE_AGENT_TEST_CACHE", "/var/cache/edge-agent-test"))
 # Scratch space for containers (overlay upper layers), outside the repository.
 SCRATCH = CACHE / "containers"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
 BIN = Path(sys.executable).parent
 PLUGINS = ROOT / "tests" / "ansible_plugins" / "connection"

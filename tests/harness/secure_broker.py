@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.adapters.broker import find_mosquitto, free_port, stop_process, wait_for_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy" / "mosquitto"
 
 # MQTT 5 reason codes the broker answers with.
