@@ -529,3 +529,15 @@ def test_operations_run_while_the_board_drains(rig: Any) -> None:
     assert rig.broker.state("c1")["result"] == {"queued": 2, "running": 0}
     rig.settle()  # the cancel emptied the board: the drain is done
     assert rig.broker.state("d1")["state"] == "successful" and rig.ops.mode == "drained"
+
+
+def test_a_restart_cut_short_in_its_drain_comes_back_serving(rig: Any) -> None:
+    """The drain was the restart's means, not the operator's wish: a crash during it does
+    not leave the board out of the fleet."""
+    rig.agent.held = 1
+    rig.send("r1", "restart")
+    rig.settle()
+    assert rig.ops.mode == "draining" and Ledger(rig.path).load().mode == "draining"
+    again = Operations(topics=TOPICS, controls=FakeAgent(), ledger=Ledger(rig.path),
+                       publish=Broker().publish, session=2)  # fmt: skip
+    assert again.recover() == "serving"

@@ -160,6 +160,10 @@ class Operations:
         now = self.now()
         for op_id, record in list(data.records.items()):
             if not record.final:
+                before = record.memo.get("mode_before")
+                if before in ("serving", "drained") and data.mode == "draining":
+                    # a restart's drain, cut short: the operator never asked for draining
+                    data.mode = before
                 after = recovered(record, now, self.session)
                 data.records[op_id] = after
                 self._audit(after, recovered=True)
