@@ -541,3 +541,14 @@ def test_a_restart_cut_short_in_its_drain_comes_back_serving(rig: Any) -> None:
     again = Operations(topics=TOPICS, controls=FakeAgent(), ledger=Ledger(rig.path),
                        publish=Broker().publish, session=2)  # fmt: skip
     assert again.recover() == "serving"
+
+
+def test_the_log_tail_keeps_to_its_size_in_lines_and_characters() -> None:
+    tail = Tail(size=100, max_chars=10_000)
+    for i in range(50):
+        tail.add(f"{i:03d}" + "x" * 997)  # 1000 characters each
+    kept = tail.last(100)
+    assert len(kept) == 10 and kept[-1].startswith("049") and kept[0].startswith("040")
+    for i in range(300):
+        tail.add(f"s{i}")
+    assert len(tail.last(1000)) == 100

@@ -35,6 +35,7 @@ PRIORITY = {
 # The last lines the agent logged, kept for the `logs` operation (docs/operations.md).
 TAIL_LINES = 5000
 TAIL_LINE_CHARS = 4096
+TAIL_CHARS = 2 * 1024 * 1024
 # Values of these keys never reach a line: whatever logs them by mistake.
 SECRET_KEYS = frozenset(
     {"password", "passwd", "secret", "authorization", "credentials", "api_key", "private_key"}
@@ -43,10 +44,14 @@ MASK = "**********"
 
 
 class Tail:
-    """The last TAIL_LINES rendered lines, with when each was logged (any thread)."""
+    """The last lines rendered, with when each was logged (any thread): at most `size`
+    lines and `max_chars` characters (a debug storm of long lines stays a few MiB)."""
 
-    def __init__(self, size: int = TAIL_LINES) -> None:
-        self._lines: deque[tuple[float, str]] = deque(maxlen=size)
+    def __init__(self, size: int = TAIL_LINES, max_chars: int = TAIL_CHARS) -> None:
+        self._lines: deque[tuple[float, str]] = deque()
+        self._size = size
+        self._max_chars = max_chars
+        self._chars = 0
         self._secrets: set[str] = set()
         self._lock = threading.Lock()
 
@@ -56,7 +61,11 @@ class Tail:
                 text = text.replace(secret, MASK)
         if len(text) > TAIL_LINE_CHARS:
             text = text[: TAIL_LINE_CHARS - 1] + "…"
-        self._lines.append((time.time(), text))
+        with self._lock:
+            self._lines.append((time.time(), text))
+            self._chars += len(text)
+            while self._lines and (len(self._lines) > self._size or self._chars > self._max_chars):
+                self._chars -= len(self._lines.popleft()[1])
 
     def redact(self, secret: str) -> None:
         """Never keep `secret` in a line (the MQTT password; credentials' contents)."""
@@ -66,7 +75,8 @@ class Tail:
 
     def last(self, lines: int, since_s: float | None = None) -> list[str]:
         """The newest `lines` lines, oldest first; only the last `since_s` seconds'."""
-        snapshot = list(self._lines)
+        with self._lock:
+            snapshot = list(self._lines)
         if since_s is not None:
             horizon = time.time() - since_s
             snapshot = [item for item in snapshot if item[0] >= horizon]
