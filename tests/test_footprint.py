@@ -2,7 +2,7 @@
 
 What `edge-agent run` imports before it serves (the modules `python -m bench.memory
 imports` measures) leaves out the other commands' code and libraries, and
-llama-cpp-python's high-level layer: adapters/llama_lib.py loads the ctypes bindings
+llama-cpp-python's high-level layer: adapters/engine/bindings.py loads the ctypes bindings
 alone, and the package stays whole for whoever asks it for more.
 """
 
@@ -58,14 +58,14 @@ def test_the_run_path_imports_none_of_the_other_commands_libraries() -> None:
     )
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout))
-    assert {"edge_agent.adapters.llama_lib", "llama_cpp.llama_cpp", "numpy"} <= loaded
+    assert {"edge_agent.adapters.engine.bindings", "llama_cpp.llama_cpp", "numpy"} <= loaded
     assert sorted(loaded.intersection(NOT_IN_RUN)) == []
 
 
 def test_llama_cpp_is_whole_for_whoever_asks_after_the_engine() -> None:
     result = python(
         "import sys\n"
-        "from edge_agent.adapters.llama_lib import bindings\n"
+        "from edge_agent.adapters.engine.bindings import bindings\n"
         "assert 'llama_cpp.llama' not in sys.modules\n"
         "import llama_cpp\n"
         "from llama_cpp import LlamaGrammar\n"
@@ -79,12 +79,12 @@ def test_llama_cpp_is_whole_for_whoever_asks_after_the_engine() -> None:
     assert (llama, grammar) == ("Llama", "LlamaGrammar")
 
 
-def test_llama_lib_falls_back_to_the_ordinary_import() -> None:
+def test_the_bindings_loader_falls_back_to_the_ordinary_import() -> None:
     result = python(
         "import importlib.util, sys\n"
         "find = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda name, *a: None if name == 'llama_cpp' else find(name, *a)\n"
-        "from edge_agent.adapters.llama_lib import bindings\n"
+        "from edge_agent.adapters.engine.bindings import bindings\n"
         "print(bindings.__name__, 'llama_cpp.llama' in sys.modules)"
     )
     assert result.returncode == 0, result.stderr

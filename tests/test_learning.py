@@ -253,20 +253,24 @@ def drain(reading: Any) -> Any:
 def test_the_tap_reads_the_same_with_prefixes_kept_as_fresh(smollm2: Any) -> None:
     """Jobs of two learned profiles alternate: each profile's prefix stays evaluated in a
     sequence of its own, and a read that reuses it gives what a fresh context gives."""
-    from edge_agent.adapters.tap import LayerTap
+    from edge_agent.adapters.engine.tap import CHUNK, PREFIXES, LayerTap
 
-    shapes = [smollm2._shape(classify_plan(labels, None, ())) for labels in (("ok", "bad"), ("up", "down", "gone"))]  # fmt: skip
+    plans = [classify_plan(labels, None, ()) for labels in (("ok", "bad"), ("up", "down", "gone"))]  # fmt: skip
     texts = ("disk full on /var", "fan ok", "link to gw-2 lost")
-    kept = LayerTap(smollm2._model, 512, 2)
+
+    def new_tap() -> LayerTap:
+        return LayerTap(smollm2._ctx.tap(512, 2, CHUNK, 1 + PREFIXES))
+
+    kept = new_tap()
     try:
         reads = []
-        for shape, text in [(shapes[0], texts[0]), (shapes[1], texts[1]), (shapes[0], texts[2]), (shapes[1], texts[0])]:  # fmt: skip
-            reads.append(drain(kept.read(shape.prefix_tokens, smollm2._job_tokens(shape, text), (7, 29))))  # fmt: skip
+        for plan, text in [(plans[0], texts[0]), (plans[1], texts[1]), (plans[0], texts[2]), (plans[1], texts[0])]:  # fmt: skip
+            reads.append(drain(kept.read(*smollm2.job_tokens(plan, text), (7, 29))))
         assert len(kept._prefixes) == 2  # both prefixes kept
-        for i, (shape, text) in enumerate([(shapes[0], texts[2]), (shapes[1], texts[0])], start=2):
-            fresh = LayerTap(smollm2._model, 512, 2)
+        for i, (plan, text) in enumerate([(plans[0], texts[2]), (plans[1], texts[0])], start=2):
+            fresh = new_tap()
             try:
-                want = drain(fresh.read(shape.prefix_tokens, smollm2._job_tokens(shape, text), (7, 29)))  # fmt: skip
+                want = drain(fresh.read(*smollm2.job_tokens(plan, text), (7, 29)))
             finally:
                 fresh.close()
             for layer in (7, 29):

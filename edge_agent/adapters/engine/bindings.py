@@ -1,6 +1,6 @@
 """llama.cpp's C API: llama-cpp-python's ctypes bindings, without the rest of the package.
 
-Part of the llama.cpp adapter (engine.py imports `bindings` from here as `llama`).
+Part of the llama.cpp adapter (only context.py imports `bindings` from here, as `llama`).
 `import llama_cpp` runs the package's __init__, which also imports the high-level `Llama`
 class and with it jinja2 (chat formats), diskcache, multiprocessing and numpy's extras:
 about 6 MiB resident in every agent that the engine never uses (`python -m bench.memory
