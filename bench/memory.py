@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.memory imports numpy     # any modules, same table
     .venv/bin/python -m bench.memory agent             # a real agent, bundled model, warm
     .venv/bin/python -m bench.memory agent --jobs 0    # the same, as it starts
+    .venv/bin/python -m bench.memory agent --set model.kv_cache_type=q8_0  # with a setting
     .venv/bin/python -m bench.memory --source DIR ...  # the same, for the tree in DIR
 
 `imports` runs a fresh interpreter that imports what `edge-agent run` imports before it
@@ -186,18 +187,22 @@ def smaps(pid: int, model: Path) -> dict[str, int]:
     return dict(kinds)
 
 
-def print_agent(jobs: int, settle_s: float) -> None:
+def print_agent(jobs: int, settle_s: float, settings: list[str]) -> None:
     from bench.performance import bundled_model, warm_agent
 
     model = bundled_model()
     work = Path(tempfile.mkdtemp(prefix="edge-mem-"))
-    with warm_agent(work, jobs=jobs) as agent:
+    env = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        env["EDGE_AGENT_" + key.upper().replace(".", "__")] = value
+    with warm_agent(work, jobs=jobs, env=env) as agent:
         time.sleep(settle_s)
         kinds = smaps(agent.proc.pid, model)
     total, mapped = kinds["total"], kinds.get("model file", 0)
     print(
         f"agent with {model.name} ({model.stat().st_size / MIB:.1f} MiB file), after {jobs} "
-        f"classify and {jobs} extract jobs"
+        f"classify and {jobs} extract jobs" + (f", with {' '.join(settings)}" if settings else "")
     )
     print("| mapping | resident MiB |\n|---|---|")
     for kind in ("model file", "anonymous", "heap", "shared libraries", "stacks", "other files",
@@ -231,6 +236,11 @@ def main() -> int:
         "--jobs", type=int, default=10, help="classify and extract jobs each (default 10; 0: "
         "the agent as it starts, model loaded)",
     )  # fmt: skip
+    agent.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+        help="a setting for the agent, e.g. model.kv_cache_type=q8_0 (as its environment "
+        "variable EDGE_AGENT_MODEL__KV_CACHE_TYPE)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.source is not None:
         # `python -m edge_agent` and `python -c` put their working directory first
@@ -239,7 +249,7 @@ def main() -> int:
     if args.what == "imports":
         print_imports(args.modules or RUN_PATH, args.detail)
     else:
-        print_agent(args.jobs, args.settle)
+        print_agent(args.jobs, args.settle, args.settings)
     return 0
 
 

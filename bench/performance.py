@@ -325,12 +325,15 @@ def constrained_vs_free(model: Path, rounds: int = 5) -> tuple[float, float, flo
 
 
 @contextlib.contextmanager
-def warm_agent(work: Path, jobs: int = 10) -> Iterator[AgentProcess]:
+def warm_agent(
+    work: Path, jobs: int = 10, env: dict[str, str] | None = None
+) -> Iterator[AgentProcess]:
     """A broker and an agent with the bundled model that has answered `jobs` classify and
-    `jobs` extract jobs: what the memory figures are read from (also by bench/memory.py)."""
+    `jobs` extract jobs: what the memory figures are read from (also by bench/memory.py,
+    whose `--set` settings come in `env`)."""
     with LocalBroker(workdir=work / "broker") as broker:
         agent = start_agent_process(
-            broker.url, f"m{uuid.uuid4().hex[:6]}", work / "agent", log_level="info"
+            broker.url, f"m{uuid.uuid4().hex[:6]}", work / "agent", log_level="info", env=env
         )
         client = Requester("127.0.0.1", broker.port, "perf-mem")
         client.connect()

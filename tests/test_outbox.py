@@ -13,6 +13,7 @@ from edge_agent.adapters.journal import Journal, job_key
 from edge_agent.core.errors import Code
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import MAX_DEADLINE_S, Reply, ReplyRoute, Status
+from edge_agent.core.wire import ClassifyResult
 from edge_agent.service.outbox import (
     MAX_DROPS,
     MAX_SEND_FAILURES,
@@ -246,7 +247,7 @@ def big_reply(job_id: str, ignored: int) -> Reply:
         status=Status.DONE,
         device="d",
         route=ReplyRoute(topic=f"r/{job_id}"),
-        result={"label": "a", "scores": {"a": 1.0}, "confidence": 1.0},
+        result=ClassifyResult(label="a", scores={"a": 1.0}, confidence=1.0),
         ignored=tuple(f"{i:03d}" + "ж" * 60 for i in range(ignored)),
     )
 

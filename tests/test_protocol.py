@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.core.errors import MAX_MESSAGE_CHARS, Code, JobError
+from edge_agent.core.inference import Timings
 from edge_agent.core.protocol import (
     MAX_IGNORED,
     MAX_IGNORED_CHARS,
@@ -24,9 +25,9 @@ from edge_agent.core.protocol import (
     fit_reply,
     parse_job,
     reply_route,
-    timings_dict,
     topic_name_problem,
 )
+from edge_agent.core.wire import ClassifyResult, ModelRef, ReplyTimings
 
 TOPICS = Topics(prefix="edge", device_id="pi-1", share_group="g")
 LIMITS = JobLimits()
@@ -264,11 +265,26 @@ def test_reply_wire_form() -> None:
     }
 
 
-def test_timings_rates_are_derived() -> None:
-    t = timings_dict(1, 100, 500, 601, 30, 10, 50)
-    assert t["tokens_per_second"] == 100.0
-    assert t["prompt_tokens_per_second"] == 300.0
-    assert timings_dict(0, 0, 0, 0, 0, 0, 0)["tokens_per_second"] is None
+def test_timings_rates_are_the_engines_rounded_once() -> None:
+    t = ReplyTimings.of(Timings(100, 500, 30, 10, 50), queue_ms=1, total_ms=601.04)
+    assert t.tokens_per_second == 100.0
+    assert t.prompt_tokens_per_second == 300.0
+    assert t.total_ms == 601.0
+    assert ReplyTimings.of(Timings(), 0, 0).tokens_per_second is None
+    assert ReplyTimings.of(Timings(gen_ms=float("nan")), 0, float("inf")).total_ms == 0.0
+
+
+def test_a_done_reply_carries_the_typed_result_model_and_timings_as_sent() -> None:
+    reply = Reply(
+        job_id="x", status=Status.DONE, device="pi-1", route=ReplyRoute(topic="r"),
+        model=ModelRef(name="m", quant="Q4_1", sha256=None),
+        result=ClassifyResult(label="ok", scores={"ok": 0.9, "bad": 0.1}, confidence=0.9),
+        timings=ReplyTimings.of(Timings(10, 20, 5, 0, 1), 0, 30),
+    )  # fmt: skip
+    body = json.loads(reply.encode())
+    assert body["result"] == {"label": "ok", "scores": {"ok": 0.9, "bad": 0.1}, "confidence": 0.9}
+    assert body["model"] == {"name": "m", "quant": "Q4_1", "sha256": None}
+    assert body["timings"]["tokens_per_second"] == 50.0
 
 
 def test_topics_are_built_in_one_place() -> None:
@@ -456,7 +472,7 @@ def done_reply(ignored: int = 0, labels: int = 2) -> bytes:
     scores = {f"label-{i}": 1.0 / labels for i in range(labels)}
     return Reply(
         job_id="j", status=Status.DONE, device="d", route=ReplyRoute("r", correlation_id="c"),
-        result={"label": "label-0", "scores": scores, "raw_scores": scores, "confidence": 0.5},
+        result=ClassifyResult(label="label-0", scores=scores, raw_scores=scores, confidence=0.5),
         ignored=tuple(f"{i:03d}" for i in range(ignored)),
     ).encode()  # fmt: skip
 

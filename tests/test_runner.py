@@ -70,7 +70,7 @@ def job(body: dict[str, Any], kind: str = "classify") -> Any:
 
 def test_a_classify_result_carries_calibrated_and_raw_scores_and_its_confidence() -> None:
     result = JobRunner(ScriptedEngine()).run(job({"labels": ["ok", "alarm"]}), lambda: False)
-    assert result.result == {
+    assert result.result.model_dump(exclude_none=True) == {
         "label": "alarm",
         "scores": {"ok": 0.35, "alarm": 0.65},
         "raw_scores": {"ok": 0.6, "alarm": 0.4},
@@ -82,14 +82,14 @@ def test_a_classify_result_carries_calibrated_and_raw_scores_and_its_confidence(
 def test_a_job_threshold_marks_an_unsure_label(threshold: float, uncertain: bool) -> None:
     body = {"labels": ["ok", "alarm"], "min_confidence": threshold}
     result = JobRunner(ScriptedEngine()).run(job(body), lambda: False).result
-    assert result["uncertain"] is uncertain
+    assert result.uncertain is uncertain
 
 
 def test_the_agents_threshold_applies_unless_the_job_sets_its_own() -> None:
     runner = JobRunner(ScriptedEngine(), min_confidence=0.9)
-    assert runner.run(job({"labels": ["ok", "alarm"]}), lambda: False).result["uncertain"]
+    assert runner.run(job({"labels": ["ok", "alarm"]}), lambda: False).result.uncertain
     own = job({"labels": ["ok", "alarm"], "min_confidence": 0.1})
-    assert not runner.run(own, lambda: False).result["uncertain"]
+    assert not runner.run(own, lambda: False).result.uncertain
 
 
 def test_label_descriptions_go_into_the_fixed_part() -> None:
@@ -132,7 +132,7 @@ def test_an_extraction_is_grounded_and_carries_each_fields_confidence() -> None:
     engine = ScriptedEngine(b'{"device": "P-3", "temp": 71}', {"device": 0.95, "temp": 0.55})
     body = {"schema": SCHEMA, "min_confidence": 0.7}
     result = JobRunner(engine).run(job(body, "extract"), lambda: False).result
-    assert result == {
+    assert result.model_dump(exclude_none=True) == {
         "data": {"device": "P-3", "temp": 71},
         "confidence": {"device": 0.95, "temp": 0.55},
         "uncertain": ["temp"],

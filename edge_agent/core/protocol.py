@@ -8,7 +8,6 @@ decided here.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -20,7 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edge_agent.core.errors import Code, JobError, clip
 from edge_agent.core.prompt import Example, canonical_json
 from edge_agent.core.schema import ObjectNode, SchemaLimits, compile_schema
-from edge_agent.core.wire import WIRE_VERSION, ReplyMessage
+from edge_agent.core.wire import (
+    WIRE_VERSION,
+    ClassifyResult,
+    ExtractResult,
+    ModelRef,
+    ReplyError,
+    ReplyMessage,
+    ReplyTimings,
+)
 
 KINDS = ("classify", "extract")
 Kind = Literal["classify", "extract"]
@@ -787,57 +794,48 @@ def _job_error(exc: ValidationError) -> JobError:
 
 
 @dataclass(frozen=True)
-class ModelRef:
-    name: str
-    quant: str
-    sha256: str | None
-
-
-@dataclass(frozen=True)
 class Reply:
-    """One answer to one job. `encode()` gives the wire form."""
+    """One answer to one job, in the wire's own typed parts (`core.wire`); `encode()`
+    gives the bytes sent."""
 
     job_id: str | None
     status: Status
     device: str
     route: ReplyRoute
     model: ModelRef | None = None
-    result: dict[str, Any] | None = None
+    result: ClassifyResult | ExtractResult | None = None
     error_code: Code | None = None
     error_message: str | None = None
     retry_after_ms: int | None = None
-    timings: dict[str, Any] | None = None
+    timings: ReplyTimings | None = None
     ignored: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
-        """The wire form, built through `wire.ReplyMessage`: a reply that does not fit the
-        documented shape raises here instead of reaching a sensor."""
-        error: dict[str, Any] | None = None
+    def message(self) -> ReplyMessage:
+        """The wire message: a reply that does not fit the documented shape raises here
+        instead of reaching a sensor."""
+        error = None
         if self.error_code is not None:
-            error = {"code": str(self.error_code), "message": self.error_message or ""}
-            if self.retry_after_ms is not None:
-                error["retry_after_ms"] = self.retry_after_ms
-        message = ReplyMessage.model_validate(
-            {
-                "v": WIRE_VERSION,
-                "id": self.job_id,
-                "status": str(self.status),
-                "device": self.device,
-                "model": None
-                if self.model is None
-                else {
-                    "name": self.model.name,
-                    "quant": self.model.quant,
-                    "sha256": self.model.sha256,
-                },
-                "result": self.result,
-                "error": error,
-                "timings": self.timings,
-                "correlation_id": self.route.correlation_id,
-                "ignored": list(self.ignored) if self.ignored else None,
-            }
+            error = ReplyError(
+                code=str(self.error_code),
+                message=self.error_message or "",
+                retry_after_ms=self.retry_after_ms,
+            )
+        return ReplyMessage(
+            v=WIRE_VERSION,
+            id=self.job_id,
+            status=str(self.status),  # type: ignore[arg-type]  # Status's values are the Literal's
+            device=self.device,
+            model=self.model,
+            result=self.result,
+            error=error,
+            timings=self.timings,
+            correlation_id=self.route.correlation_id,
+            ignored=list(self.ignored) if self.ignored else None,
         )
-        return message.wire()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object sent (`ReplyMessage.wire`)."""
+        return self.message().wire()
 
     def encode(self) -> bytes:
         return encode_json(self.to_dict())
@@ -902,32 +900,3 @@ def rejection(
         error_message=error.message,
         retry_after_ms=retry_after_ms,
     )
-
-
-def timings_dict(
-    queue_ms: float,
-    prompt_ms: float,
-    gen_ms: float,
-    total_ms: float,
-    prompt_tokens: int,
-    cached_tokens: int,
-    completion_tokens: int,
-) -> dict[str, Any]:
-    """The reply's `timings` member; rates are derived here so they always agree."""
-    tps = completion_tokens / (gen_ms / 1000.0) if completion_tokens and gen_ms > 0 else None
-    pps = prompt_tokens / (prompt_ms / 1000.0) if prompt_tokens and prompt_ms > 0 else None
-    return {
-        "queue_ms": _ms(queue_ms),
-        "prompt_ms": _ms(prompt_ms),
-        "gen_ms": _ms(gen_ms),
-        "total_ms": _ms(total_ms),
-        "prompt_tokens": prompt_tokens,
-        "cached_tokens": cached_tokens,
-        "completion_tokens": completion_tokens,
-        "tokens_per_second": None if tps is None else round(tps, 1),
-        "prompt_tokens_per_second": None if pps is None else round(pps, 1),
-    }
-
-
-def _ms(value: float) -> float:
-    return round(value, 1) if math.isfinite(value) else 0.0

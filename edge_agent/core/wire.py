@@ -11,11 +11,14 @@ contract); the protocol schema carries it too.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import math
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-WIRE_VERSION = 1
+from edge_agent.core.inference import Timings
+
+WIRE_VERSION: Final = 1
 TELEMETRY_VERSION = 1
 
 NonNegative = Annotated[int, Field(ge=0)]
@@ -82,6 +85,27 @@ class ReplyTimings(_Message):
     completion_tokens: NonNegative
     tokens_per_second: Rate
     prompt_tokens_per_second: Rate
+
+    @classmethod
+    def of(cls, timings: Timings, queue_ms: float, total_ms: float) -> ReplyTimings:
+        """A finished job's timings as sent: the rates are the engine's (`Timings`, the one
+        place they are computed), everything rounded to 0.1."""
+        tps, pps = timings.tokens_per_second, timings.prompt_tokens_per_second
+        return cls(
+            queue_ms=_ms(queue_ms),
+            prompt_ms=_ms(timings.prompt_ms),
+            gen_ms=_ms(timings.gen_ms),
+            total_ms=_ms(total_ms),
+            prompt_tokens=timings.prompt_tokens,
+            cached_tokens=timings.cached_tokens,
+            completion_tokens=timings.completion_tokens,
+            tokens_per_second=None if tps is None else round(tps, 1),
+            prompt_tokens_per_second=None if pps is None else round(pps, 1),
+        )
+
+
+def _ms(value: float) -> float:
+    return round(value, 1) if math.isfinite(value) else 0.0
 
 
 class ClassifyResult(_Message):

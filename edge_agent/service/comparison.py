@@ -32,6 +32,7 @@ from edge_agent.core.learning import SURE, bag, candidate_layers, folds_for, nea
 from edge_agent.core.metrics import percentile
 from edge_agent.core.prompt import Example, canonical_json
 from edge_agent.core.protocol import Delivery, JobLimits, Profile, Topics, parse_job
+from edge_agent.core.wire import ClassifyResult, ExtractResult
 from edge_agent.service.learning import NEAREST, calibrated_head, embed_all, plan_of
 from edge_agent.service.rows import schema_of
 from edge_agent.service.runner import JobRunner
@@ -272,6 +273,7 @@ def _answer(
         full["examples"] = shots
     delivery = Delivery(f"eval/jobs/{body['kind']}", json.dumps(full).encode(), time.time())
     start = time.perf_counter()
+    found: ClassifyResult | ExtractResult | None
     try:
         job = parse_job(delivery, _TOPICS, _LIMITS)
         if once:
@@ -291,20 +293,22 @@ def _answer(
         if found is None:
             score.failed += 1
             return
-        right = found["label"] == row["label"]
+        assert isinstance(found, ClassifyResult)
+        right = found.label == row["label"]
         score.right += right
-        score.judged.append((float(found["confidence"]), right))
+        score.judged.append((found.confidence, right))
         return
     expected = row["expected"]
     score.scored += len(expected)
     if found is None:
         score.failed += 1
         return
+    assert isinstance(found, ExtractResult)
     for name, value in expected.items():
-        right = same_value(found["data"].get(name), value)
+        right = same_value(found.data.get(name), value)
         score.right += right
-        if name in found["confidence"]:
-            score.judged.append((float(found["confidence"][name]), right))
+        if name in found.confidence:
+            score.judged.append((found.confidence[name], right))
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

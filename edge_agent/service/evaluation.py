@@ -32,6 +32,7 @@ from edge_agent.core.inference import Engine
 from edge_agent.core.metrics import percentile
 from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
 from edge_agent.core.schema import problems, schema_for_fields
+from edge_agent.core.wire import ClassifyResult
 from edge_agent.service.rows import TEST, TUNE
 from edge_agent.service.runner import JobRunner
 
@@ -158,16 +159,16 @@ def evaluate(
         outcome = runner.run(job, lambda: False)
         result.latencies_ms.append((time.perf_counter() - start) * 1000)
         found = outcome.result
-        if row["_kind"] == "classify":
-            right = found["label"] == row["label"]
+        if isinstance(found, ClassifyResult):
+            right = found.label == row["label"]
             score.classify_rows += 1
             score.correct += right
             if not right:
-                result.confusions[(row["label"], found["label"])] += 1
+                result.confusions[(row["label"], found.label)] += 1
             if row["_split"] == TEST:
-                result.judged.append((float(found["confidence"]), right))
+                result.judged.append((found.confidence, right))
         else:
-            data, expected = found["data"], row["expected"]
+            data, expected = found.data, row["expected"]
             score.extract_rows += 1
             score.exact += data == expected
             score.valid += job.node is not None and not problems(data, job.node)
@@ -175,8 +176,8 @@ def evaluate(
                 right = _same_value(data.get(name), value)
                 score.fields_total += 1
                 score.fields_right += right
-                if row["_split"] == TEST and name in found["confidence"]:
-                    result.judged.append((float(found["confidence"][name]), right))
+                if row["_split"] == TEST and name in found.confidence:
+                    result.judged.append((found.confidence[name], right))
         score.rows += 1
         progress(index, len(rows))
     return result

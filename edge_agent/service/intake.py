@@ -41,7 +41,6 @@ from edge_agent.core.protocol import (
     Delivery,
     Job,
     JobLimits,
-    ModelRef,
     Profile,
     Reply,
     ReplyRoute,
@@ -52,6 +51,7 @@ from edge_agent.core.protocol import (
     rejection,
     reply_route,
 )
+from edge_agent.core.wire import ModelRef
 from edge_agent.service.health import Beat, loop_thread
 from edge_agent.service.outbox import Handoff
 from edge_agent.service.worker import ReplySink, Worker

@@ -386,7 +386,7 @@ def _learn_extract(
         except JobError:
             continue
         outcome = runner.extraction_result(node, found)
-        held.append((r.rows[i]["expected"], outcome["data"], outcome["confidence"]))
+        held.append((r.rows[i]["expected"], outcome.data, outcome.confidence))
         progress(r.name, n + 1, len(check))
     fields = list(r.rows[0]["expected"])
     report = extract_report(

@@ -24,7 +24,7 @@ from edge_agent.adapters.settings import Settings
 from edge_agent.adapters.store import entry_for_path, locate, record_loaded, verify
 from edge_agent.core.catalog import Catalog, ModelEntry, Policy, Runtime, Selection, select
 from edge_agent.core.errors import ConfigError, EngineUnavailable, ModelError, ModelNotFound
-from edge_agent.core.protocol import ModelRef
+from edge_agent.core.wire import ModelRef
 from edge_agent.service.measured import measured_speeds
 
 log = structlog.get_logger("edge_agent.loader")

@@ -233,7 +233,7 @@ class ModelSwap:
         job = parse_job(delivery, self.topics, self.limits, {}, data=data, route=route)
         runner.check_budget(job)
         outcome = runner.run(job, lambda: False)
-        label = outcome.result.get("label")
+        label = getattr(outcome.result, "label", None)
         if label not in TEST_LABELS:
             raise Failed(OpCode.TEST_FAILED, f"the test job was answered {label!r}")
 

@@ -11,7 +11,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, EngineError, JobError
@@ -28,6 +28,7 @@ from edge_agent.core.inference import (
 from edge_agent.core.prompt import Example, PromptPlan, classify_plan, extract_plan
 from edge_agent.core.protocol import Job
 from edge_agent.core.schema import ObjectNode, problems
+from edge_agent.core.wire import ClassifyResult, ExtractResult
 
 if TYPE_CHECKING:
     from edge_agent.service.learning import Learned
@@ -38,7 +39,9 @@ _SCORE_DIGITS = 4
 
 @dataclass(frozen=True)
 class Outcome:
-    result: dict[str, Any]
+    """A finished job: its reply's `result` (the wire's own model) and what it cost."""
+
+    result: ClassifyResult | ExtractResult
     timings: Timings
 
 
@@ -180,24 +183,25 @@ class JobRunner:
             )
         if isinstance(found, Classification):
             confidence = found.scores[found.label]
-            result: dict[str, Any] = {
-                "label": found.label,
-                "scores": _rounded(found.scores),
-                "confidence": round(confidence, _SCORE_DIGITS),
-            }
-            if found.raw_scores is not None:
-                result["raw_scores"] = _rounded(found.raw_scores)
-            if threshold is not None:
-                result["uncertain"] = confidence < threshold
-            return Outcome(result, found.timings)
+            return Outcome(
+                ClassifyResult(
+                    label=found.label,
+                    scores=_rounded(found.scores),
+                    confidence=round(confidence, _SCORE_DIGITS),
+                    raw_scores=None if found.raw_scores is None else _rounded(found.raw_scores),
+                    uncertain=None if threshold is None else confidence < threshold,
+                ),
+                found.timings,
+            )
         assert isinstance(found, Extraction)
         assert job.node is not None
         extracted = self.extraction_result(job.node, found)
         if threshold is not None:
-            extracted["uncertain"] = sorted(f for f, p in found.confidence.items() if p < threshold)
+            uncertain = sorted(f for f, p in found.confidence.items() if p < threshold)
+            extracted = extracted.model_copy(update={"uncertain": uncertain})
         return Outcome(extracted, found.timings)
 
-    def extraction_result(self, node: ObjectNode, found: object) -> dict[str, Any]:
+    def extraction_result(self, node: ObjectNode, found: object) -> ExtractResult:
         """An extraction's `data` (checked against the schema) and `confidence`."""
         assert isinstance(found, Extraction)
         try:
@@ -207,10 +211,11 @@ class JobRunner:
         broken = problems(data, node)
         if broken:  # the constraint makes this unreachable; never send invalid data
             raise EngineError(Code.INTERNAL_ERROR, f"extraction does not validate: {broken[0]}")
-        extracted: dict[str, Any] = {"data": data, "confidence": _rounded(found.confidence)}
-        if found.truncated:
-            extracted["truncated"] = True
-        return extracted
+        return ExtractResult(
+            data=data,
+            confidence=_rounded(found.confidence),
+            truncated=True if found.truncated else None,
+        )
 
     def _head(self, job: Job) -> Learned | None:
         """A classify profile's learned head, when the job takes the profile's shape as it

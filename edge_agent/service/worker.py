@@ -45,14 +45,13 @@ from edge_agent.core.inference import ContextFull, Interrupted, Task
 from edge_agent.core.metrics import Metrics
 from edge_agent.core.protocol import (
     Job,
-    ModelRef,
     Reply,
     ReplyRoute,
     Status,
     Topics,
     rejection,
-    timings_dict,
 )
+from edge_agent.core.wire import ModelRef, ReplyTimings
 from edge_agent.service.faults import Faults
 from edge_agent.service.health import Beat, Health, supervised
 from edge_agent.service.outbox import Handoff, Memo
@@ -723,15 +722,7 @@ class Worker:
             return self._status(job, Status.FAILED, code, str(exc))
         total_ms = (time.perf_counter() - t0) * 1000.0 + queue_ms
         t = outcome.timings
-        timings = timings_dict(
-            queue_ms,
-            t.prompt_ms,
-            t.gen_ms,
-            total_ms,
-            t.prompt_tokens,
-            t.cached_tokens,
-            t.completion_tokens,
-        )
+        timings = ReplyTimings.of(t, queue_ms, total_ms)
         self.metrics.count("done")
         self.metrics.record_job(
             total_ms, t.prompt_ms, t.tokens_per_second, t.prompt_tokens_per_second
@@ -741,12 +732,12 @@ class Worker:
             job_id=job.id,
             kind=job.kind,
             status="done",
-            total_ms=timings["total_ms"],
-            queue_ms=timings["queue_ms"],
+            total_ms=timings.total_ms,
+            queue_ms=timings.queue_ms,
             prompt_tokens=t.prompt_tokens,
             cached_tokens=t.cached_tokens,
             completion_tokens=t.completion_tokens,
-            tokens_per_second=timings["tokens_per_second"],
+            tokens_per_second=timings.tokens_per_second,
         )
         return Reply(
             job_id=job.id,

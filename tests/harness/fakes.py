@@ -8,11 +8,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from edge_agent.adapters.journal import Stored
-from edge_agent.core.protocol import ModelRef, Reply, Topics
+from edge_agent.core.protocol import Reply, Topics
+from edge_agent.core.wire import ModelRef
 from edge_agent.service.outbox import Handoff, Memo
 
 TOPICS = Topics("edge", "pi-1", "g")
-MODEL = ModelRef("fake", "Q0", None)
+MODEL = ModelRef(name="fake", quant="Q0", sha256=None)
 
 
 @dataclass
