@@ -337,3 +337,19 @@ def test_a_task_of_another_engine_is_refused() -> None:
     engine = engine_over(TableContext(WORDS))
     with pytest.raises(AssertionError):
         engine.step([Task(object())])
+
+
+def test_a_task_beyond_the_engines_capacity_fails_at_once_instead_of_waiting() -> None:
+    """How many jobs run is the scheduler's decision (core/slots.py): the engine holds
+    `capacity` and never queues a task of its own."""
+    engine = engine_over(TableContext(WORDS), EngineConfig(calibration_texts=(), parallel=2))
+    assert engine.capacity == 2
+    tasks = [engine.begin_classify(plan_named("a"), "x", ("a", "other")) for _ in range(3)]
+    engine.step(tasks)
+    extra = tasks[2].error
+    assert isinstance(extra, EngineError)
+    assert extra.code == Code.INTERNAL_ERROR
+    assert "jobs.parallel" in extra.message
+    while not all(t.done for t in tasks[:2]):
+        engine.step(tasks[:2])
+    assert all(t.error is None for t in tasks[:2])

@@ -10,57 +10,24 @@ from typing import Any
 
 import pytest
 
-from edge_agent.core.constraint import JsonConstraint
 from edge_agent.core.errors import Code, JobError
-from edge_agent.core.inference import Classification, Extraction, Task, Timings
-from edge_agent.core.prompt import PromptPlan
+from edge_agent.core.inference import Classification, Timings
 from edge_agent.core.protocol import Delivery, JobLimits, Topics, parse_job
 from edge_agent.service.runner import JobRunner
+from tests.harness.fakes import FakeEngine
 
 TOPICS = Topics("edge", "pi-1", "g")
 
 
-class ScriptedEngine:
-    """Classifies with fixed raw and calibrated scores; extracts by walking the bound
-    constraint along `answer`, reporting `confidence`."""
+def leaning_second(labels: Sequence[str]) -> Classification:
+    """Raw scores favour the first label; calibrated ones the second."""
+    raw = {labels[0]: 0.6, labels[1]: 0.4}
+    calibrated = {labels[0]: 0.35, labels[1]: 0.65}
+    return Classification(labels[1], calibrated, Timings(), raw_scores=raw)
 
-    def __init__(self, answer: bytes = b"", confidence: dict[str, float] | None = None) -> None:
-        self.answer = answer
-        self.confidence = confidence or {}
-        self.plans: list[PromptPlan] = []
 
-    def fits(self, plan: PromptPlan, text: str, labels: Any = None, constraint: Any = None) -> int:
-        return 1
-
-    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
-        self.plans.append(plan)
-        raw = {labels[0]: 0.6, labels[1]: 0.4}
-        calibrated = {labels[0]: 0.35, labels[1]: 0.65}
-        task = Task()
-        task.outcome = Classification(labels[1], calibrated, Timings(), raw_scores=raw)
-        return task
-
-    def begin_extract(
-        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
-    ) -> Task:
-        state = constraint.feed(constraint.initial(), self.answer)
-        accepted = state is not None and constraint.is_complete(state)
-        assert accepted, "the answer is not what the bound constraint allows"
-        task = Task()
-        task.outcome = Extraction(self.answer.decode(), Timings(), False, dict(self.confidence))
-        return task
-
-    def step(
-        self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
-    ) -> None:
-        raise AssertionError("scripted tasks are done when they begin")
-
-    def reset(self) -> None:
-
-        pass
-
-    def drop(self, task: Task) -> None:
-        pass
+def scripted(answer: bytes | None = None, confidence: dict[str, float] | None = None) -> FakeEngine:
+    return FakeEngine(classify=leaning_second, answer=answer, confidence=confidence or {})
 
 
 def job(body: dict[str, Any], kind: str = "classify") -> Any:
@@ -69,7 +36,7 @@ def job(body: dict[str, Any], kind: str = "classify") -> Any:
 
 
 def test_a_classify_result_carries_calibrated_and_raw_scores_and_its_confidence() -> None:
-    result = JobRunner(ScriptedEngine()).run(job({"labels": ["ok", "alarm"]}), lambda: False)
+    result = JobRunner(scripted()).run(job({"labels": ["ok", "alarm"]}), lambda: False)
     assert result.result.model_dump(exclude_none=True) == {
         "label": "alarm",
         "scores": {"ok": 0.35, "alarm": 0.65},
@@ -81,19 +48,19 @@ def test_a_classify_result_carries_calibrated_and_raw_scores_and_its_confidence(
 @pytest.mark.parametrize(("threshold", "uncertain"), [(0.7, True), (0.6, False)])
 def test_a_job_threshold_marks_an_unsure_label(threshold: float, uncertain: bool) -> None:
     body = {"labels": ["ok", "alarm"], "min_confidence": threshold}
-    result = JobRunner(ScriptedEngine()).run(job(body), lambda: False).result
+    result = JobRunner(scripted()).run(job(body), lambda: False).result
     assert result.uncertain is uncertain
 
 
 def test_the_agents_threshold_applies_unless_the_job_sets_its_own() -> None:
-    runner = JobRunner(ScriptedEngine(), min_confidence=0.9)
+    runner = JobRunner(scripted(), min_confidence=0.9)
     assert runner.run(job({"labels": ["ok", "alarm"]}), lambda: False).result.uncertain
     own = job({"labels": ["ok", "alarm"], "min_confidence": 0.1})
     assert not runner.run(own, lambda: False).result.uncertain
 
 
 def test_label_descriptions_go_into_the_fixed_part() -> None:
-    engine = ScriptedEngine()
+    engine = scripted()
     body = {"labels": ["ok", "alarm"], "label_descriptions": {"alarm": "act now"}}
     JobRunner(engine).run(job(body), lambda: False)
     assert "- ok\n- alarm: act now" in engine.plans[0].fixed[0].content
@@ -129,7 +96,7 @@ SCHEMA = {
 
 
 def test_an_extraction_is_grounded_and_carries_each_fields_confidence() -> None:
-    engine = ScriptedEngine(b'{"device": "P-3", "temp": 71}', {"device": 0.95, "temp": 0.55})
+    engine = scripted(b'{"device": "P-3", "temp": 71}', {"device": 0.95, "temp": 0.55})
     body = {"schema": SCHEMA, "min_confidence": 0.7}
     result = JobRunner(engine).run(job(body, "extract"), lambda: False).result
     assert result.model_dump(exclude_none=True) == {
@@ -140,6 +107,6 @@ def test_an_extraction_is_grounded_and_carries_each_fields_confidence() -> None:
 
 
 def test_an_extraction_the_text_does_not_hold_cannot_be_written() -> None:
-    engine = ScriptedEngine(b'{"device": "P-4", "temp": 71}')
+    engine = scripted(b'{"device": "P-4", "temp": 71}')
     with pytest.raises(AssertionError, match="not what the bound constraint allows"):
         JobRunner(engine).run(job({"schema": SCHEMA}, "extract"), lambda: False)

@@ -12,23 +12,19 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.adapters.systemd import Notifier, Watchdog
-from edge_agent.core.constraint import JsonConstraint
-from edge_agent.core.inference import Classification, Task, Timings
 from edge_agent.core.metrics import Metrics
-from edge_agent.core.prompt import PromptPlan
 from edge_agent.core.protocol import Delivery, JobLimits, parse_job
 from edge_agent.service.health import Health
 from edge_agent.service.runner import JobRunner
 from edge_agent.service.worker import Worker
 from tests.harness.clients import NotifySocket
-from tests.harness.fakes import MODEL, TOPICS, RecordingOutbox
+from tests.harness.fakes import MODEL, TOPICS, FakeEngine, RecordingOutbox
 from tests.harness.process import start_agent_process, wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,50 +74,9 @@ def test_watchdog_is_for_this_process_only(notify_socket: NotifySocket) -> None:
     assert Notifier({**env, "WATCHDOG_PID": "1"}).watchdog_s is None  # meant for another pid
 
 
-class WedgedEngine:
-    """Blocks inside "inference" without ever returning to the stop check, like a decode
-    stuck in C, until `release` is set."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.entered = threading.Event()
-
-    def fits(
-        self,
-        plan: PromptPlan,
-        text: str,
-        labels: Sequence[str] | None = None,
-        constraint: JsonConstraint | None = None,
-    ) -> int:
-        return 1
-
-    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
-        timings = Timings(prompt_ms=1, gen_ms=1, prompt_tokens=1, completion_tokens=0)
-        return Task(Classification(labels[0], {labels[0]: 1.0}, timings))
-
-    def begin_extract(
-        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
-    ) -> Task:
-        raise NotImplementedError
-
-    def step(
-        self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: object = ()
-    ) -> None:
-        self.entered.set()
-        self.release.wait(30)
-        for task in tasks:
-            task.outcome = task.inner  # type: ignore[assignment]
-
-    def reset(self) -> None:
-
-        pass
-
-    def drop(self, task: Task) -> None:
-        pass
-
-
 def test_a_wedged_inference_stops_the_watchdog_pings(notify_socket: NotifySocket) -> None:
-    engine = WedgedEngine()
+    release = threading.Event()
+    engine = FakeEngine(wedge=release)
     health = Health()
     outbox = RecordingOutbox()
     worker = Worker(
@@ -157,13 +112,13 @@ def test_a_wedged_inference_stops_the_watchdog_pings(notify_socket: NotifySocket
         wedged = time.monotonic()
         time.sleep(0.6)  # three ping periods: an absence can only be seen by waiting
         assert notify_socket.count("WATCHDOG", since=wedged) == 0, "pinged while wedged"
-        engine.release.set()
+        release.set()
         outbox_wait(outbox, 1)
         resumed = time.monotonic()
         notify_socket.wait_count("WATCHDOG", 2, since=resumed, timeout=5)  # pings resume
         assert health.report().ok
     finally:
-        engine.release.set()
+        release.set()
         watchdog.stop()
         notifier.close()
         worker.stop(2)

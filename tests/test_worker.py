@@ -8,101 +8,24 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_agent.adapters.journal import Journal, RunningMarker
 from edge_agent.adapters.mqtt import Incoming
-from edge_agent.core.constraint import JsonConstraint
-from edge_agent.core.errors import Code, EngineError
+from edge_agent.core.errors import Code
 from edge_agent.core.fairness import ShapeBudget
 from edge_agent.core.inference import (
-    Classification,
-    ContextFull,
-    Extraction,
-    Interrupted,
     Task,
-    Timings,
 )
 from edge_agent.core.metrics import Metrics
-from edge_agent.core.prompt import PromptPlan
 from edge_agent.core.protocol import Delivery, JobLimits, Reply, Status, parse_job
 from edge_agent.service.intake import Handing, Intake
 from edge_agent.service.outbox import Memo
 from edge_agent.service.runner import JobRunner
 from edge_agent.service.worker import Worker
-from tests.harness.fakes import MODEL, TOPICS, RecordingOutbox
-
-
-@dataclass
-class FakeEngine:
-    """Answers with the first label once `delay` s of steps have passed (and `gate` is
-    open), a step at a time like the real engine: the scheduler checks cancels and
-    deadlines between steps."""
-
-    delay: float = 0.0
-    fail_on: set[str] = field(default_factory=set)
-    seen: list[str] = field(default_factory=list)
-    gate: threading.Event | None = None
-    started: threading.Condition = field(default_factory=threading.Condition)
-    steps: list[list[str]] = field(default_factory=list)  # the texts in each step
-
-    def fits(
-        self,
-        plan: PromptPlan,
-        text: str,
-        labels: Sequence[str] | None = None,
-        constraint: JsonConstraint | None = None,
-    ) -> int:
-        return len(text)
-
-    def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
-        scores = {label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)}
-        timings = Timings(prompt_ms=1, gen_ms=1, prompt_tokens=3, completion_tokens=0)
-        return self._begin(text, Classification(labels[0], scores, timings))
-
-    def begin_extract(
-        self, plan: PromptPlan, text: str, constraint: JsonConstraint, max_tokens: int
-    ) -> Task:
-        timings = Timings(prompt_ms=1, gen_ms=2, prompt_tokens=3, completion_tokens=5)
-        return self._begin(text, Extraction('{"v": 1}', timings, False, {"v": 0.875}))
-
-    def _begin(self, text: str, answer: Classification | Extraction) -> Task:
-        with self.started:
-            self.seen.append(text)
-            self.started.notify_all()
-        return Task({"text": text, "answer": answer, "end": None})
-
-    def step(
-        self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
-    ) -> None:
-        self.steps.append([t.inner["text"] for t in tasks])  # type: ignore[index]
-        time.sleep(0.002)
-        for task in tasks:
-            state: dict[str, Any] = task.inner  # type: ignore[assignment]
-            if self.gate is not None and not self.gate.is_set():
-                continue
-            if state["end"] is None:
-                state["end"] = time.monotonic() + self.delay
-            if time.monotonic() < state["end"]:
-                continue
-            if state["text"] in self.fail_on:
-                task.error = EngineError(Code.INFERENCE_ERROR, "scripted failure")
-            else:
-                task.outcome = state["answer"]
-
-    def reset(self) -> None:
-        pass
-
-    def drop(self, task: Task) -> None:
-        if not task.done:
-            task.error = Interrupted()
-
-    def wait_running(self, text: str, timeout: float = 5.0) -> None:
-        """Until the worker thread has started the job whose text is `text`."""
-        with self.started:
-            assert self.started.wait_for(lambda: text in self.seen, timeout), self.seen
+from tests.harness.fakes import MODEL, TOPICS, FakeEngine, RecordingOutbox
 
 
 @dataclass
@@ -142,6 +65,7 @@ def make(
 ) -> Pipeline:
     outbox = RecordingOutbox()
     metrics = Metrics()
+    engine.capacity = parallel
     worker = Worker(
         JobRunner(engine),
         outbox,
@@ -149,7 +73,6 @@ def make(
         topics=TOPICS,
         model=MODEL,
         max_queue=max_queue,
-        parallel=parallel,
         suspects=suspects,
         clock=clock or Clock(),
         marker=marker,
@@ -684,16 +607,7 @@ def test_jobs_that_fit_only_one_at_a_time_take_turns_instead_of_preempting_for_e
     while the one that pushed it out runs (it would fill the context again, the whole
     decode would fail, and neither job would ever advance)."""
 
-    class FitsOne(FakeEngine):
-        def step(
-            self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
-        ) -> None:
-            if len(tasks) > 1:
-                self.steps.append([t.inner["text"] for t in tasks])  # type: ignore[index]
-                raise ContextFull
-            super().step(tasks)
-
-    engine = FitsOne(delay=0.05)
+    engine = FakeEngine(delay=0.05, full=lambda tasks: len(tasks) > 1)
     p = make(engine, parallel=3)
     send(p, {"id": "first", "priority": 9})
     send(p, {"id": "second", "priority": 5})
@@ -708,18 +622,15 @@ def test_jobs_that_fit_only_one_at_a_time_take_turns_instead_of_preempting_for_e
 
 
 def test_a_full_context_puts_the_least_urgent_job_back_in_the_queue() -> None:
-    class FullOnce(FakeEngine):
-        full = True
+    full = [True]
 
-        def step(
-            self, tasks: Sequence[Task], groups: Sequence[str] | None = None, also_active: Any = ()
-        ) -> None:
-            if self.full and len(tasks) == 2:
-                self.full = False
-                raise ContextFull
-            super().step(tasks)
+    def full_once(tasks: Sequence[Task]) -> bool:
+        if full[0] and len(tasks) == 2:
+            full[0] = False
+            return True
+        return False
 
-    engine = FullOnce(delay=0.05)
+    engine = FakeEngine(delay=0.05, full=full_once)
     p = make(engine, parallel=2)
     send(p, {"id": "urgent", "priority": 9})
     send(p, {"id": "later", "priority": 1})

@@ -111,6 +111,11 @@ class Task:
 
 
 class Engine(Protocol):
+    @property
+    def capacity(self) -> int:
+        """How many tasks it holds at once (fixed when it loads). It never holds a task
+        back for want of room: the scheduler (core.slots) runs at most this many."""
+
     def fits(
         self,
         plan: PromptPlan,

@@ -422,7 +422,7 @@ class Agent:
             threads=gen_threads,
             threads_batch=batch_threads,
             n_ctx=engine.facts.n_ctx,
-            parallel=engine.config.parallel,
+            parallel=engine.capacity,
         )
         return loaded
 
@@ -565,14 +565,13 @@ class Agent:
             topics=self.topics,
             model=loaded.ref,
             max_queue=s.jobs.max_queue,
-            parallel=loaded.engine.config.parallel,
             suspects=suspects,
             beat=health.beat("inference", stall),
             marker=marker,
             faults=Faults.from_env(),
             window=link_settings.receive_maximum
             if s.mqtt.protocol == "5"
-            else loaded.engine.config.parallel + s.jobs.max_queue,
+            else loaded.engine.capacity + s.jobs.max_queue,
             fair_window_s=s.jobs.fair_window_s,
             aging_s=s.jobs.aging_s,
         )
@@ -810,7 +809,7 @@ class Agent:
                 "max_array_items": limits.schema.max_items,
             },
             "max_queue": s.jobs.max_queue,
-            "parallel": loaded.engine.config.parallel,
+            "parallel": loaded.engine.capacity,
             # what each profile learned from its rows, and how good it is (docs/profiles.md)
             "profiles": {name: got.report.to_dict() for name, got in self.learned.items()},
             # the layer tap's own context, which learned classify profiles read through
@@ -826,7 +825,7 @@ class Agent:
             "n_threads_batch": batch,
             "n_ctx": loaded.engine.facts.n_ctx,
             "n_ubatch": s.model.n_ubatch,
-            "parallel": loaded.engine.config.parallel,
+            "parallel": loaded.engine.capacity,
         }
         return build_info(identity, __version__, self.board.to_dict(), model, capabilities, runtime)
 

@@ -51,6 +51,7 @@ from edge_agent.core.protocol import (
     Topics,
     rejection,
 )
+from edge_agent.core.slots import Slots
 from edge_agent.core.wire import ModelRef, ReplyTimings
 from edge_agent.service.faults import Faults
 from edge_agent.service.health import Beat, Health, supervised
@@ -126,7 +127,9 @@ class Ticket:
 
 
 class Worker:
-    """Bounded priority queue + the scheduler thread (up to `parallel` jobs at once)."""
+    """Bounded priority queue + the scheduler thread: the one owner of how many jobs run
+    (`slots`, up to the engine's capacity), which one is preempted and which waiting job
+    joins; the engine only steps what it is given."""
 
     def __init__(
         self,
@@ -137,7 +140,6 @@ class Worker:
         topics: Topics,
         model: ModelRef,
         max_queue: int,
-        parallel: int = 1,
         suspects: set[str] | None = None,
         beat: Beat | None = None,
         marker: RunningMarker | None = None,
@@ -159,11 +161,12 @@ class Worker:
         self.beat: Beat = beat or Health().beat("inference", stall_after_s=60.0)
         self._waiting: list[Ticket] = []  # queued, in no order: `fairness.pick` chooses
         self._by_id: dict[str, Ticket] = {}
-        self.parallel = max(1, parallel)
+        # How many jobs run at once: the engine's capacity, fewer after a preemption.
+        self.slots = Slots(runner.engine.capacity)
         # Fair shares: the jobs the broker lets this agent hold at once (Receive Maximum),
         # how long a requester stays active after its last job, and how fast a queued job's
         # priority rises.
-        self.window = window or (self.parallel + max_queue)
+        self.window = window or (self.slots.parallel + max_queue)
         self.fair_window_s = fair_window_s
         self.aging_s = aging_s
         # requester -> the last arrival or end of one of its jobs (clock)
@@ -171,11 +174,6 @@ class Worker:
         self._last_started: dict[str, float] = {}  # requester -> its last job's start
         self._saturated: tuple[str, float] | None = None  # (why, until) for health
         self._exceeded: tuple[str, float] | None = None
-        # Jobs the context holds now: `parallel`, or fewer after a preemption, growing by
-        # one as each job ends (the preempted job coming straight back would fill the
-        # context again, the whole decode would fail, and no job would ever advance).
-        # Beyond it only a requester that runs nothing may start a job (`fairness.pick`).
-        self._room = self.parallel
         # Digests of jobs that were running together when the last process died: each runs
         # alone, so a job that crashes the agent again is known for sure (RunningMarker).
         self.suspects = set(suspects or ())
@@ -385,6 +383,7 @@ class Worker:
         with self._cond:
             if model is not None:
                 self.model = model
+            self.slots.resize(self.runner.engine.capacity)  # the engine may be another
             self._paused = False
             self._cond.notify_all()
 
@@ -418,7 +417,7 @@ class Worker:
         """When a refused job could find room: the jobs ahead of it, `parallel` at a time,
         at the recent median latency each."""
         p50 = self.metrics.snapshot()["latency_ms_p50"] or 1000.0
-        rounds = -(-max(1, len(self._by_id)) // self.parallel)
+        rounds = -(-max(1, len(self._by_id)) // self.slots.parallel)
         return int(p50 * rounds)
 
     # ---- the inference thread --------------------------------------------------------
@@ -452,7 +451,7 @@ class Worker:
                     not self._closing
                     and not self._paused
                     and self._waiting
-                    and len(self._active) < self.parallel
+                    and self.slots.free(len(self._active))
                 ):
                     head = self._next_job()
                     if head is None:
@@ -483,7 +482,8 @@ class Worker:
         running = Counter(t.job.requester for t in self._active)
         chosen = pick(
             [t.waiting() for t in self._waiting], running, self._last_started,
-            self._room - len(self._active), self._active_requesters(now), now, self.aging_s,
+            self.slots.fair_room(len(self._active)), self._active_requesters(now), now,
+            self.aging_s,
         )  # fmt: skip
         return None if chosen is None else self._waiting[chosen]
 
@@ -498,12 +498,12 @@ class Worker:
             return
         running = Counter(t.job.requester for t in self._active)
         waiting = Counter(t.job.requester for t in self._waiting)
-        greedy = saturating(running, waiting, fair_slots(self.parallel, len(active)))
+        greedy = saturating(running, waiting, fair_slots(self.slots.parallel, len(active)))
         if greedy is not None:
             requester, runs, others = greedy
             self._saturated = (
                 f"engine saturated by one requester ({requester[:80]}: {runs} of "
-                f"{self.parallel} slots, {others} jobs of others waiting)",
+                f"{self.slots.parallel} slots, {others} jobs of others waiting)",
                 now + HOLD_S,
             )
 
@@ -649,7 +649,7 @@ class Worker:
         log.info("job.preempted", job_id=victim.job.id, running=len(running))
         with self._cond:
             self._active.remove(victim)
-            self._room = len(self._active)
+            self.slots.preempted(len(self._active))
             victim.task = None
             self._order += 1  # it yields its place: to the back of the queue
             victim.order = self._order
@@ -660,8 +660,7 @@ class Worker:
         with self._cond:
             if ticket in self._active:
                 self._active.remove(ticket)
-                # its cells are free: one more job may join again, up to `parallel`
-                self._room = min(self.parallel, self._room + 1)
+                self.slots.ended()
             ticket.task = None
             if ticket.digest is not None:
                 self.suspects.discard(ticket.digest)

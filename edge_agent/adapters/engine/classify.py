@@ -29,7 +29,7 @@ def classify(
     calibrated one."""
     timings = Timings()
     shape = parts.shapes.get(plan)
-    yield from parts.sequences.take(run)
+    parts.sequences.take(run)
     try:
         start = time.perf_counter()
         yield from parts.prefixes.attach(run, shape.prefix_tokens, timings, shape.keep)

@@ -37,7 +37,7 @@ def extract(
 ) -> Gen[Extraction]:
     timings = Timings()
     shape = parts.shapes.get(plan)
-    yield from parts.sequences.take(run)
+    parts.sequences.take(run)
     try:
         logits = yield from read_prompt(parts, run, shape, text, timings)
         start = time.perf_counter()

@@ -85,6 +85,12 @@ class LlamaEngine:
         self._tap_reading = False
         release_free_heap()
 
+    @property
+    def capacity(self) -> int:
+        """Jobs held at once (`jobs.parallel`, a KV sequence each); the scheduler starts no
+        more (core/slots.py)."""
+        return self.config.parallel
+
     # ---- tasks -------------------------------------------------------------------------
 
     def begin_classify(self, plan: PromptPlan, text: str, labels: Sequence[str]) -> Task:
@@ -301,7 +307,7 @@ class LlamaEngine:
         timings = Timings()
         parts = self._parts
         shape = parts.shapes.get(plan)
-        yield from parts.sequences.take(run)
+        parts.sequences.take(run)
         try:
             logits = yield from read_prompt(parts, run, shape, text, timings)
             start = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from edge_agent.adapters.engine.config import EngineConfig
 from edge_agent.adapters.engine.need import WAIT, Gen, Run
 from edge_agent.adapters.engine.port import Context
+from edge_agent.core.errors import Code, EngineError
 
 
 class Sequences:
@@ -26,11 +27,15 @@ class Sequences:
     def free_jobs(self) -> int:
         return len(self._jobs)
 
-    def take(self, run: Run) -> Gen[None]:
-        """A sequence for the task, once one is free (the scheduler runs at most
-        `parallel` jobs, so it waits only for a dropped task's cleanup)."""
-        while not self._jobs:
-            yield WAIT
+    def take(self, run: Run) -> None:
+        """A sequence for the task. The scheduler runs at most `parallel` jobs
+        (core/slots.py), so one is free; if not, the task fails at once instead of
+        waiting: the engine never decides when a job joins."""
+        if not self._jobs:
+            raise EngineError(
+                Code.INTERNAL_ERROR,
+                "no free KV sequence: more jobs were started than the engine holds (jobs.parallel)",
+            )
         run.seq = self._jobs.pop()
         run.pos = 0
 
