@@ -205,3 +205,9 @@ def test_measured_speed_beats_the_lock_figure() -> None:
     assert "measured here" in next(
         c.reason for c in chosen.candidates if c.entry.name == "phi-4-mini-instruct-q6_k"
     )
+
+
+def test_a_q8_0_kv_cache_leaves_room_for_a_better_quant_under_a_tight_limit() -> None:
+    q8 = Policy(runtime=Runtime(kv_cache_type="q8_0"))
+    chosen = select(LOCK, 16 * GIB, 1 * GIB, q8).selected
+    assert (chosen.entry.model, chosen.entry.quant) == ("Gemma-3-1B-it", "Q4_K_M")

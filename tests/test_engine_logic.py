@@ -353,3 +353,22 @@ def test_a_task_beyond_the_engines_capacity_fails_at_once_instead_of_waiting() -
     while not all(t.done for t in tasks[:2]):
         engine.step(tasks[:2])
     assert all(t.error is None for t in tasks[:2])
+
+
+def test_more_multi_token_labels_than_label_sequences_are_scored_in_rounds() -> None:
+    labels = tuple(f"x{i}" for i in range(5))  # two tokens each: "x", then the digit
+
+    def rule(text: str) -> Mapping[str, float]:
+        return {str(i): float(i) for i in range(5)} if text.endswith("Label: x") else {}
+
+    plan = classify_plan(labels, None, [])
+    got = {}
+    for width in (2, 8):
+        ctx = TableContext(WORDS, rule)
+        config = EngineConfig(calibration_texts=(), label_sequences=width)
+        got[width] = engine_over(ctx, config).classify(plan, "m", labels)
+        assert ctx.sequences_used() == {0}  # every round's sequences were given back
+        widest = max(len({seq for *_, seq, _ in d if seq >= 2}) for d in ctx.decodes)
+        assert widest == min(width, len(labels))
+    assert got[2].logprobs == pytest.approx(got[8].logprobs)
+    assert got[2].label == "x4"

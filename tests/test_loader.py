@@ -17,7 +17,7 @@ import pytest
 from edge_agent.adapters.probe import board_facts
 from edge_agent.adapters.settings import load_settings
 from edge_agent.adapters.store import load_lock
-from edge_agent.core.catalog import DEFAULT_MODEL, Runtime, estimate
+from edge_agent.core.catalog import DEFAULT_MODEL, Runtime, estimate, kv_sequences
 from edge_agent.core.errors import ModelError
 from edge_agent.service.app import open_engine
 from edge_agent.service.loader import load_model
@@ -162,7 +162,7 @@ def test_estimate_is_within_20_percent_of_measured_rss(
         Runtime(
             n_ctx=settings.n_ctx,
             n_ubatch=settings.model.n_ubatch,
-            n_seq_max=settings.jobs.max_labels + 1,
+            n_seq_max=kv_sequences(4, settings.jobs.max_labels),
         ),
     )
     ratio = est.total / rss

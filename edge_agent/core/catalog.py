@@ -46,6 +46,18 @@ RETENTION["Q4_0"] = RETENTION["Q4_K_M"]
 AGENT_BASE_BYTES = 56 * MIB
 # Bytes per block of 32 values: the lock's kv_bytes_per_token is for f16 (64).
 KV_BYTES = {"f16": 64, "q8_0": 34}
+# KV sequences that score multi-token labels, a round at a time (adapters/engine/classify.py):
+# llama.cpp keeps a logits row of n_vocab floats per sequence (1 MiB each for Gemma's
+# 262K vocabulary), so a few, not one per label.
+LABEL_SEQUENCES = 8
+
+
+def kv_sequences(parallel: int, max_labels: int) -> int:
+    """The context's sequences: a prefix slot and a sequence per running job, and the
+    label sequences."""
+    return 2 * parallel + min(max_labels, LABEL_SEQUENCES)
+
+
 PIECE_BYTES_PER_TOKEN = 48
 
 
@@ -207,7 +219,7 @@ class Runtime:
 
     n_ctx: int = 2048
     n_ubatch: int = 128
-    n_seq_max: int = 33
+    n_seq_max: int = kv_sequences(4, LABEL_SEQUENCES)
     kv_cache_type: str = "f16"
 
 

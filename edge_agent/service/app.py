@@ -30,7 +30,7 @@ from edge_agent.adapters.probe import BoardFacts, Sampler, board_facts, boot_id
 from edge_agent.adapters.settings import Settings, operation_settings
 from edge_agent.adapters.store import load_lock, record_loaded
 from edge_agent.adapters.systemd import Notifier, Watchdog
-from edge_agent.core.catalog import Catalog
+from edge_agent.core.catalog import LABEL_SEQUENCES, Catalog
 from edge_agent.core.clock import StepWatch
 from edge_agent.core.errors import ConfigError, EngineUnavailable, JobError
 from edge_agent.core.fairness import ShapeBudget
@@ -114,7 +114,7 @@ def open_engine(path: Path, settings: Settings, board: BoardFacts) -> LlamaEngin
             # in a slot of its own while the others keep theirs (with one slot, every other
             # shape's jobs waited for the build: issue 21's new-labels flood).
             prefix_slots=parallel,
-            label_sequences=settings.jobs.max_labels,
+            label_sequences=min(settings.jobs.max_labels, LABEL_SEQUENCES),
             prefix_cache_bytes=settings.model.prefix_cache_mb * 1024 * 1024,
             kv_cache_type=settings.model.kv_cache_type,
         ),

@@ -91,6 +91,9 @@ class EvalResult:
     confusions: Counter[tuple[str, str]] = field(default_factory=Counter)
     # (confidence, right) of every answer (classify) or extracted field, test split only
     judged: list[tuple[float, bool]] = field(default_factory=list)
+    # every row's answer in row order: the label (classify) or the data (extract), for
+    # comparing two runs row by row (bench/kvcache.py)
+    answers: list[Any] = field(default_factory=list)
 
     @property
     def test(self) -> Score:
@@ -159,6 +162,7 @@ def evaluate(
         outcome = runner.run(job, lambda: False)
         result.latencies_ms.append((time.perf_counter() - start) * 1000)
         found = outcome.result
+        result.answers.append(found.label if isinstance(found, ClassifyResult) else found.data)
         if isinstance(found, ClassifyResult):
             right = found.label == row["label"]
             score.classify_rows += 1

@@ -22,7 +22,15 @@ import structlog
 from edge_agent.adapters.probe import BoardFacts
 from edge_agent.adapters.settings import Settings
 from edge_agent.adapters.store import entry_for_path, locate, record_loaded, verify
-from edge_agent.core.catalog import Catalog, ModelEntry, Policy, Runtime, Selection, select
+from edge_agent.core.catalog import (
+    Catalog,
+    ModelEntry,
+    Policy,
+    Runtime,
+    Selection,
+    kv_sequences,
+    select,
+)
 from edge_agent.core.errors import ConfigError, EngineUnavailable, ModelError, ModelNotFound
 from edge_agent.core.wire import ModelRef
 from edge_agent.service.measured import measured_speeds
@@ -82,7 +90,8 @@ def policy_for(settings: Settings) -> Policy:
         runtime=Runtime(
             n_ctx=settings.n_ctx,
             n_ubatch=m.n_ubatch,
-            n_seq_max=settings.jobs.max_labels + 1,
+            # the most jobs it would run at once (parallel_jobs: 4 unless set)
+            n_seq_max=kv_sequences(settings.jobs.parallel or 4, settings.jobs.max_labels),
             kv_cache_type=settings.model.kv_cache_type,
         ),
         measured_speeds=measured_speeds(settings.state_dir),

@@ -17,7 +17,6 @@ from edge_agent.adapters.engine.need import Gen, Need, Run
 from edge_agent.adapters.engine.parts import Parts, own_tokens
 from edge_agent.adapters.engine.port import Vector
 from edge_agent.adapters.engine.shapes import Shape
-from edge_agent.core.errors import Code, EngineError
 from edge_agent.core.inference import Classification, Timings
 from edge_agent.core.prompt import PromptPlan
 
@@ -81,8 +80,9 @@ def score_labels(
 ) -> Gen[dict[str, float]]:
     """Log-probability of each label's tokens as the continuation of the prompt.
 
-    Labels that need more than their first token are evaluated together in one batch,
-    each in its own KV sequence sharing the prompt's cells. When one label's tokens are
+    Labels that need more than their first token are evaluated together in one batch
+    (a round per `label_sequences` of them), each in its own KV sequence sharing the
+    prompt's cells. When one label's tokens are
     a prefix of another's, every label also scores the end-of-turn token, so "high" and
     "high_temp" compare fairly.
     """
@@ -98,22 +98,27 @@ def score_labels(
             todo.append((i, inputs, targets))
     if not todo:
         return dict(zip(labels, logps, strict=True))
-    if len(todo) > parts.sequences.label_count:
-        raise EngineError(Code.INTERNAL_ERROR, "more labels than label sequences")
-    seqs = yield from parts.sequences.take_labels(len(todo))
-    try:
-        need = Need()
-        targets_by_row: list[tuple[int, int]] = []
-        for (i, inputs, targets), seq in zip(todo, seqs, strict=True):
-            parts.ctx.seq_copy(run.seq, seq)
-            for j, token in enumerate(inputs):
-                targets_by_row.append((i, targets[j]))
-                need.add(token, run.pos + j, seq, True)
-        rows = yield need
-        for (i, target), row in zip(targets_by_row, rows, strict=True):
-            logps[i] += float(log_softmax(row)[target])
-    finally:
-        parts.sequences.release_labels(seqs)
+    # In rounds of at most `label_sequences` labels: each round is one batch, each label
+    # in its own sequence sharing the prompt's cells. Few sequences keep llama.cpp's
+    # logits buffer small (it holds a row of n_vocab floats per sequence: 1 MiB each for
+    # Gemma's 262K vocabulary); most label sets need one round.
+    width = parts.sequences.label_count
+    for start in range(0, len(todo), width):
+        round_ = todo[start : start + width]
+        seqs = yield from parts.sequences.take_labels(len(round_))
+        try:
+            need = Need()
+            targets_by_row: list[tuple[int, int]] = []
+            for (i, inputs, targets), seq in zip(round_, seqs, strict=True):
+                parts.ctx.seq_copy(run.seq, seq)
+                for j, token in enumerate(inputs):
+                    targets_by_row.append((i, targets[j]))
+                    need.add(token, run.pos + j, seq, True)
+            rows = yield need
+            for (i, target), row in zip(targets_by_row, rows, strict=True):
+                logps[i] += float(log_softmax(row)[target])
+        finally:
+            parts.sequences.release_labels(seqs)
     return dict(zip(labels, logps, strict=True))
 
 

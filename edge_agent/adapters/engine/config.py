@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_agent.core.catalog import LABEL_SEQUENCES
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -15,9 +17,9 @@ class EngineConfig:
     n_ubatch: int = 128
     parallel: int = 1  # jobs in flight at once, each in its own sequence
     prefix_slots: int = 1  # prompt prefixes kept evaluated in the context at once
-    label_sequences: int = 32  # for scoring multi-token labels (jobs.max_labels)
+    label_sequences: int = LABEL_SEQUENCES  # multi-token labels, a round at a time
     prefix_cache_bytes: int = 32 * 1024 * 1024
-    kv_cache_type: str = "f16"  # or "q8_0": half the memory, needs flash attention, slower
+    kv_cache_type: str = "f16"  # or "q8_0": half the memory, 15-25% slower here (performance.md)
     # Content-free texts whose label scores measure a prompt's bias (classify); empty: no
     # calibration. The four of Zhao et al. 2021 ("" is sent as one space).
     calibration_texts: tuple[str, ...] = ("N/A", " ", "[MASK]", "none")

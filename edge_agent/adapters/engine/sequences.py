@@ -20,6 +20,8 @@ class Sequences:
         slots = config.prefix_slots
         self._jobs = list(range(slots + config.parallel - 1, slots - 1, -1))
         first_label = slots + config.parallel
+        if config.label_sequences < 1:
+            raise ValueError("label_sequences must be at least 1: multi-token labels need one")
         self.label_count = config.label_sequences
         self._labels = list(range(first_label, first_label + config.label_sequences))
 
