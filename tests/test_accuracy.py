@@ -37,7 +37,9 @@ def job(body: dict[str, Any]) -> Any:
 
 
 def run(engine: LlamaEngine, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    return JobRunner(engine, **kw).run(job(body), lambda: False).result
+    """The job's `result` as the reply sends it."""
+    found = JobRunner(engine, **kw).run(job(body), lambda: False).result
+    return found.model_dump(mode="json", exclude_none=True)
 
 
 def test_calibrated_scores_divide_out_the_content_free_answer(engine: LlamaEngine) -> None:

@@ -49,11 +49,16 @@ def batched(smollm2_path: Path) -> Iterator[LlamaEngine]:
 
 
 def run_together(engine: LlamaEngine, tasks: Sequence[Task]) -> int:
-    """Step every task until all are done; the number of steps."""
+    """Step the tasks as the scheduler does (core/slots.py): at most the engine's capacity
+    at once, the next joining as one ends; the number of steps."""
     steps = 0
-    while not all(t.done for t in tasks):
-        engine.step([t for t in tasks if not t.done])
+    waiting, running = list(tasks), []
+    while waiting or running:
+        while waiting and len(running) < engine.capacity:
+            running.append(waiting.pop(0))
+        engine.step(running)
         steps += 1
+        running = [t for t in running if not t.done]
     return steps
 
 

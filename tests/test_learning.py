@@ -316,8 +316,8 @@ def test_a_profile_learns_answers_what_zero_shot_gets_wrong_and_is_bound_to_the_
     right = {"learned": 0, "zero-shot": 0}
     fixed = []
     for row in held:
-        got = learned_runner.run(job_of({"kind": "classify", "profile": "ssh", "text": row["text"]}, profiles), lambda: False).result  # fmt: skip
-        zero = scoring.run(job_of({"kind": "classify", "text": row["text"], "labels": row["labels"]}, {}), lambda: False).result  # fmt: skip
+        got = learned_runner.run(job_of({"kind": "classify", "profile": "ssh", "text": row["text"]}, profiles), lambda: False).result.model_dump(exclude_none=True)  # fmt: skip
+        zero = scoring.run(job_of({"kind": "classify", "text": row["text"], "labels": row["labels"]}, {}), lambda: False).result.model_dump(exclude_none=True)  # fmt: skip
         assert "raw_scores" in got and 0.0 <= got["confidence"] <= 1.0
         right["learned"] += got["label"] == row["label"]
         right["zero-shot"] += zero["label"] == row["label"]

@@ -71,7 +71,46 @@ def _context_params(config: EngineConfig) -> Any:
     return ctx_params
 
 
-class LlamaContext:
+class _LlamaCells:
+    """What both of llama.cpp's contexts here share: a context, its memory (the KV
+    cache's sequences) and one batch."""
+
+    _ctx: Any = None
+    _mem: Any = None
+    _batch: Any = None
+
+    def seq_remove(self, seq: int, start: int = -1, end: int = -1) -> None:
+        llama.llama_memory_seq_rm(self._mem, seq, start, end)
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        llama.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
+    def _fill(
+        self,
+        tokens: Sequence[int],
+        pos: Sequence[int],
+        seqs: Sequence[int],
+        outputs: Sequence[bool],
+    ) -> None:
+        batch = self._batch
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = pos[i]
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seqs[i]
+            batch.logits[i] = outputs[i]
+        batch.n_tokens = len(tokens)
+
+    def _free(self) -> None:
+        if self._batch is not None:
+            llama.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama.llama_free(self._ctx)
+            self._ctx = None
+
+
+class LlamaContext(_LlamaCells):
     """A GGUF model loaded by llama.cpp, with one inference context and one batch."""
 
     def __init__(self, path: Path, config: EngineConfig) -> None:
@@ -136,15 +175,8 @@ class LlamaContext:
         seqs: Sequence[int],
         outputs: Sequence[bool],
     ) -> int:
-        batch = self._batch
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = pos[i]
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seqs[i]
-            batch.logits[i] = outputs[i]
-        batch.n_tokens = len(tokens)
-        return int(llama.llama_decode(self._ctx, batch))
+        self._fill(tokens, pos, seqs, outputs)
+        return int(llama.llama_decode(self._ctx, self._batch))
 
     def logits(self, index: int) -> Vector:
         ptr = llama.llama_get_logits_ith(self._ctx, index)
@@ -170,12 +202,6 @@ class LlamaContext:
             n = llama.llama_token_to_piece(self._vocab, token, buf, 256, 0, False)
             pieces.append(buf.raw[:n] if n > 0 else b"")
         return pieces
-
-    def seq_remove(self, seq: int, start: int = -1, end: int = -1) -> None:
-        llama.llama_memory_seq_rm(self._mem, seq, start, end)
-
-    def seq_copy(self, src: int, dst: int) -> None:
-        llama.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
 
     def clear(self) -> None:
         llama.llama_memory_clear(self._mem, True)
@@ -220,12 +246,7 @@ class LlamaContext:
         return LlamaTapContext(self._model, n_ctx, n_threads, chunk, sequences)
 
     def close(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            llama.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_ctx", None):
-            llama.llama_free(self._ctx)
-            self._ctx = None
+        self._free()
         if getattr(self, "_model", None):
             llama.llama_model_free(self._model)
             self._model = None
@@ -285,7 +306,7 @@ def _ggml() -> Any:
     )
 
 
-class LlamaTapContext:
+class LlamaTapContext(_LlamaCells):
     """The layer tap's context over a loaded model (weights shared; its KV cache and
     compute buffer its own: `nbytes`). Layers' outputs come through llama.cpp's graph
     callback (`cb_eval`: the scheduler shows each computed tensor; its `l_out-N` tensors
@@ -329,18 +350,12 @@ class LlamaTapContext:
     def decode(
         self, tokens: Sequence[int], pos: int, want: Collection[int], deepest: int
     ) -> dict[int, Vector | None] | None:
-        batch = self._batch
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = pos + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = i == len(tokens) - 1
-        batch.n_tokens = len(tokens)
+        n = len(tokens)
+        self._fill(tokens, range(pos, pos + n), [0] * n, [i == n - 1 for i in range(n)])
         self._want, self._stop_after = {}, deepest
         self._asked = set(want)
         try:
-            rc = llama.llama_decode(self._ctx, batch)
+            rc = llama.llama_decode(self._ctx, self._batch)
             if rc == 2:  # aborted: llama.cpp removed this chunk's cells
                 return None
             if rc != 0:
@@ -349,19 +364,8 @@ class LlamaTapContext:
         finally:
             self._want, self._asked = {}, set()
 
-    def seq_remove(self, seq: int, start: int = -1, end: int = -1) -> None:
-        llama.llama_memory_seq_rm(self._mem, seq, start, end)
-
-    def seq_copy(self, src: int, dst: int) -> None:
-        llama.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
-
     def close(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            llama.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_ctx", None):
-            llama.llama_free(self._ctx)
-            self._ctx = None
+        self._free()
 
     def _on_tensor(self, tensor: int, ask: bool, _user: object) -> bool:
         """llama.cpp's scheduler asks for each computed tensor (`ask`) and then shows the
