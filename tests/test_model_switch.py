@@ -32,11 +32,16 @@ GEMMA = "gemma-3-270m-q4_k_m"
 
 
 class Flow:
-    """Jobs to one device's topic every `every` s from a thread; each reply kept with when
-    it came and which model answered."""
+    """Jobs to one device's topic every `every` s from a thread, but never more than
+    `outstanding` unanswered (a sensor that waits for its answers, so a machine slowed by
+    other work gets a slower flow, not `overloaded` refusals); each reply kept with when it
+    came and which model answered."""
 
-    def __init__(self, client: Requester, agent: AgentProcess, every: float = 0.25) -> None:
+    def __init__(
+        self, client: Requester, agent: AgentProcess, every: float = 0.25, outstanding: int = 4
+    ) -> None:
         self.client, self.agent, self.every = client, agent, every
+        self.outstanding = outstanding
         self.reply_topic = f"{agent.prefix}/replies/flow"
         self.sent: dict[str, float] = {}
         self.replies: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -54,6 +59,9 @@ class Flow:
     def _run(self) -> None:
         i = 0
         while not self._stop.is_set():
+            if len(self.sent) - len(self.replies) >= self.outstanding:
+                self._stop.wait(0.02)  # replies are taken by the test's thread
+                continue
             job_id = f"flow-{i}"
             job = {"id": job_id, "kind": "classify", "labels": ["normal", "fault"],
                    "text": f"Pump P-{i % 7} vibration {i % 5}.{i % 9} mm/s",

@@ -117,11 +117,27 @@ def classify_probe(n: int) -> tuple[str, dict[str, Any]]:
 def wait_idle(port: int, prefix: str, device: str, timeout: float = 120.0) -> bool:
     """Until the agent's telemetry says no job is queued or running (a flood's last jobs
     are answered even after the flood is gone)."""
+    return wait_telemetry(port, prefix, device, lambda t: t.get("queue_depth") == 0, timeout)
+
+
+def wait_healthy(port: int, prefix: str, device: str, timeout: float = 120.0) -> bool:
+    """Until the agent's telemetry says its health is ok (a reason held from the last test,
+    such as a cost bound exceeded, has expired), so a test sees its own reasons appear."""
+    return wait_telemetry(
+        port, prefix, device, lambda t: (t.get("health") or {}).get("state") == "ok", timeout
+    )
+
+
+def wait_telemetry(
+    port: int, prefix: str, device: str, ready: Callable[[dict[str, Any]], bool], timeout: float
+) -> bool:
+    """Until a telemetry message of the agent satisfies `ready`."""
     idle = threading.Event()
 
     def on(_c: Any, _u: Any, msg: Any) -> None:
         try:
-            if json.loads(msg.payload).get("queue_depth") == 0:
+            body = json.loads(msg.payload)
+            if isinstance(body, dict) and ready(body):
                 idle.set()
         except (ValueError, AttributeError):
             return

@@ -76,7 +76,11 @@ class AgentProcess:
             )
         if wait_online:
             starts = sum(1 for e in self.log_events() if e.get("event") == "agent.started")
-            wait_for_log(self, "agent.started", timeout, count=max(1, starts + 1))
+            try:
+                wait_for_log(self, "agent.started", timeout, count=max(1, starts + 1))
+            except BaseException:
+                self.kill()
+                raise
         return self
 
     def rss_bytes(self) -> int:
@@ -133,8 +137,12 @@ def start_agent_process(
         )
     agent = AgentProcess(proc, device, prefix, state_dir, log_path, args, full_env, cwd=cwd)
     if wait_online:
-        wait_for_log(agent, "agent.started", timeout)
-        wait_for_log(agent, "mqtt.connected", timeout)
+        try:
+            wait_for_log(agent, "agent.started", timeout)
+            wait_for_log(agent, "mqtt.connected", timeout)
+        except BaseException:
+            agent.kill()  # not left running for a later test to trip over
+            raise
     return agent
 
 
