@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,11 +30,10 @@ import pytest
 from edge_agent.adapters.broker import LocalBroker
 from edge_agent.service.rows import file_sha256
 from tests.harness.clients import eval_rows
+from tests.harness.playbook import ANSIBLE_DIR, BIN, Run, ansible_playbook
 from tests.harness.process import AgentProcess, wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent
-ANSIBLE_DIR = ROOT / "ansible"
-BIN = Path(sys.executable).parent
 MODEL = "smollm2-135m-instruct-q4_1"
 
 pytestmark = [
@@ -48,16 +46,6 @@ pytestmark = [
     # The role owns what it writes as root, as on a board.
     pytest.mark.skipif(os.geteuid() != 0, reason="the role writes files owned by root"),
 ]
-
-RECAP = re.compile(r"^localhost\s+:\s+(.*)$", re.MULTILINE)
-
-
-@dataclass
-class Run:
-    rc: int
-    output: str
-    recap: dict[str, int]
-    seconds: float
 
 
 @dataclass
@@ -127,28 +115,11 @@ class Deployment:
         return extra
 
     def play(self, playbook: str = "site.yml", **overrides: Any) -> Run:
-        vars_file = self.cache / f"vars-{len(self.runs)}.json"
-        vars_file.write_text(json.dumps(self.extra_vars(**overrides)))
-        env = {
-            **os.environ,
-            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_LOCAL_TEMP": str(self.cache / "ansible-tmp"),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        started = time.monotonic()
-        result = subprocess.run(
-            [str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local",
-             "-e", f"@{vars_file}", playbook],
-            cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=1500,
+        run = ansible_playbook(
+            playbook, "localhost", ["-i", "localhost,", "-c", "local"],
+            self.extra_vars(**overrides), self.cache, len(self.runs), timeout=1500,
         )  # fmt: skip
-        output = result.stdout + result.stderr
-        match = RECAP.search(result.stdout)
-        assert match, output[-4000:]
-        recap = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
-        run = Run(result.returncode, output, recap, time.monotonic() - started)
         self.runs.append(run)
-        print(f"\n{playbook}: {run.seconds:.0f} s, rc {run.rc}, {match.group(1).strip()}")
         return run
 
     def start_agent(self) -> AgentProcess:
@@ -163,10 +134,6 @@ class Deployment:
         wait_for_log(agent, "mqtt.connected", 120)
         self.agent = agent
         return agent
-
-
-def tail(run: Run) -> str:
-    return run.output[-6000:]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +168,7 @@ def test_ansible_lint_production_profile_passes() -> None:
 @pytest.mark.timeout(1800)
 def test_first_run_installs_a_release_beside_nothing(deployment: Deployment) -> None:
     run = deployment.play()
-    assert run.rc == 0, tail(run)
+    assert run.rc == 0, run.tail()
     assert run.recap["failed"] == 0 and run.recap["changed"] > 0, run.recap
 
     release = deployment.link("current")
@@ -254,8 +221,8 @@ def test_first_run_installs_a_release_beside_nothing(deployment: Deployment) -> 
 def test_second_run_changes_nothing(deployment: Deployment) -> None:
     before = deployment.link("current")
     run = deployment.play()
-    assert run.rc == 0, tail(run)
-    assert run.recap["changed"] == 0, tail(run)
+    assert run.rc == 0, run.tail()
+    assert run.recap["changed"] == 0, run.tail()
     assert deployment.link("current") == before
     assert "Nothing to change" in run.output
 
@@ -266,7 +233,7 @@ def test_rollback_by_hand_refuses_when_there_is_nothing_to_go_back_to(
     before = deployment.link("current")
     run = deployment.play("rollback.yml")
     assert run.rc != 0
-    assert "has no earlier release to go back to" in " ".join(run.output.split()), tail(run)
+    assert "has no earlier release to go back to" in " ".join(run.output.split()), run.tail()
     assert run.recap["changed"] == 0, run.recap
     assert deployment.link("current") == before, "a working first install is left alone"
 
@@ -291,7 +258,7 @@ def test_gate_passes_when_the_installed_agent_answers(deployment: Deployment) ->
     assert [e["profile"] for e in learned] == ["ssh"], "the installed agent learned its rows"
     before = deployment.link("current")
     run = deployment.play(edge_agent_gate_enabled=True)
-    assert run.rc == 0, tail(run)
+    assert run.rc == 0, run.tail()
     # the deployment is as it was; the gate wrote its own client settings the first time
     assert "Nothing to change" in run.output and deployment.link("current") == before
     gate_config = (deployment.base / "gate" / "config.toml").read_text()
@@ -299,7 +266,7 @@ def test_gate_passes_when_the_installed_agent_answers(deployment: Deployment) ->
     assert "username" not in gate_config, "no gate identity configured: none used"
     assert not (deployment.base / "gate" / "credentials").exists(), "removed after the gate"
     passed = re.search(r"Gate passed: localhost answered at ([\d.]+) tokens/s", run.output)
-    assert passed, tail(run)
+    assert passed, run.tail()
     assert float(passed.group(1)) >= 1.0
     print(f"gate: {passed.group(1)} tokens/s")
 
@@ -315,9 +282,9 @@ def test_a_board_that_fails_its_gate_is_rolled_back(deployment: Deployment) -> N
         edge_agent_config_extra={**extra, "jobs": {"max_queue": 7}},
         edge_agent_gate_min_tokens_per_second=1_000_000,  # no board is this fast
     )
-    assert run.rc != 0, tail(run)
+    assert run.rc != 0, run.tail()
     assert run.recap["rescued"] == 1, run.recap
-    assert "below the floor of 1000000" in run.output, tail(run)
+    assert "below the floor of 1000000" in run.output, run.tail()
     assert f"Rolled localhost back to {Path(good).name} (from {Path(good).name}-rc2)" in run.output
     assert deployment.link("current") == good
     assert deployment.link("previous") == good
@@ -331,10 +298,10 @@ def test_gate_says_what_the_device_reported_when_it_is_not_online(deployment: De
     assert deployment.agent is not None
     deployment.agent.terminate()  # a clean stop: retained status `stopped`
     run = deployment.play(edge_agent_gate_enabled=True, edge_agent_gate_timeout_s=4)
-    assert run.rc != 0, tail(run)
+    assert run.rc != 0, run.tail()
     # (staged/ still held the failed run's config: only the staging area changes)
     assert "Nothing to change" in run.output and run.recap["rescued"] == 1, run.recap
-    assert "Gate: localhost on localhost reports status stopped" in run.output, tail(run)
+    assert "Gate: localhost on localhost reports status stopped" in run.output, run.tail()
     assert "rolled back" not in run.output, "nothing changed, so nothing to roll back"
 
 
@@ -344,6 +311,6 @@ def test_a_gate_that_would_log_in_as_the_device_stops_the_rollout_first(
     before = deployment.link("current")
     run = deployment.play(edge_agent_gate_enabled=True, edge_agent_mqtt_username="pi5-01")
     assert run.rc != 0
-    assert "gate must not use the same identity" in " ".join(run.output.split()), tail(run)
+    assert "gate must not use the same identity" in " ".join(run.output.split()), run.tail()
     assert run.recap["changed"] == 0, run.recap
     assert deployment.link("current") == before

@@ -107,15 +107,18 @@ def test_a_priority_9_flood_cannot_take_every_slot(
     # health turns degraded only from ok: the last test's cost bound is held 30 s (beside
     # a CPU hog its jobs end later, and the hold reached into this test)
     assert wait_healthy(broker.port, agent.prefix, agent.device_id, timeout=120)
+    seen = len(agent.log_events())
     loaded, flood = beside(broker, agent, prober, busy_classify, outstanding=14, priority=9)
     check("beside 14 outstanding priority-9 jobs", quiet, loaded, flood)
     assert flood.codes["overloaded"] > 0  # its excess, with retry_after_ms
-    degraded = [
-        " ".join(e.get("reasons") or [])
-        for e in agent.log_events()
-        if e.get("event") == "health.changed" and e.get("state") == "degraded"
-    ]
-    assert any("saturated by one requester" in why for why in degraded), degraded
+    # Two guards keep the flood to its share: the intake refuses what it holds beyond it,
+    # and health says "saturated" when it runs every slot while another's job waits. Which
+    # acts depends on how fast its retries come back (quiet, the refusals kept it below
+    # every slot in one run of three); test_worker checks the health reason exactly.
+    events = agent.log_events()[seen:]
+    refused = [e for e in events if e.get("event") == "job.rejected" and "its share" in str(e.get("reason"))]  # fmt: skip
+    saturated = [e for e in events if e.get("event") == "health.changed" and "saturated by one requester" in " ".join(e.get("reasons") or [])]  # fmt: skip
+    assert refused or saturated, events[-20:]
 
 
 def test_new_label_sets_cost_their_requester_not_everyone(

@@ -30,6 +30,43 @@ class Run:
         return self.output[-6000:]
 
 
+def ansible_playbook(
+    playbook: str,
+    host: str,
+    inventory: list[str],
+    extra_vars: dict[str, Any],
+    scratch: Path,
+    number: int,
+    env: dict[str, str] | None = None,
+    timeout: float = 3600,
+) -> Run:
+    """ansible-playbook PLAYBOOK from ansible/ with `inventory`'s arguments and `extra_vars`
+    (kept in `scratch`, with the output, as run `number`); `host`'s line of the recap."""
+    vars_file = scratch / f"vars-{number}.json"
+    vars_file.write_text(json.dumps(extra_vars))
+    full_env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_LOCAL_TEMP": str(scratch / "ansible-tmp"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(env or {}),
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(BIN / "ansible-playbook"), *inventory, "-e", f"@{vars_file}", playbook],
+        cwd=ANSIBLE_DIR, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    (scratch / f"run-{number}.log").write_text(output)
+    match = re.search(rf"^{re.escape(host)}\s+:\s+(.*)$", result.stdout, re.MULTILINE)
+    assert match, output[-4000:]
+    recap = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
+    run = Run(result.returncode, output, recap, time.monotonic() - started)
+    print(f"\n{playbook}: {run.seconds:.0f} s, rc {run.rc}, {match.group(1).strip()}")
+    return run
+
+
 def play(
     playbook: str, host: str, pid: int, extra_vars: dict[str, Any], scratch: Path, number: int
 ) -> Run:
@@ -42,26 +79,7 @@ def play(
         "ansible_python_interpreter": "/usr/bin/python3",
     }
     inventory.write_text(json.dumps({"edge_agents": {"hosts": {host: hostvars}}}))
-    vars_file = scratch / f"vars-{number}.json"
-    vars_file.write_text(json.dumps({"edge_agent_rollout_hosts": host, **extra_vars}))
-    env = {
-        **os.environ,
-        "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-        "ANSIBLE_CONNECTION_PLUGINS": str(PLUGINS),
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_LOCAL_TEMP": str(scratch / "ansible-tmp"),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    started = time.monotonic()
-    result = subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", f"@{vars_file}", playbook],
-        cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=3600,
+    return ansible_playbook(
+        playbook, host, ["-i", str(inventory)], {"edge_agent_rollout_hosts": host, **extra_vars},
+        scratch, number, env={"ANSIBLE_CONNECTION_PLUGINS": str(PLUGINS)},
     )  # fmt: skip
-    output = result.stdout + result.stderr
-    (scratch / f"run-{number}.log").write_text(output)
-    match = re.search(rf"^{re.escape(host)}\s+:\s+(.*)$", result.stdout, re.MULTILINE)
-    assert match, output[-4000:]
-    recap = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
-    run = Run(result.returncode, output, recap, time.monotonic() - started)
-    print(f"\n{playbook}: {run.seconds:.0f} s, rc {run.rc}, {match.group(1).strip()}")
-    return run
