@@ -81,8 +81,12 @@ def check(name: str, quiet: Latencies, loaded: Latencies, flood: Flood) -> None:
     # be made (a running batch is not preempted for fairness): one wait of a whole batch,
     # which with 20 probes is the p95 by itself (608 ms against 3 x 176 in one quiet run).
     # The claim is about the probes that follow.
+    # The bound is 3x the quiet p95, or one step of the flood's batch more than it (0.5 s
+    # on 2 cores), whichever is larger: quiet p95s of 109 and 176 ms were both measured,
+    # and the starvation this guards against cost 3.4 to 45 s (module docstring).
     steady = Latencies(loaded.seconds[1:], loaded.statuses)
-    assert steady.p95 <= 3 * quiet.p95, (loaded.line(), quiet.line())
+    bound = max(3 * quiet.p95, quiet.p95 + 0.5)
+    assert steady.p95 <= bound, (loaded.line(), quiet.line())
 
 
 def test_slow_extractions_of_one_requester_do_not_hold_up_another(
