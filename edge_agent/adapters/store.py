@@ -99,7 +99,9 @@ def _assemble(entry: ModelEntry, target: Path) -> None:
     assert entry.bundled is not None
     module = importlib.import_module(entry.bundled.package)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
+    # one partial file per process: two assembling at once (an agent and `edge-agent
+    # models`, or two test runs) each write their own, and each rename puts a whole file
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
         module.assemble(partial, overwrite=True)
     except (OSError, ValueError) as exc:

@@ -21,23 +21,65 @@ EVAL_DIR = ROOT / "tests" / "data" / "eval"  # loghub rows and hand-written ones
 AgentFactory = Callable[..., AgentProcess]
 
 
-def reply_for(client: Requester, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    """The final reply to `job_id` (progress messages are skipped)."""
-    final = {"done", "failed", "rejected", "expired", "cancelled"}
+FINAL = {"done", "failed", "rejected", "expired", "cancelled"}
 
-    def match(msg: Incoming) -> bool:
-        try:
-            body = json.loads(msg.payload)
-        except ValueError:
-            return False
-        return isinstance(body, dict) and body.get("id") == job_id and body.get("status") in final
 
-    msg = client.wait_for(match, timeout)
-    assert msg is not None, f"no reply to {job_id} within {timeout}s"
+def final_reply_id(msg: Incoming) -> str | None:
+    """The job id `msg` is the final reply to, or None (progress, or not a reply)."""
+    try:
+        body = json.loads(msg.payload)
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("status") in FINAL and isinstance(body.get("id"), str):
+        return body["id"]
+    return None
+
+
+def _reply_body(msg: Incoming) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(msg.payload)
     body["_topic"] = msg.topic
     body["_correlation"] = msg.correlation_data
     return body
+
+
+def reply_for(client: Requester, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The final reply to `job_id` (progress messages are skipped)."""
+    msg = client.wait_for(lambda m: final_reply_id(m) == job_id, timeout)
+    assert msg is not None, f"no reply to {job_id} within {timeout}s"
+    return _reply_body(msg)
+
+
+def replies_retrying_overloaded(
+    client: Requester, ids: list[str], send: Callable[[str], None], timeout: float = 300,
+    tries: int = 5,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Send each job (`send(id)`) and wait for every final reply, as sensors would: a job
+    told `overloaded` is sent again after its own retry_after_ms, each on its own clock,
+    at most `tries` times more (then that reply is the answer)."""
+    for job_id in ids:
+        send(job_id)
+    replies: dict[str, dict[str, Any]] = {}
+    retry_at: dict[str, float] = {}
+    retried = dict.fromkeys(ids, 0)
+    deadline = time.monotonic() + timeout
+    while len(replies) < len(ids):
+        now = time.monotonic()
+        assert now < deadline, f"no final reply to {sorted(set(ids) - set(replies))}"
+        for job_id in [j for j, at in retry_at.items() if at <= now]:
+            del retry_at[job_id]
+            send(job_id)
+        waiting = {j for j in ids if j not in replies and j not in retry_at}
+        msg = client.wait_for(lambda m, waiting=waiting: final_reply_id(m) in waiting, 0.2)
+        if msg is None:
+            continue
+        body = _reply_body(msg)
+        error = body.get("error") or {}
+        if error.get("code") == "overloaded" and retried[body["id"]] < tries:
+            retried[body["id"]] += 1
+            retry_at[body["id"]] = time.monotonic() + error["retry_after_ms"] / 1000
+        else:
+            replies[body["id"]] = body
+    return replies
 
 
 def eval_rows(name: str) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ def compiled(source: Path, name: str, flags: list[str]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # two runs at once
     subprocess.run(["cc", "-O2", "-Wall", "-o", str(tmp), str(source), *flags], check=True)
     tmp.replace(target)
     return target
