@@ -9,9 +9,10 @@ systemd would, and the gate then talks to it over the session's real Mosquitto.
 
 The tests of this module build on each other in file order (one deployment, as a fleet
 would see it): install, re-run with nothing to change, gate, failed gate with rollback.
-Where this machine can boot a container, tests/test_systemd_rollout.py runs the re-run and
-the rollback under a real systemd, with more checks (not restarted, the old release live
-again): here they run only where it cannot, so `make test` pays for each playbook once.
+Where this machine can boot a container, tests/test_systemd_rollout.py runs the re-run, the
+passing gate and the rollback under a real systemd, with more checks (not restarted, the
+gate's own identity, the old release live again): here they run only where it cannot, so
+`make test` pays for each playbook once.
 """
 
 from __future__ import annotations
@@ -262,11 +263,17 @@ def test_rows_that_are_not_the_pinned_ones_stop_the_run_before_anything_changes(
     assert deployment.link("current") == before and deployment.config_file.read_text() == config
 
 
-@pytest.mark.timeout(900)
-def test_gate_passes_when_the_installed_agent_answers(deployment: Deployment) -> None:
+@pytest.mark.timeout(300)
+def test_the_installed_agent_learns_its_profiles_rows(deployment: Deployment) -> None:
     agent = deployment.start_agent()
     learned = [e for e in agent.log_events() if e.get("event") == "profile.learned"]
     assert [e["profile"] for e in learned] == ["ssh"], "the installed agent learned its rows"
+    assert learned[0]["rows"] == sum(1 for _ in deployment.rows.open())
+
+
+@SHOWN_UNDER_SYSTEMD
+@pytest.mark.timeout(900)
+def test_gate_passes_when_the_installed_agent_answers(deployment: Deployment) -> None:
     before = deployment.link("current")
     run = deployment.play(edge_agent_gate_enabled=True)
     assert run.rc == 0, run.tail()

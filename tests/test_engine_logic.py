@@ -333,6 +333,16 @@ def test_the_layer_tap_reads_again_once_when_a_decode_is_aborted() -> None:
     assert got.layers[1][0] == 1
 
 
+def test_closing_the_engine_closes_its_tap_then_its_context() -> None:
+    ctx = TableContext(WORDS, n_ctx=1024)
+    engine = engine_over(ctx, EngineConfig(calibration_texts=(), tap_ctx=1024))
+    engine.embed(plan_named("a"), "x", (1,))
+    assert not ctx.closed and not ctx.taps[0].closed
+    engine.close()
+    assert ctx.taps[0].closed and ctx.closed
+    engine.close()  # twice: nothing left to free
+
+
 def test_a_task_of_another_engine_is_refused() -> None:
     engine = engine_over(TableContext(WORDS))
     with pytest.raises(AssertionError):

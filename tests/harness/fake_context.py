@@ -78,6 +78,7 @@ class TableContext:
         self._cells: list[_Cell] = []
         self._rows: dict[int, Vector] = {}
         self.decodes: list[list[tuple[int, int, int, bool]]] = []  # every decode's entries
+        self.closed = False
         self.fail_next: list[int] = []  # return codes the next decodes give instead
         self.taps: list[FakeTap] = []
 
@@ -183,6 +184,9 @@ class TableContext:
         tap = FakeTap(self, n_ctx, chunk, sequences)
         self.taps.append(tap)
         return tap
+
+    def close(self) -> None:
+        self.closed = True
 
     # ---- for the tests -------------------------------------------------------------
 

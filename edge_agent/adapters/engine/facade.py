@@ -263,7 +263,7 @@ class LlamaEngine:
         if tap is not None:
             tap.close()
         ctx = getattr(self, "_ctx", None)
-        if ctx is not None and hasattr(ctx, "close"):
+        if ctx is not None:
             ctx.close()
 
     # ---- the generators of embedding and free generation -------------------------------

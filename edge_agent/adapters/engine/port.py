@@ -88,6 +88,9 @@ class Context(Protocol):
         """A context of its own over the same weights that reads layers' outputs, `chunk`
         tokens a decode at most, with `sequences` sequences."""
 
+    def close(self) -> None:
+        """Free what the context holds (its taps are closed by their owner first)."""
+
 
 class TapContext(Protocol):
     """The layer tap's context: sequence 0 reads, others keep prefixes."""
