@@ -1,17 +1,21 @@
 """The MQTT adapter against a real Mosquitto (the deploy configuration's packet limit): the
 agent's packet-size arithmetic is exact, so a message at the limit goes out and one byte
-more is refused before it could get the connection dropped."""
+more is refused before it could get the connection dropped; and the SUBACK is heard."""
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.adapters.broker import LocalBroker
-from edge_agent.adapters.mqtt import LinkConfig, MqttLink, PacketTooLarge
+from edge_agent.adapters.mqtt import LinkConfig, MqttLink, PacketTooLarge, Subscription
 
 LIMIT = 131072  # LocalBroker's max_packet_size, as deploy/mosquitto/mosquitto.conf's
 
@@ -70,3 +74,35 @@ def test_a_message_of_exactly_the_limit_goes_out_and_one_more_byte_is_refused(
     with pytest.raises(PacketTooLarge):
         link.publish(topic, b"a" * (room + 1), **props)
     assert link.connected
+
+
+def test_the_suback_is_logged_and_a_refused_subscription_is_an_error(link: MqttLink) -> None:
+    """The broker delivers from the SUBACK on: `mqtt.subscribed` says when. A subscription it
+    refuses would leave a connected agent that never gets a job: `mqtt.subscription_refused`
+    names each refused topic with the broker's reason."""
+    with structlog.testing.capture_logs() as logs:
+        assert link.subscribe([Subscription("t/a"), Subscription("t/b/+", qos=0)])
+        deadline = time.monotonic() + 10
+        while not any(e["event"] == "mqtt.subscribed" for e in logs):
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.02)
+    done = next(e for e in logs if e["event"] == "mqtt.subscribed")
+    assert (done["topics"], done["refused"]) == (2, 0), done
+    assert not any(e["event"] == "mqtt.subscription_refused" for e in logs)
+    # Mosquitto 2.0's acl file grants every SUBSCRIBE (tests/test_broker_security.py); EMQX,
+    # HiveMQ and Mosquitto's dynamic-security plugin refuse at subscribe time. What paho
+    # hands the agent then: a failure reason code per refused topic, in order.
+    with link._subscribing_lock:
+        link._subscribing[60000] = ["edge/devices/pi-1/jobs/+", "$share/edge/edge/jobs/+"]
+    granted, refused = (
+        ReasonCode(PacketTypes.SUBACK, identifier=1),
+        ReasonCode(PacketTypes.SUBACK, identifier=0x87),
+    )
+    with structlog.testing.capture_logs() as logs:
+        link._subscribed(None, None, 60000, [granted, refused], None)
+    error = next(e for e in logs if e["event"] == "mqtt.subscription_refused")
+    assert error["log_level"] == "error"
+    assert error["refused"] == {"$share/edge/edge/jobs/+": "Not authorized"}
+    done = next(e for e in logs if e["event"] == "mqtt.subscribed")
+    assert (done["topics"], done["refused"]) == (2, 1)
+    assert 60000 not in link._subscribing

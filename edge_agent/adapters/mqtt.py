@@ -196,6 +196,9 @@ class MqttLink:
         self._was_up = False  # the last connection got as far as a CONNACK
         self._up_since = 0.0
         self._max_packet = config.max_packet_bytes
+        # SUBSCRIBEs awaiting their SUBACK: packet id -> the topics, in order
+        self._subscribing: dict[int, list[str]] = {}
+        self._subscribing_lock = threading.Lock()
         self._client = self._make_client()
 
     @property
@@ -240,6 +243,7 @@ class MqttLink:
         client.on_disconnect = self._guard(self._disconnect)
         client.on_message = self._guard(self._message)
         client.on_publish = self._guard(self._publish)
+        client.on_subscribe = self._guard(self._subscribed)
         return client
 
     def _configure_tls(self, client: paho.Client) -> None:
@@ -516,19 +520,49 @@ class MqttLink:
         return bool(result == MQTTErrorCode.MQTT_ERR_SUCCESS)
 
     def _send_subscribe(self, client: paho.Client, subs: Sequence[Subscription]) -> bool:
-        if self.v5:
-            # Retain handling 2: the broker sends no retained message at subscribe time.
-            # A job or cancel published with retain would otherwise come back on every
-            # reconnect.
-            result, _mid = client.subscribe(
-                [
-                    (s.topic, SubscribeOptions(qos=s.qos, retainHandling=0 if s.retained else 2))
-                    for s in subs
-                ]
-            )
-        else:
-            result, _mid = client.subscribe([(s.topic, s.qos) for s in subs])
-        return bool(result == MQTTErrorCode.MQTT_ERR_SUCCESS)
+        # the lock is held until the packet id is noted: its SUBACK waits for it
+        with self._subscribing_lock:
+            if self.v5:
+                # Retain handling 2: the broker sends no retained message at subscribe
+                # time. A job or cancel published with retain would otherwise come back on
+                # every reconnect.
+                result, mid = client.subscribe(
+                    [
+                        (
+                            s.topic,
+                            SubscribeOptions(qos=s.qos, retainHandling=0 if s.retained else 2),
+                        )
+                        for s in subs
+                    ]
+                )
+            else:
+                result, mid = client.subscribe([(s.topic, s.qos) for s in subs])
+            ok = result == MQTTErrorCode.MQTT_ERR_SUCCESS
+            if ok and mid is not None:
+                self._subscribing[mid] = [s.topic for s in subs]
+        return bool(ok)
+
+    def _subscribed(
+        self, _client: Any, _userdata: Any, mid: int, reasons: list[ReasonCode], _props: Any
+    ) -> None:
+        """The SUBACK: from here the broker delivers. A subscription it refuses (an ACL
+        that does not grant the topic, a shared subscription it does not support) would
+        otherwise leave a connected agent that never gets a job: said as an error."""
+        with self._subscribing_lock:
+            topics = self._subscribing.pop(mid, [])
+        refused = {
+            topic: str(reason)
+            for topic, reason in zip(topics, reasons, strict=False)
+            if reason.is_failure
+        }
+        if refused:
+            log.error("mqtt.subscription_refused", refused=refused)
+        log.info(
+            "mqtt.subscribed",
+            topics=len(topics),
+            refused=len(refused),
+            generation=self._generation,
+        )
 
 
 def _packed(props: Properties | None, v5: bool) -> bytes | None:

@@ -75,9 +75,12 @@ class AgentProcess:
                 self.args, stdout=log_file, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
             )
         if wait_online:
-            starts = sum(1 for e in self.log_events() if e.get("event") == "agent.started")
+            events = [e.get("event") for e in self.log_events()]
+            starts, subscribed = events.count("agent.started"), events.count("mqtt.subscribed")
             try:
                 wait_for_log(self, "agent.started", timeout, count=max(1, starts + 1))
+                # the broker delivers from the SUBACK on: a job published before is lost
+                wait_for_log(self, "mqtt.subscribed", timeout, count=subscribed + 1)
             except BaseException:
                 self.kill()
                 raise
@@ -139,7 +142,7 @@ def start_agent_process(
     if wait_online:
         try:
             wait_for_log(agent, "agent.started", timeout)
-            wait_for_log(agent, "mqtt.connected", timeout)
+            wait_for_log(agent, "mqtt.subscribed", timeout)  # delivers from the SUBACK on
         except BaseException:
             agent.kill()  # not left running for a later test to trip over
             raise
