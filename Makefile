@@ -14,8 +14,8 @@ run: $(VENV)/.ready-run ## set everything up, start a local broker and an agent,
 	$(PY) -m edge_agent demo
 
 # The import contracts (docs/architecture.md), then two pytest runs, so each part can
-# also run alone: the suite (about 13 minutes on 2 cores), then the rollout under a real systemd (about 4 minutes once its Debian tree is
-# cached; as root with systemd-nspawn and debootstrap, otherwise it says why it skips).
+# also run alone: the suite (about 11 minutes on 2 quiet cores), then the rollout under a real systemd (about 3 minutes once its Debian
+# tree is cached; as root with systemd-nspawn and debootstrap, otherwise it says why it skips).
 test: $(VENV)/.ready-test ## run the whole test suite (it starts its own Mosquitto and container)
 	$(VENV)/lint/bin/lint-imports
 	$(PY) -m pytest --ignore=tests/test_systemd_rollout.py

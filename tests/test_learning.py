@@ -281,6 +281,7 @@ def test_the_tap_reads_the_same_with_prefixes_kept_as_fresh(smollm2: Any) -> Non
 
 
 @pytest.mark.model
+@pytest.mark.timeout(900)  # about 30 s quiet; over 300 s beside a CPU hog
 def test_a_profile_learns_answers_what_zero_shot_gets_wrong_and_is_bound_to_the_model(
     smollm2: Any, gemma: Any, tmp_path: Path
 ) -> None:

@@ -1,11 +1,18 @@
 """No requester starves another: issue 21's starving shapes, against a real Mosquitto and the
 agent (real model, 4 jobs at once) as a subprocess.
 
-A careful sensor sends one classify job at a time; its quiet p95 is measured first, then
-again beside a greedy requester that keeps many jobs outstanding. On 9190a94 the sensor's
-jobs waited 45 s behind slow extractions, were never answered behind a priority-9 flood,
-and took 3.4 s (p50) behind jobs that each brought new labels. Now its p95 stays within
-3x its quiet one. bench/fairness.py runs the long version.
+A careful sensor sends one classify job at a time; its quiet latencies are measured first,
+then again beside a greedy requester that keeps many jobs outstanding. On 9190a94 the
+sensor's jobs waited 45 s behind slow extractions, were never answered behind a priority-9
+flood, and took 3.4 s (p50) behind jobs that each brought new labels.
+
+What is asserted does not depend on how fast the machine is (beside a CPU hog, probes took
+4-9 s at p95 while the scheduler was as fair as on quiet cores, from the agent's own log):
+every probe is answered; no flood job is started ahead of a waiting probe more than twice
+(the starving scheduler let the flood's whole backlog by); and a probe's wait in the queue
+stays within twice its own running time (p95; starving, it waited out a whole extraction,
+seconds against a classify's tenths). The wall-clock figures are printed beside the quiet
+ones; bench/fairness.py runs the long version and compares them.
 """
 
 from __future__ import annotations
@@ -74,26 +81,61 @@ def beside(
     return loaded, flood
 
 
-def check(name: str, quiet: Latencies, loaded: Latencies, flood: Flood) -> None:
+# A probe arriving while the scheduler is choosing may see one flood job chosen in the
+# same round (seen at most once per probe, quiet and beside a CPU hog)
+OVERTAKES = 2
+
+
+def overtaken(agent: AgentProcess, probe_ids: set[str]) -> dict[str, int]:
+    """For each probe: how many other jobs were started after it was queued and before it
+    started (from the agent's log, in its order)."""
+    queued: dict[str, int] = {}
+    started: list[tuple[int, str]] = []
+    for i, event in enumerate(agent.log_events()):
+        job_id = event.get("job_id")
+        if event.get("event") == "job.queued" and job_id:
+            queued.setdefault(job_id, i)
+        elif event.get("event") == "job.started" and job_id:
+            started.append((i, job_id))
+    out = {}
+    for i, job_id in started:
+        if job_id in probe_ids and job_id in queued:
+            out[job_id] = sum(
+                1 for k, other in started if queued[job_id] < k < i and other not in probe_ids
+            )
+    return out
+
+
+def check(
+    name: str, agent: AgentProcess, prober: Prober, quiet: Latencies, loaded: Latencies,
+    flood: Flood,
+) -> None:  # fmt: skip
     print(f"\n{name}: {loaded.line()}; the flood got {dict(flood.statuses)} {dict(flood.codes)}")
+    print(f"quiet: {quiet.line()}")
     assert loaded.statuses == {"done": PROBES}
     # The first probe meets the flood's first batch, started before any fair choice could
-    # be made (a running batch is not preempted for fairness): one wait of a whole batch,
-    # which with 20 probes is the p95 by itself (608 ms against 3 x 176 in one quiet run).
-    # The claim is about the probes that follow.
-    # The bound is 3x the quiet p95, or one step of the flood's batch more than it (0.5 s
-    # on 2 cores), whichever is larger: quiet p95s of 109 and 176 ms were both measured,
-    # and the starvation this guards against cost 3.4 to 45 s (module docstring).
-    steady = Latencies(loaded.seconds[1:], loaded.statuses)
-    bound = max(3 * quiet.p95, quiet.p95 + 0.5)
-    assert steady.p95 <= bound, (loaded.line(), quiet.line())
+    # be made (a running batch is not preempted for fairness): the claim is about the
+    # probes that follow.
+    steady = prober.replies[1:]
+    ids = {reply["id"] for reply in steady}
+    passed = overtaken(agent, ids)
+    assert set(passed) == ids, "every probe's start is in the agent's log"
+    assert max(passed.values()) <= OVERTAKES, passed
+    waits = [reply["timings"]["queue_ms"] for reply in steady]
+    runs = [reply["timings"]["total_ms"] - reply["timings"]["queue_ms"] for reply in steady]
+    assert p95(waits) <= 2 * p95(runs) + 250, (waits, runs)
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[round(0.95 * (len(ordered) - 1))]
 
 
 def test_slow_extractions_of_one_requester_do_not_hold_up_another(
     broker: LocalBroker, agent: AgentProcess, prober: Prober, quiet: Latencies
 ) -> None:
     loaded, flood = beside(broker, agent, prober, slow_extract, outstanding=4)
-    check("beside 4 slow extractions", quiet, loaded, flood)
+    check("beside 4 slow extractions", agent, prober, quiet, loaded, flood)
 
 
 @pytest.mark.timeout(600)
@@ -105,7 +147,7 @@ def test_a_priority_9_flood_cannot_take_every_slot(
     assert wait_healthy(broker.port, agent.prefix, agent.device_id, timeout=120)
     seen = len(agent.log_events())
     loaded, flood = beside(broker, agent, prober, busy_classify, outstanding=14, priority=9)
-    check("beside 14 outstanding priority-9 jobs", quiet, loaded, flood)
+    check("beside 14 outstanding priority-9 jobs", agent, prober, quiet, loaded, flood)
     assert flood.codes["overloaded"] > 0  # its excess, with retry_after_ms
     # Two guards keep the flood to its share: the intake refuses what it holds beyond it,
     # and health says "saturated" when it runs every slot while another's job waits. Which
@@ -121,7 +163,7 @@ def test_new_label_sets_cost_their_requester_not_everyone(
     broker: LocalBroker, agent: AgentProcess, prober: Prober, quiet: Latencies
 ) -> None:
     loaded, flood = beside(broker, agent, prober, new_labels, outstanding=4)
-    check("beside 4 outstanding jobs of new label sets", quiet, loaded, flood)
+    check("beside 4 outstanding jobs of new label sets", agent, prober, quiet, loaded, flood)
     assert flood.codes["overloaded"] > 0
 
 
