@@ -367,6 +367,8 @@ class MqttLink:
         # message that keeps ending connections (a broker that drops the client for it
         # would otherwise see it again after every reconnect).
         dropped = client.drop_out_messages()
+        with self._subscribing_lock:  # a SUBACK the last connection did not get never comes
+            self._subscribing.clear()
         subs = list(self._subscriptions())
         if subs:
             self._send_subscribe(client, subs)
