@@ -59,6 +59,7 @@ from edge_agent.core.prompt import (
     extract_plan,
 )
 from edge_agent.core.schema import SchemaLimits, compile_schema
+from edge_agent.core.wire import ClassifyResult
 from tests.harness.process import AgentProcess, start_agent_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -524,7 +525,9 @@ def learned_vs_scoring(jobs: int) -> list[dict[str, Any]]:
                 t1 = time.perf_counter()
                 result = runner.run(job(body), lambda: False).result
                 ms[path_name].append((time.perf_counter() - t1) * 1000)
-                right[path_name] += result["label"] == truth[text]
+                right[path_name] += (
+                    isinstance(result, ClassifyResult) and result.label == truth[text]
+                )
         report = learned["ssh"].report
         out.append(
             {
